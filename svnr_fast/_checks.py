@@ -1,0 +1,231 @@
+"""Argument checks shared by the reference and the fast ops.
+
+Every check names the argument and says how to fix it. Metadata checks (rank, dtype, device, shape)
+cost nothing; value checks (NaN/inf, negative noise parameters, a table that is not strictly
+increasing) read the data and therefore synchronise with a GPU, so they are skipped while
+`torch.compile` traces and loops that call the raw `torch.ops.svnr.*` ops validate once, up front.
+"""
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import NamedTuple
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def tensor(name: str, value, *, ndim: int | None = None, dtypes=FLOAT_DTYPES) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+    if dtypes is not None and value.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype {allowed}; got {str(value.dtype).replace('torch.', '')}")
+    return value
+
+
+def finite(name: str, value: torch.Tensor) -> None:
+    if not _tracing() and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} contains NaN or inf values; clean the input (e.g. torch.nan_to_num) first")
+
+
+def same_device(reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
+    for name, value in others.items():
+        if value is not None and value.device != reference.device:
+            raise ValueError(
+                f"{name} is on {value.device} but {reference_name} is on {reference.device}; "
+                f"move both to the same device (e.g. {name}.to({reference_name}.device))")
+
+
+def same_shape(reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
+    for name, value in others.items():
+        if value is not None and value.shape != reference.shape:
+            raise ValueError(f"{name} must have the shape of {reference_name} {tuple(reference.shape)}, "
+                             f"got {tuple(value.shape)}")
+
+
+def time_map_shape(name: str, value: torch.Tensor, data_name: str, data: torch.Tensor) -> None:
+    tensor(name, value, ndim=4)
+    B, _, H, W = data.shape
+    if tuple(value.shape) != (B, 1, H, W):
+        raise ValueError(f"{name} must be a time map of shape (B, 1, H, W) = {(B, 1, H, W)} for "
+                         f"{data_name} of shape {tuple(data.shape)}, got {tuple(value.shape)}")
+
+
+def table(value, device: torch.device | None = None) -> torch.Tensor:
+    """A variance (or time-embedding) table: 1-D, float32/float64, >= 2 entries, strictly increasing, g[0] >= 0."""
+    tensor("table", value, ndim=1, dtypes=(torch.float32, torch.float64))
+    if value.numel() < 2:
+        raise ValueError(f"table must have at least 2 entries (g[0] = 0 and g[T]), got {value.numel()}")
+    if device is not None and value.device != device:
+        raise ValueError(f"table is on {value.device} but the data is on {device}; "
+                         "pass schedule.table.to(device)")
+    if not _tracing():
+        finite("table", value)
+        if bool(value[0] < 0):
+            raise ValueError(f"table[0] must be >= 0 (a variance), got {float(value[0])}")
+        if not bool((value[1:] > value[:-1]).all()):
+            first = int(torch.nonzero(value[1:] <= value[:-1])[0])
+            raise ValueError(f"table must be strictly increasing; table[{first + 1}] = {float(value[first + 1])} "
+                             f"<= table[{first}] = {float(value[first])}")
+    return value
+
+
+def per_image(name: str, value, batch: int, device: torch.device, *, low: float | None = None,
+              high: float | None = None) -> torch.Tensor:
+    """A per-image parameter (float or (B,) tensor) as a (B,) float32 tensor on `device`."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            value = value.reshape(1).expand(batch)
+        if value.dim() != 1 or value.shape[0] not in (1, batch):
+            raise ValueError(f"{name} must be a float or a tensor of shape ({batch},) (one value per image), "
+                             f"got shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        if value.device != device:
+            raise ValueError(f"{name} is on {value.device} but the data is on {device}; move it there")
+        result = value.to(torch.float32).expand(batch).contiguous()
+        if not _tracing():
+            finite(name, result)
+            _bounds(name, result, low, high)
+        return result
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a float or a ({batch},) tensor, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    _bounds(name, torch.tensor([value]), low, high)
+    return torch.full((batch,), value, dtype=torch.float32, device=device)
+
+
+def _bounds(name: str, value: torch.Tensor, low: float | None, high: float | None) -> None:
+    if low is not None and bool((value < low).any()):
+        raise ValueError(f"{name} must be >= {low}, got {value.min().item():g}")
+    if high is not None and bool((value > high).any()):
+        raise ValueError(f"{name} must be <= {high}, got {value.max().item():g}")
+
+
+def scalar(name: str, value, *, low: float | None = None, high: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
+        raise TypeError(f"{name} must be a finite float, got {value!r}")
+    value = float(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must lie in [{low if low is not None else '-inf'}, "
+                         f"{high if high is not None else 'inf'}], got {value}")
+    return value
+
+
+def rng_ints(seed, offset) -> tuple[int, int]:
+    for name, value in (("seed", seed), ("offset", offset)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+            raise ValueError(f"{name} must be an int in [0, 2**63), got {value!r}")
+    return seed, offset
+
+
+def clamp_range(clamp) -> tuple[float, float] | None:
+    if clamp is None:
+        return None
+    try:
+        low, high = (float(v) for v in clamp)
+    except (TypeError, ValueError):
+        raise TypeError(f"clamp must be None or a pair (low, high) of floats, got {clamp!r}") from None
+    if not low < high:
+        raise ValueError(f"clamp must satisfy low < high, got {clamp!r}")
+    return low, high
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Schedule math runs in float32, or float64 for float64 data."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------
+# Whole-op checks, shared by svnr_fast.reference and svnr_fast.ops
+# ---------------------------------------------------------------------------------------------------
+
+class TrainingSampleArgs(NamedTuple):
+    sigma_r: torch.Tensor   # (B,) float32
+    sigma_s: torch.Tensor
+    u: torch.Tensor
+    table: torch.Tensor
+
+
+class ReverseStepArgs(NamedTuple):
+    delta: torch.Tensor     # (B,) float32
+    eta: float
+    clamp: tuple[float, float] | None
+    table: torch.Tensor
+
+
+def noise(name: str, value: torch.Tensor | None, data_name: str, data: torch.Tensor) -> None:
+    if value is None:
+        return
+    tensor(name, value)
+    same_shape(data_name, data, **{name: value})
+    same_device(data_name, data, **{name: value})
+    finite(name, value)
+
+
+def training_sample_args(x0, sigma_r, sigma_s, u, table_, eps_T, eps_prime, seed, offset) -> TrainingSampleArgs:
+    tensor("x0", x0, ndim=4)
+    finite("x0", x0)
+    B, device = x0.shape[0], x0.device
+    noise("eps_T", eps_T, "x0", x0)
+    noise("eps_prime", eps_prime, "x0", x0)
+    rng_ints(seed, offset)
+    return TrainingSampleArgs(
+        sigma_r=per_image("sigma_r", sigma_r, B, device, low=0.0),
+        sigma_s=per_image("sigma_s", sigma_s, B, device, low=0.0),
+        u=per_image("u", u, B, device, low=0.0, high=1.0),
+        table=table(table_, device))
+
+
+def reverse_step_args(x, eps_hat, tau, delta, table_, eta, z, clamp, seed, offset) -> ReverseStepArgs:
+    tensor("x", x, ndim=4)
+    finite("x", x)
+    tensor("eps_hat", eps_hat, ndim=4)
+    same_shape("x", x, eps_hat=eps_hat)
+    same_device("x", x, eps_hat=eps_hat, tau=tau)
+    finite("eps_hat", eps_hat)
+    time_map_shape("tau", tau, "x", x)
+    if tau.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"tau must be float32 (or float64) like the time maps the ops return, got {tau.dtype}")
+    finite("tau", tau)
+    noise("z", z, "x", x)
+    rng_ints(seed, offset)
+    return ReverseStepArgs(
+        delta=per_image("delta", delta, x.shape[0], x.device, low=0.0),
+        eta=scalar("eta", eta, low=0.0, high=1.0),
+        clamp=clamp_range(clamp),
+        table=table(table_, x.device))
+
+
+def groupnorm_film_args(h, u, table_, gn_weight, gn_bias, groups, eps, act) -> None:
+    tensor("h", h, ndim=4)
+    C = h.shape[1]
+    time_map_shape("u", u, "h", h)
+    tensor("table", table_, ndim=2)
+    if table_.shape[0] < 2 or table_.shape[1] != 2 * C:
+        raise ValueError(f"table must have shape (K >= 2, 2C = {2 * C}) = [scale | shift] rows, "
+                         f"got {tuple(table_.shape)}")
+    for name, value in (("gn_weight", gn_weight), ("gn_bias", gn_bias)):
+        tensor(name, value, ndim=1)
+        if value.shape[0] != C:
+            raise ValueError(f"{name} must have shape ({C},) for h with {C} channels, got {tuple(value.shape)}")
+    same_device("h", h, u=u, table=table_, gn_weight=gn_weight, gn_bias=gn_bias)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or C % groups:
+        raise ValueError(f"groups must be a positive int dividing the {C} channels of h, got {groups!r}")
+    scalar("eps", eps, low=0.0)
+    if eps <= 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if act not in ("silu", "identity"):
+        raise ValueError(f"act must be 'silu' or 'identity', got {act!r}")
+    finite("h", h)
+    finite("u", u)
