@@ -1,0 +1,76 @@
+"""What every benchmark shares: the case description, GPU timing, the copy-bandwidth ceiling, CSV rows.
+
+Each `benchmarks/bench_<op>.py` defines `gpu_cases(device) -> Iterable[Case]`, which
+`benchmarks/gpu_suite.py` times on a GPU, and pytest-benchmark tests for `pytest benchmarks/ --benchmark-only`.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import subprocess
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CSV_COLUMNS = ("op,impl,shape,dtype,device,ms_median,gb_per_s,pct_copy_bw,speedup_vs_eager,"
+               "speedup_vs_compiled,torch,triton,git_sha,date").split(",")
+
+
+class Case(NamedTuple):
+    op: str                       # e.g. "reverse_step", "groupnorm_film_fwd"
+    shape: str                    # e.g. "16x3x512x512"
+    dtype: str                    # "float32", "bfloat16", ...
+    bytes_moved: int              # the fewest bytes the op must move (each input read once, each output written once)
+    fused: Callable[[], object]
+    eager: Callable[[], object]
+    compiled: Callable[[], object] | None   # torch.compile(reference); None where it does not apply
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def gpu_median_ms(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 200) -> float:
+    import triton.testing
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def copy_bandwidth_gb_per_s(device: str = "cuda", nbytes: int = 2 * 1024**3) -> float:
+    """Measured device-to-device copy bandwidth, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = gpu_median_ms(lambda: dst.copy_(src))
+    del src, dst
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("SVNR_GIT_SHA", "")
+
+
+def versions() -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = ""
+    return {"torch": torch.__version__, "triton": triton_version, "git_sha": git_sha(),
+            "date": datetime.date.today().isoformat()}
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in CSV_COLUMNS})

@@ -1,0 +1,30 @@
+"""Modules around the fused ops."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops
+
+
+class GroupNormSpatialFiLM(nn.Module):
+    """GroupNorm whose affine output is modulated per pixel by a tabulated time embedding, then SiLU.
+
+    Owns the GroupNorm parameters; `forward(h, u, table)` takes the feature map h (B, C, H, W), the
+    warped time map u (B, 1, H, W) in knot units and the (K, 2C) [scale | shift] table of this block
+    (DESIGN.md §1.6). Served by the fused op `svnr::groupnorm_film`.
+    """
+
+    def __init__(self, channels: int, groups: int = 32, eps: float = 1e-5, act: str = "silu"):
+        super().__init__()
+        if channels % groups:
+            raise ValueError(f"groups ({groups}) must divide channels ({channels})")
+        self.channels, self.groups, self.eps, self.act = channels, groups, eps, act
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, h: torch.Tensor, u: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return ops.groupnorm_film(h, u, table, self.weight, self.bias, self.groups, self.eps, self.act)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, groups={self.groups}, eps={self.eps}, act={self.act!r}"
