@@ -78,9 +78,9 @@ def table(value, device: torch.device | None = None) -> torch.Tensor:
     return value
 
 
-def per_image(name: str, value, batch: int, device: torch.device, *, low: float | None = None,
-              high: float | None = None) -> torch.Tensor:
-    """A per-image parameter (float or (B,) tensor) as a (B,) float32 tensor on `device`."""
+def per_image(name: str, value, batch: int, device: torch.device, *, dtype: torch.dtype = torch.float32,
+              low: float | None = None, high: float | None = None) -> torch.Tensor:
+    """A per-image parameter (float or (B,) tensor) as a (B,) tensor of `dtype` on `device`."""
     if isinstance(value, torch.Tensor):
         if value.dim() == 0:
             value = value.reshape(1).expand(batch)
@@ -91,7 +91,7 @@ def per_image(name: str, value, batch: int, device: torch.device, *, low: float 
             raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
         if value.device != device:
             raise ValueError(f"{name} is on {value.device} but the data is on {device}; move it there")
-        result = value.to(torch.float32).expand(batch).contiguous()
+        result = value.to(dtype).expand(batch).contiguous()
         if not _tracing():
             finite(name, result)
             _bounds(name, result, low, high)
@@ -102,7 +102,7 @@ def per_image(name: str, value, batch: int, device: torch.device, *, low: float 
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     _bounds(name, torch.tensor([value]), low, high)
-    return torch.full((batch,), value, dtype=torch.float32, device=device)
+    return torch.full((batch,), value, dtype=dtype, device=device)
 
 
 def _bounds(name: str, value: torch.Tensor, low: float | None, high: float | None) -> None:
@@ -151,14 +151,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # ---------------------------------------------------------------------------------------------------
 
 class TrainingSampleArgs(NamedTuple):
-    sigma_r: torch.Tensor   # (B,) float32
+    sigma_r: torch.Tensor   # (B,) in the compute dtype of the data (float32, or float64 for float64 data)
     sigma_s: torch.Tensor
     u: torch.Tensor
     table: torch.Tensor
 
 
 class ReverseStepArgs(NamedTuple):
-    delta: torch.Tensor     # (B,) float32
+    delta: torch.Tensor     # (B,) in the compute dtype of the data
     eta: float
     clamp: tuple[float, float] | None
     table: torch.Tensor
@@ -180,10 +180,11 @@ def training_sample_args(x0, sigma_r, sigma_s, u, table_, eps_T, eps_prime, seed
     noise("eps_T", eps_T, "x0", x0)
     noise("eps_prime", eps_prime, "x0", x0)
     rng_ints(seed, offset)
+    dtype = compute_dtype(x0.dtype)
     return TrainingSampleArgs(
-        sigma_r=per_image("sigma_r", sigma_r, B, device, low=0.0),
-        sigma_s=per_image("sigma_s", sigma_s, B, device, low=0.0),
-        u=per_image("u", u, B, device, low=0.0, high=1.0),
+        sigma_r=per_image("sigma_r", sigma_r, B, device, dtype=dtype, low=0.0),
+        sigma_s=per_image("sigma_s", sigma_s, B, device, dtype=dtype, low=0.0),
+        u=per_image("u", u, B, device, dtype=dtype, low=0.0, high=1.0),
         table=table(table_, device))
 
 
@@ -201,7 +202,7 @@ def reverse_step_args(x, eps_hat, tau, delta, table_, eta, z, clamp, seed, offse
     noise("z", z, "x", x)
     rng_ints(seed, offset)
     return ReverseStepArgs(
-        delta=per_image("delta", delta, x.shape[0], x.device, low=0.0),
+        delta=per_image("delta", delta, x.shape[0], x.device, dtype=compute_dtype(x.dtype), low=0.0),
         eta=scalar("eta", eta, low=0.0, high=1.0),
         clamp=clamp_range(clamp),
         table=table(table_, x.device))

@@ -28,7 +28,11 @@ class Schedule:
         table64 = torch.cat([torch.zeros(1, dtype=torch.float64), lam * (1.0 - alphas_cumprod)])
         self.table64 = table64
         self.table = table64.to(torch.float32)
-        _checks.table(self.table)  # float32 rounding must keep it strictly increasing
+        steps = self.table[1:] - self.table[:-1]
+        if not bool((steps > 0).all()):
+            k = int(torch.nonzero(steps <= 0)[0]) + 1
+            raise ValueError(f"this schedule saturates: in float32, g[{k}] = g[{k - 1}] = {self.table[k].item()}, "
+                             "so its times cannot be told apart; use a smaller T or beta_end")
 
     def config(self) -> dict:
         return {"T": self.T, "beta_start": self.beta_start, "beta_end": self.beta_end, "lam": self.lam}
@@ -68,12 +72,11 @@ class PoissonGaussian:
         return f"PoissonGaussian(sigma_r={self.sigma_r}, sigma_s={self.sigma_s})"
 
     def _per_image(self, x: torch.Tensor):
-        B = x.shape[0]
-        sigma_r = _checks.per_image("sigma_r", self.sigma_r, B, x.device, low=0.0)
-        sigma_s = _checks.per_image("sigma_s", self.sigma_s, B, x.device, low=0.0)
+        B, dtype = x.shape[0], _checks.compute_dtype(x.dtype)
+        sigma_r = _checks.per_image("sigma_r", self.sigma_r, B, x.device, dtype=dtype, low=0.0)
+        sigma_s = _checks.per_image("sigma_s", self.sigma_s, B, x.device, dtype=dtype, low=0.0)
         shape = (B,) + (1,) * (x.dim() - 1)
-        dtype = _checks.compute_dtype(x.dtype)
-        return sigma_r.to(dtype).view(shape), sigma_s.to(dtype).view(shape)
+        return sigma_r.view(shape), sigma_s.view(shape)
 
     def variance(self, x: torch.Tensor) -> torch.Tensor:
         _checks.tensor("x", x)

@@ -1,0 +1,119 @@
+"""Bad input gets a clear error that names the argument, from the reference and the fast ops alike."""
+import pytest
+import torch
+
+from svnr_fast import Schedule, ops, reference
+
+TABLE = Schedule().table
+IMPLS = [reference, ops]
+
+
+def images(*shape):
+    return torch.rand(*shape)
+
+
+@pytest.fixture(params=IMPLS, ids=["reference", "ops"])
+def impl(request):
+    return request.param
+
+
+def training_call(impl, x0=None, sigma_r=0.05, sigma_s=0.1, u=0.5, table=TABLE, **kwargs):
+    x0 = images(2, 3, 4, 5) if x0 is None else x0
+    return impl.training_sample(x0, sigma_r, sigma_s, u, table, **kwargs)
+
+
+def reverse_call(impl, x=None, eps_hat=None, tau=None, delta=1.0, table=TABLE, **kwargs):
+    x = images(2, 3, 4, 5) if x is None else x
+    eps_hat = torch.randn_like(x) if eps_hat is None else eps_hat
+    tau = torch.full((2, 1, 4, 5), 10.0) if tau is None else tau
+    return impl.reverse_step(x, eps_hat, tau, delta, table, **kwargs)
+
+
+@pytest.mark.parametrize("table, message", [
+    (torch.tensor([0.0, 1.0, 1.0, 2.0]), r"strictly increasing; table\[2\]"),
+    (torch.tensor([0.0, 2.0, 1.0]), "strictly increasing"),
+    (torch.tensor([-0.1, 1.0]), r"table\[0\] must be >= 0"),
+    (torch.tensor([0.5]), "at least 2 entries"),
+    (torch.tensor([[0.0, 1.0]]), "table must have 1 dimensions"),
+    (torch.tensor([0, 1, 2]), "table must have dtype"),
+    (torch.tensor([0.0, float("nan")]), "table contains NaN"),
+])
+def test_bad_tables(impl, table, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        impl.gamma(torch.rand(3), table)
+    with pytest.raises((ValueError, TypeError), match=message):
+        training_call(impl, table=table)
+    with pytest.raises((ValueError, TypeError), match=message):
+        reverse_call(impl, table=table)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"x0": images(3, 4, 5)}, "x0 must have 4 dimensions"),
+    ({"x0": torch.zeros(2, 3, 4, 5, dtype=torch.int64)}, "x0 must have dtype"),
+    ({"x0": torch.full((2, 3, 4, 5), float("nan"))}, "x0 contains NaN"),
+    ({"x0": torch.full((2, 3, 4, 5), float("inf"))}, "x0 contains NaN or inf"),
+    ({"sigma_r": -0.1}, "sigma_r must be >= 0"),
+    ({"sigma_s": torch.tensor([0.1, -0.2])}, "sigma_s must be >= 0"),
+    ({"sigma_s": torch.tensor([0.1, 0.2, 0.3])}, r"sigma_s must be a float or a tensor of shape \(2,\)"),
+    ({"sigma_r": float("nan")}, "sigma_r must be finite"),
+    ({"sigma_r": "0.1"}, "sigma_r must be a float"),
+    ({"u": 1.5}, r"u must be <= 1"),
+    ({"u": -0.5}, r"u must be >= 0"),
+    ({"eps_T": torch.randn(2, 3, 4, 6)}, "eps_T must have the shape of x0"),
+    ({"eps_prime": torch.randn(2, 3, 4, 5, device="meta")}, "eps_prime is on meta but x0 is on cpu"),
+    ({"table": TABLE.to("meta")}, "table is on meta but the data is on cpu"),
+    ({"seed": -1}, "seed must be an int"),
+    ({"offset": 1.5}, "offset must be an int"),
+])
+def test_bad_training_sample_arguments(impl, kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        training_call(impl, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"x": images(2, 3, 4)}, "x must have 4 dimensions"),
+    ({"eps_hat": torch.randn(2, 3, 4, 6)}, "eps_hat must have the shape of x"),
+    ({"eps_hat": torch.full((2, 3, 4, 5), float("inf"))}, "eps_hat contains NaN or inf"),
+    ({"tau": torch.zeros(2, 3, 4, 5)}, r"tau must be a time map of shape \(B, 1, H, W\)"),
+    ({"tau": torch.zeros(2, 1, 4, 5, dtype=torch.float16)}, "tau must be float32"),
+    ({"tau": torch.zeros(2, 1, 4, 5, device="meta")}, "tau is on meta but x is on cpu"),
+    ({"delta": -1.0}, "delta must be >= 0"),
+    ({"eta": 1.5}, r"eta must lie in \[0.0, 1.0\]"),
+    ({"clamp": (1.0, 0.0)}, "clamp must satisfy low < high"),
+    ({"clamp": 1.0}, "clamp must be None or a pair"),
+    ({"z": torch.randn(1, 3, 4, 5)}, "z must have the shape of x"),
+])
+def test_bad_reverse_step_arguments(impl, kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        reverse_call(impl, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"h": torch.randn(2, 6, 4)}, "h must have 4 dimensions"),
+    ({"u": torch.rand(2, 2, 4, 5)}, r"u must be a time map of shape \(B, 1, H, W\)"),
+    ({"table": torch.randn(9, 6)}, r"table must have shape \(K >= 2, 2C = 12\)"),
+    ({"table": torch.randn(1, 12)}, r"table must have shape \(K >= 2"),
+    ({"gn_weight": torch.ones(5)}, r"gn_weight must have shape \(6,\)"),
+    ({"groups": 4}, "groups must be a positive int dividing the 6 channels"),
+    ({"eps": 0.0}, "eps must be > 0"),
+    ({"act": "relu"}, "act must be 'silu' or 'identity'"),
+    ({"h": torch.full((2, 6, 4, 5), float("nan"))}, "h contains NaN"),
+    ({"table": torch.randn(9, 12, device="meta")}, "table is on meta but h is on cpu"),
+])
+def test_bad_groupnorm_film_arguments(impl, kwargs, message):
+    args = {"h": torch.randn(2, 6, 4, 5), "u": torch.rand(2, 1, 4, 5) * 8, "table": torch.randn(9, 12),
+            "gn_weight": torch.ones(6), "gn_bias": torch.zeros(6), "groups": 3, "eps": 1e-5, "act": "silu"}
+    args.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=message):
+        impl.groupnorm_film(**args)
+
+
+def test_lookups_reject_bad_values(impl):
+    with pytest.raises(ValueError, match="tau contains NaN"):
+        impl.gamma(torch.tensor([1.0, float("nan")]), TABLE)
+    with pytest.raises(ValueError, match="v contains NaN or inf"):
+        impl.time_from_variance(torch.tensor([float("inf")]), TABLE)
+    with pytest.raises(ValueError, match="variance must have 4 dimensions"):
+        impl.time_map(torch.rand(3, 4, 5), TABLE)
+    with pytest.raises(TypeError, match="tau must be a torch.Tensor"):
+        impl.gamma([1.0, 2.0], TABLE)

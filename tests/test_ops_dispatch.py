@@ -1,0 +1,115 @@
+"""Op registration, backend choice, the build report and import hygiene (DESIGN.md §3)."""
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import svnr_fast
+from svnr_fast import Schedule, backends, info, ops
+
+TABLE = Schedule().table
+
+
+def op_samples():
+    x = torch.rand(2, 3, 5, 7)
+    tau = torch.rand(2, 1, 5, 7) * 50
+    h = torch.randn(2, 6, 5, 7, requires_grad=True)
+    table = torch.randn(9, 12, requires_grad=True)
+    weight, bias = torch.randn(6, requires_grad=True), torch.randn(6, requires_grad=True)
+    per_image = torch.tensor([0.05, 0.1])
+    return {
+        "gamma": (tau, TABLE),
+        "time_from_variance": (torch.rand(2, 3, 5, 7) * 0.1, TABLE),
+        "time_map": (torch.rand(2, 3, 5, 7) * 0.1, TABLE),
+        "training_sample": (x, per_image, per_image, torch.tensor([0.2, 0.9]), TABLE, True, None, None, 3, 1),
+        "reverse_step": (x, torch.randn_like(x), tau, torch.tensor([1.0, 2.0]), TABLE, 0.5, torch.randn_like(x),
+                         0.0, 1.0, 0, 0, True),
+        "groupnorm_film": (h, torch.rand(2, 1, 5, 7) * 8, table, weight, bias, 3, 1e-5, "silu"),
+    }
+
+
+@pytest.mark.parametrize("op", list(op_samples()))
+def test_opcheck_reference_backend(op, backend):
+    backend("reference")
+    torch.library.opcheck(getattr(torch.ops.svnr, op), op_samples()[op])
+
+
+def test_every_op_is_registered_and_has_a_reference():
+    for op in backends.OPS:
+        assert hasattr(torch.ops.svnr, op), op
+        assert callable(backends._load(op, "reference"))
+
+
+def test_forcing_an_unknown_backend_is_an_error(backend):
+    backend("fastest")
+    with pytest.raises(backends.BackendUnavailable, match="SVNR_FAST_BACKEND='fastest' is not a backend"):
+        ops.gamma(torch.rand(3), TABLE)
+
+
+def test_forcing_a_backend_that_cannot_run_here_says_why(backend):
+    backend("cuda")
+    choice = backends.choose("gamma", "cpu")          # gamma has no CUDA-extension kernel: automatic choice
+    assert choice.backend in ("reference", "triton")
+    if backends.FAST["groupnorm_film"].get("cuda"):
+        with pytest.raises(backends.BackendUnavailable, match="the CUDA kernel runs on CUDA tensors"):
+            backends.choose("groupnorm_film", "cpu")
+
+
+def test_forced_triton_on_cpu_needs_the_interpreter(backend, monkeypatch):
+    backend("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(backends.BackendUnavailable, match="TRITON_INTERPRET=1"):
+        backends.choose("reverse_step", "cpu")
+
+
+def test_automatic_choice_on_cpu_never_uses_the_interpreter(monkeypatch):
+    monkeypatch.delenv("SVNR_FAST_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for op in ("gamma", "training_sample", "reverse_step"):
+        assert backends.choose(op, "cpu").backend == "reference"
+
+
+def test_missing_extension_falls_back_to_the_reference(monkeypatch):
+    monkeypatch.delenv("SVNR_FAST_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "extension", lambda: (None, "ImportError: not built"))
+    choice = backends.choose("groupnorm_film", "cpu")
+    assert choice.backend == "reference"
+    assert "not built" in choice.reason or "no fused kernel" in choice.reason
+
+
+def test_info_report_lists_every_op_and_device():
+    text = info.report()
+    for op in backends.OPS:
+        assert f"{op} " in text
+    assert "svnr_fast._C" in text and "SVNR_FAST_BACKEND" in text
+
+
+def test_svnr_info_command_runs():
+    out = subprocess.run([sys.executable, "-m", "svnr_fast.info"], capture_output=True, text=True, check=True)
+    assert "reverse_step" in out.stdout
+
+
+def test_import_loads_neither_triton_nor_the_extension_nor_cuda():
+    code = ("import sys, svnr_fast, torch; "
+            "print(sorted(m for m in ('triton', 'svnr_fast._C', 'svnr_fast.kernels') if m in sys.modules), "
+            "torch.cuda.is_initialized())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["[]", "False"]
+
+
+def test_extension_was_built_with_cuda_where_nvcc_exists():
+    ext, error = backends.extension()
+    assert ext is not None, f"svnr_fast._C did not load: {error}"
+    build = ext.build_info()
+    assert build["cxx_compiler"]
+    if shutil.which("nvcc"):
+        assert build["cuda"], "nvcc is on PATH but svnr_fast._C was built without its CUDA sources"
+        assert build["cuda_archs"]
+
+
+def test_public_api():
+    assert svnr_fast.Schedule is Schedule
+    for name in ("gamma", "time_from_variance", "time_map", "training_sample", "reverse_step", "groupnorm_film"):
+        assert callable(getattr(svnr_fast.ops, name)) and callable(getattr(svnr_fast.reference, name))
