@@ -1,0 +1,187 @@
+"""Few-step SVNR sampling (DESIGN.md §1.5): a functional sampler in the style of k-diffusion and
+`SVNRScheduler` in the style of diffusers schedulers.
+
+A *denoiser* is any callable `(condition, x, tau) -> eps_hat` with `condition` and `x` of shape
+(B, C, H, W) and the per-pixel time map `tau` of shape (B, 1, H, W); svnr_fast.models' UNet is one.
+
+The loop has a fixed length and calls the raw op `torch.ops.svnr.reverse_step` on arguments validated
+once before it: no `.item()`, `.any()` or other host synchronisation inside, so on a GPU it runs ahead
+of the host and can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from . import _checks, ops
+from .schedule import Schedule
+
+Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
+StepCallback = Callable[[int, Tensor, Tensor, Tensor], None]
+
+
+def default_steps(tau_star: Tensor) -> int:
+    """The paper's step count: ceil(max tau*), i.e. delta = 1 for the noisiest image (one host sync)."""
+    return max(1, math.ceil(float(tau_star.max())))
+
+
+class StepPlan(NamedTuple):
+    steps: int
+    delta: Tensor        # (B,): every image of the batch ends together
+    last_delta: Tensor   # (B,): the last step lands exactly on 0, whatever the rounding of steps * delta
+
+
+def plan_steps(tau_start: Tensor, steps: int | None) -> StepPlan:
+    if steps is None:
+        steps = default_steps(tau_start)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int or None (= ceil(max tau*)), got {steps!r}")
+    start = tau_start.amax(dim=(1, 2, 3)).to(_checks.compute_dtype(tau_start.dtype))
+    return StepPlan(steps, start / steps, start)
+
+
+def sample(denoiser: Denoiser, condition: Tensor, x: Tensor, tau: Tensor, table: Tensor, *, steps: int | None = None,
+           eta: float = 1.0, clamp=None, seed: int = 0, callback: Optional[StepCallback] = None) -> Tensor:
+    """Runs the reverse process from (x, tau) to time 0 in `steps` equal per-image steps.
+
+    SVNR: `condition = x = y'` (the topped-up observation) and `tau = tau*`. The conventional baseline:
+    `condition = y`, `x = 0.5 + sqrt(gamma(T)) z` and `tau = T` everywhere. `callback(i, x, tau, x0_hat)`
+    sees every step (it receives x0_hat, which costs one extra write per step).
+    """
+    _checks.reverse_step_args(x, x, tau, 0.0, table, eta, None, clamp, seed, 0)   # validate once, not per step
+    _checks.same_shape("x", x, condition=condition)
+    plan = plan_steps(tau, steps)
+    low, high = _checks.clamp_range(clamp) or (None, None)
+    table = table.to(_checks.compute_dtype(x.dtype))
+    want_x0_hat = callback is not None
+    for i in range(plan.steps):
+        eps_hat = denoiser(condition, x, tau)
+        delta = plan.last_delta if i == plan.steps - 1 else plan.delta
+        x, tau, x0_hat = torch.ops.svnr.reverse_step(x, eps_hat, tau, delta, table, float(eta), None, low, high,
+                                                     seed, i, want_x0_hat)
+        if callback is not None:
+            callback(i, x, tau, x0_hat)
+    return x
+
+
+def sample_svnr(denoiser: Denoiser, y_prime: Tensor, tau_star: Tensor, table: Tensor, **kwargs) -> Tensor:
+    """SVNR: the topped-up observation is both the condition and the starting point."""
+    return sample(denoiser, y_prime, y_prime, tau_star, table, **kwargs)
+
+
+def sample_baseline(denoiser: Denoiser, y: Tensor, table: Tensor, *, steps: int | None = None, seed: int = 0,
+                    **kwargs) -> Tensor:
+    """The conventional conditional model: from x_T = 0.5 + sqrt(gamma(T)) z over all T steps (or `steps`)."""
+    T = table.numel() - 1
+    gen = torch.Generator(device=y.device).manual_seed(seed)
+    z = torch.randn(y.shape, generator=gen, device=y.device, dtype=_checks.compute_dtype(y.dtype))
+    x_T = (0.5 + table[-1].to(z.dtype).sqrt() * z).to(y.dtype)
+    tau = torch.full((y.shape[0], 1, *y.shape[2:]), float(T), dtype=_checks.compute_dtype(y.dtype), device=y.device)
+    return sample(denoiser, y, x_T, tau, table, steps=T if steps is None else steps, seed=seed + 1, **kwargs)
+
+
+@dataclass
+class SVNRSchedulerOutput:
+    prev_sample: Tensor          # x at the next (smaller) per-pixel time
+    tau: Tensor                  # that time map
+    pred_original_sample: Tensor  # x0_hat
+
+
+class SVNRScheduler:
+    """A diffusers-style scheduler for per-pixel times.
+
+    ```
+    scheduler = SVNRScheduler()
+    y_prime, tau = svnr_fast.reference.top_up(y, variance, scheduler.table)   # DESIGN.md §1.3
+    scheduler.set_timesteps(None, tau)                                         # ceil(max tau*) steps
+    x = y_prime
+    for _ in scheduler.timesteps:
+        out = scheduler.step(model(y_prime, x, tau), tau, x)
+        x, tau = out.prev_sample, out.tau
+    ```
+    """
+
+    config_name = "scheduler_config.json"
+
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+                 lam: float = 5.0, eta: float = 1.0, clip_sample: bool = False, clip_range: tuple = (0.0, 1.0),
+                 seed: int = 0):
+        self.schedule = Schedule(num_train_timesteps, beta_start, beta_end, lam)
+        _checks.scalar("eta", eta, low=0.0, high=1.0)
+        _checks.clamp_range(clip_range)
+        self.config = {"num_train_timesteps": num_train_timesteps, "beta_start": beta_start, "beta_end": beta_end,
+                       "lam": lam, "eta": eta, "clip_sample": bool(clip_sample),
+                       "clip_range": [float(v) for v in clip_range], "seed": seed}
+        self.timesteps: list[int] = []
+        self._plan: StepPlan | None = None
+        self._step_index = 0
+
+    # -- config round trip ------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: dict) -> "SVNRScheduler":
+        known = {k: v for k, v in config.items() if not k.startswith("_")}
+        return cls(**known)
+
+    def save_config(self, directory) -> Path:
+        path = Path(directory) / self.config_name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"_class_name": type(self).__name__, **self.config}, indent=2))
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory) -> "SVNRScheduler":
+        path = Path(directory) / cls.config_name
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"cannot read a scheduler config from {path}: {err}") from None
+        return cls.from_config(config)
+
+    # -- sampling ---------------------------------------------------------------------------------
+    @property
+    def table(self) -> Tensor:
+        return self.schedule.table
+
+    def set_timesteps(self, num_inference_steps: int | None, tau_star: Tensor, device=None) -> None:
+        """Plans `num_inference_steps` (None: ceil(max tau*)) equal per-image steps from `tau_star`."""
+        _checks.tensor("tau_star", tau_star, ndim=4)
+        if device is not None:
+            tau_star = tau_star.to(device)
+        self._plan = plan_steps(tau_star, num_inference_steps)
+        self.timesteps = list(range(self._plan.steps))
+        self._step_index = 0
+
+    def step(self, model_output: Tensor, tau: Tensor, sample: Tensor, *, return_dict: bool = True):
+        """One step: eps_hat = model_output at the per-pixel times `tau` of `sample`."""
+        if self._plan is None:
+            raise RuntimeError("call set_timesteps(num_inference_steps, tau_star) before step()")
+        if self._step_index >= self._plan.steps:
+            raise RuntimeError(f"all {self._plan.steps} planned steps were taken; call set_timesteps again")
+        last = self._step_index == self._plan.steps - 1
+        delta = self._plan.last_delta if last else self._plan.delta
+        clamp = tuple(self.config["clip_range"]) if self.config["clip_sample"] else None
+        x, tau_new, x0_hat = ops.reverse_step(sample, model_output, tau, delta.to(sample.device),
+                                              self.table.to(sample.device), eta=self.config["eta"], clamp=clamp,
+                                              seed=self.config["seed"], offset=self._step_index, return_x0_hat=True)
+        self._step_index += 1
+        if not return_dict:
+            return x, tau_new, x0_hat
+        return SVNRSchedulerOutput(x, tau_new, x0_hat)
+
+    def add_noise(self, original_samples: Tensor, noise: Tensor, tau: Tensor) -> Tensor:
+        """The forward process at per-pixel times: x0 + sqrt(gamma(tau)) * noise."""
+        _checks.same_shape("original_samples", original_samples, noise=noise)
+        g = ops.gamma(tau, self.table.to(tau.device))
+        return (original_samples + g.sqrt() * noise).to(original_samples.dtype)
+
+    def scale_model_input(self, sample: Tensor, timestep=None) -> Tensor:
+        return sample
+
+    def __len__(self) -> int:
+        return self.config["num_train_timesteps"]

@@ -1,0 +1,117 @@
+"""The sampler and SVNRScheduler, driven by an oracle denoiser that knows the clean image."""
+import math
+
+import pytest
+import torch
+
+from svnr_fast import PoissonGaussian, Schedule, reference
+from svnr_fast.sampling import SVNRScheduler, default_steps, plan_steps, sample_baseline, sample_svnr
+
+TABLE = Schedule().table
+
+
+def oracle(x0: torch.Tensor):
+    """eps_hat = (x - x0) / sqrt(gamma(tau)): the perfect denoiser for the clean image x0."""
+    def denoiser(condition, x, tau):
+        g = reference.gamma(tau, TABLE)
+        return torch.where(g > 0, (x - x0) / g.clamp_min(1e-30).sqrt(), 0).to(x.dtype)
+    return denoiser
+
+
+def noisy(seed=0, shape=(2, 3, 12, 10), sigma=(0.05, 0.1)):
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(*shape, generator=gen, dtype=torch.float64)
+    noise = PoissonGaussian(*sigma)
+    y = noise.sample(x0, generator=gen)
+    y_prime, tau_star = reference.top_up(y, noise.variance(x0), TABLE, seed=seed)
+    return x0, y_prime, tau_star
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("steps", [None, 1, 4])
+def test_oracle_denoiser_recovers_the_clean_image(eta, steps):
+    x0, y_prime, tau_star = noisy()
+    seen = []
+    out = sample_svnr(oracle(x0), y_prime, tau_star, TABLE, steps=steps, eta=eta,
+                      callback=lambda i, x, tau, x0_hat: seen.append((i, tau.clone())))
+    torch.testing.assert_close(out, x0, rtol=0, atol=1e-12)
+    expected_steps = default_steps(tau_star) if steps is None else steps
+    assert [i for i, _ in seen] == list(range(expected_steps))
+    assert torch.all(seen[-1][1] == 0)
+
+
+def test_default_steps_is_the_papers_delta_of_one():
+    _, _, tau_star = noisy(sigma=(0.1, 0.2))
+    plan = plan_steps(tau_star, None)
+    assert plan.steps == math.ceil(tau_star.max().item())
+    torch.testing.assert_close(plan.delta, tau_star.amax(dim=(1, 2, 3)) / plan.steps)
+    assert plan.delta.max() <= 1 and plan.delta.max() > 1 - 1 / plan.steps
+
+
+def test_every_image_of_a_batch_ends_together():
+    x0, y_prime, tau_star = noisy(shape=(2, 3, 8, 8))
+    tau_star = tau_star * torch.tensor([1.0, 0.25], dtype=tau_star.dtype).view(2, 1, 1, 1)
+    taus = []
+    sample_svnr(oracle(x0), y_prime, tau_star, TABLE, steps=5, eta=0.0, callback=lambda i, x, t, x0h: taus.append(t))
+    for i, tau in enumerate(taus[:-1]):
+        assert torch.all(tau.amax(dim=(1, 2, 3)) > 0), f"an image finished early, at step {i}"
+    assert torch.all(taus[-1] == 0)
+
+
+def test_baseline_sampler_starts_from_noise_at_time_T():
+    x0, _, _ = noisy(shape=(1, 3, 8, 8))
+    starts = []
+
+    def denoiser(condition, x, tau):
+        if not starts:
+            starts.append((x.clone(), tau.clone()))
+        return oracle(x0)(condition, x, tau)
+
+    out = sample_baseline(denoiser, x0, TABLE, steps=10, eta=1.0)
+    x_T, tau_T = starts[0]
+    assert torch.all(tau_T == 1000)
+    assert abs(x_T.mean().item() - 0.5) < 5 * TABLE[-1].sqrt().item() / math.sqrt(x_T.numel())
+    torch.testing.assert_close(out, x0, rtol=0, atol=1e-9)
+
+
+def test_scheduler_matches_the_functional_sampler():
+    x0, y_prime, tau_star = noisy(seed=3)
+    denoiser = oracle(x0 + 0.01)          # an imperfect denoiser, so the noise path matters
+    expected = sample_svnr(denoiser, y_prime, tau_star, TABLE, steps=6, eta=1.0, seed=4)
+    scheduler = SVNRScheduler(eta=1.0, seed=4)
+    scheduler.set_timesteps(6, tau_star)
+    x, tau = y_prime, tau_star
+    for _ in scheduler.timesteps:
+        out = scheduler.step(denoiser(y_prime, x, tau), tau, x)
+        x, tau = out.prev_sample, out.tau
+    torch.testing.assert_close(x, expected, rtol=0, atol=1e-12)
+    with pytest.raises(RuntimeError, match="all 6 planned steps"):
+        scheduler.step(denoiser(y_prime, x, tau), tau, x)
+
+
+def test_scheduler_config_round_trip(tmp_path):
+    scheduler = SVNRScheduler(num_train_timesteps=500, lam=2.0, eta=0.5, clip_sample=True, seed=9)
+    scheduler.save_config(tmp_path)
+    loaded = SVNRScheduler.from_pretrained(tmp_path)
+    assert loaded.config == scheduler.config
+    assert torch.equal(loaded.table, scheduler.table)
+    assert SVNRScheduler.from_config(scheduler.config).config == scheduler.config
+    (tmp_path / SVNRScheduler.config_name).write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read a scheduler config"):
+        SVNRScheduler.from_pretrained(tmp_path)
+
+
+def test_scheduler_add_noise_is_the_forward_process():
+    scheduler = SVNRScheduler()
+    x0 = torch.rand(1, 3, 4, 4, dtype=torch.float64)
+    noise = torch.randn_like(x0)
+    tau = torch.full((1, 1, 4, 4), 37.5, dtype=torch.float64)
+    torch.testing.assert_close(scheduler.add_noise(x0, noise, tau), x0 + reference.gamma(tau, TABLE).sqrt() * noise)
+
+
+def test_bad_step_counts_are_refused():
+    _, y_prime, tau_star = noisy()
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        sample_svnr(oracle(y_prime), y_prime, tau_star, TABLE, steps=0)
+    with pytest.raises(RuntimeError, match="set_timesteps"):
+        SVNRScheduler().step(y_prime, tau_star, y_prime)
