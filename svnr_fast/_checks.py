@@ -106,9 +106,13 @@ def per_image(name: str, value, batch: int, device: torch.device, *, dtype: torc
 
 
 def _bounds(name: str, value: torch.Tensor, low: float | None, high: float | None) -> None:
-    if low is not None and bool((value < low).any()):
+    if low is not None and high is not None:
+        if bool(((value < low) | (value > high)).any()):
+            bad = value[(value < low) | (value > high)][0].item()
+            raise ValueError(f"{name} must lie in [{low}, {high}], got {bad:g}")
+    elif low is not None and bool((value < low).any()):
         raise ValueError(f"{name} must be >= {low}, got {value.min().item():g}")
-    if high is not None and bool((value > high).any()):
+    elif high is not None and bool((value > high).any()):
         raise ValueError(f"{name} must be <= {high}, got {value.max().item():g}")
 
 
@@ -116,9 +120,7 @@ def scalar(name: str, value, *, low: float | None = None, high: float | None = N
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
         raise TypeError(f"{name} must be a finite float, got {value!r}")
     value = float(value)
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{name} must lie in [{low if low is not None else '-inf'}, "
-                         f"{high if high is not None else 'inf'}], got {value}")
+    _bounds(name, torch.tensor([value], dtype=torch.float64), low, high)
     return value
 
 

@@ -37,26 +37,30 @@ class StepPlan(NamedTuple):
     last_delta: Tensor   # (B,): the last step lands exactly on 0, whatever the rounding of steps * delta
 
 
-def plan_steps(tau_start: Tensor, steps: int | None) -> StepPlan:
+def plan_steps(tau_start: Tensor, steps: int | None, tau_max: Tensor | None = None) -> StepPlan:
+    """Equal per-image steps from `tau_max` (B,) (default: each image's largest time) down to 0."""
     if steps is None:
-        steps = default_steps(tau_start)
+        steps = default_steps(tau_start if tau_max is None else tau_max)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int or None (= ceil(max tau*)), got {steps!r}")
-    start = tau_start.amax(dim=(1, 2, 3)).to(_checks.compute_dtype(tau_start.dtype))
+    start = tau_start.amax(dim=(1, 2, 3)) if tau_max is None else tau_max
+    start = start.to(_checks.compute_dtype(tau_start.dtype))
     return StepPlan(steps, start / steps, start)
 
 
 def sample(denoiser: Denoiser, condition: Tensor, x: Tensor, tau: Tensor, table: Tensor, *, steps: int | None = None,
-           eta: float = 1.0, clamp=None, seed: int = 0, callback: Optional[StepCallback] = None) -> Tensor:
+           eta: float = 1.0, clamp=None, seed: int = 0, callback: Optional[StepCallback] = None,
+           tau_max: Optional[Tensor] = None) -> Tensor:
     """Runs the reverse process from (x, tau) to time 0 in `steps` equal per-image steps.
 
     SVNR: `condition = x = y'` (the topped-up observation) and `tau = tau*`. The conventional baseline:
     `condition = y`, `x = 0.5 + sqrt(gamma(T)) z` and `tau = T` everywhere. `callback(i, x, tau, x0_hat)`
-    sees every step (it receives x0_hat, which costs one extra write per step).
+    sees every step (it receives x0_hat, which costs one extra write per step). `tau_max` (B,) plans the
+    steps from a larger time than tau's own maximum, so that tiles of one photo all take the photo's steps.
     """
     _checks.reverse_step_args(x, x, tau, 0.0, table, eta, None, clamp, seed, 0)   # validate once, not per step
     _checks.same_shape("x", x, condition=condition)
-    plan = plan_steps(tau, steps)
+    plan = plan_steps(tau, steps, tau_max)
     low, high = _checks.clamp_range(clamp) or (None, None)
     table = table.to(_checks.compute_dtype(x.dtype))
     want_x0_hat = callback is not None

@@ -1,0 +1,148 @@
+"""The main job: a noisy photo in, a clean photo out (DESIGN.md §1.3, §1.5, §4).
+
+1. Noise variance V = sigma_r^2 + sigma_s^2 * clip(y, 0, 1) (the clean image is unknown), with
+   (sigma_r, sigma_s) given or estimated from the photo.
+2. Top-up: y' = y + sqrt(gamma(tau*) - V_c) z, tau* = tau(max_c V): every channel of a pixel now has
+   the variance gamma(tau*), so y' is exactly a diffusion sample at the per-pixel time tau*.
+3. Sampling from (y', tau*) to time 0 in `steps` per-image steps (default ceil(max tau*)), conditioned
+   on y'.
+Large photos are processed in overlapping tiles. The time map, the step plan and the top-up are computed
+on the whole photo, so every tile walks the same per-pixel times; tiles are blended with raised-cosine
+ramps over their overlaps, so no seam shows.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import _checks, reference
+from .noise_estimation import estimate_noise
+from .sampling import Denoiser, default_steps, sample
+from .schedule import PoissonGaussian
+
+NoiseSpec = Union[str, PoissonGaussian, Sequence[float]]
+TOP_UP_OFFSET = 2**40     # the top-up's noise stream, far from the sampler's step offsets 0..N-1
+
+
+def noise_model(y: Tensor, noise: NoiseSpec) -> PoissonGaussian:
+    """`noise` as a PoissonGaussian: "auto" estimates it per image from y (B, C, H, W)."""
+    if isinstance(noise, PoissonGaussian):
+        return noise
+    if isinstance(noise, str):
+        if noise != "auto":
+            raise ValueError(f"noise must be 'auto', (sigma_r, sigma_s) or a PoissonGaussian, got {noise!r}")
+        estimates = [estimate_noise(image) for image in y]
+        return PoissonGaussian(torch.tensor([e.sigma_r for e in estimates], device=y.device),
+                               torch.tensor([e.sigma_s for e in estimates], device=y.device))
+    try:
+        sigma_r, sigma_s = noise
+    except (TypeError, ValueError):
+        raise TypeError(f"noise must be 'auto', (sigma_r, sigma_s) or a PoissonGaussian, got {noise!r}") from None
+    return PoissonGaussian(sigma_r, sigma_s)
+
+
+BUNDLED_MODEL = Path(__file__).resolve().parent / "weights" / "svnr-small.safetensors"
+
+
+def default_model(device: Union[str, torch.device] = "cpu"):
+    """The model bundled with the package (weights/svnr-small.safetensors; its card is beside it)."""
+    from .models import load_model
+    if not BUNDLED_MODEL.is_file():
+        raise FileNotFoundError(f"the bundled model {BUNDLED_MODEL} is missing from this installation; "
+                                "pass model=svnr_fast.models.load_model(PATH) or reinstall svnr_fast")
+    return load_model(BUNDLED_MODEL, device)
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Starts of full-size tiles covering [0, size) with at least `overlap` pixels shared by neighbours."""
+    if size <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, size - tile, stride))
+    return starts + [size - tile]
+
+
+def blend_ramp(length: int, start: int, size: int, overlap: int, device) -> Tensor:
+    """1-D weights of a tile: raised-cosine ramps over the overlaps with its neighbours, 1 elsewhere."""
+    weight = torch.ones(length, dtype=torch.float32, device=device)
+    ramp = 0.5 - 0.5 * torch.cos(math.pi * (torch.arange(overlap, device=device, dtype=torch.float32) + 0.5) / overlap)
+    if start > 0:
+        weight[:overlap] = ramp
+    if start + length < size:
+        weight[-overlap:] = torch.minimum(weight[-overlap:], ramp.flip(0))
+    return weight
+
+
+@torch.inference_mode()
+def denoise(y: Tensor, noise: NoiseSpec = "auto", model: Optional[Denoiser] = None, steps: Optional[int] = None,
+            eta: float = 1.0, tile: Optional[int] = None, seed: int = 0, overlap: int = 32, tile_batch: int = 4,
+            clamp=(0.0, 1.0), progress: Optional[Callable[[int, int], None]] = None) -> Tensor:
+    """Denoises y, (C, H, W) or (B, C, H, W) in the signal domain [0, 1] (plus noise), on y's device.
+
+    noise: "auto" (estimated per image), (sigma_r, sigma_s) (floats or per-image tensors) or a
+    PoissonGaussian. model: a denoiser `(y', x, tau) -> eps_hat` with a `variance_table` buffer, such
+    as svnr_fast.models.SVNRUNet; None loads the bundled model. steps: None = ceil(max tau*), the
+    paper. tile: process photos larger than tile x tile pixels in overlapping tiles (`overlap` pixels
+    shared, `tile_batch` tiles per network call). clamp bounds x0_hat at every step (None: no bound).
+    progress(done, total) is called after every network evaluation.
+    """
+    single = y.dim() == 3
+    batch = y[None] if single else y
+    _checks.tensor("y", batch, ndim=4)
+    _checks.finite("y", batch)
+    _checks.scalar("eta", eta, low=0.0, high=1.0)
+    if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 16):
+        raise ValueError(f"tile must be None or an int >= 16 (pixels), got {tile!r}")
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 1 or (tile and overlap >= tile // 2):
+        raise ValueError(f"overlap must be an int in [1, tile / 2), got {overlap!r}")
+    model = default_model(batch.device) if model is None else model
+    table = model.variance_table.to(batch.device)
+
+    noise = noise_model(batch, noise)
+    variance = noise.variance(batch.clamp(0, 1))
+    y_prime, tau_star = reference.top_up(batch, variance, table, seed=seed, offset=TOP_UP_OFFSET)
+    steps = default_steps(tau_star) if steps is None else steps
+    tau_max = tau_star.amax(dim=(1, 2, 3))
+    H, W = batch.shape[-2:]
+    if tile is None or (H <= tile and W <= tile):
+        windows = [(0, 0, H, W)]
+    else:
+        th, tw = min(tile, H), min(tile, W)
+        windows = [(r, c, th, tw) for r in tile_starts(H, th, overlap) for c in tile_starts(W, tw, overlap)]
+    total = steps * len(batch) * math.ceil(len(windows) / tile_batch)
+    done = 0
+
+    def counted(condition, x, tau):
+        nonlocal done
+        eps_hat = model(condition, x, tau)
+        done += 1
+        if progress is not None:
+            progress(done, total)
+        return eps_hat
+
+    out = torch.empty_like(batch)
+    for b in range(len(batch)):
+        if len(windows) == 1:
+            out[b:b + 1] = sample(counted, y_prime[b:b + 1], y_prime[b:b + 1], tau_star[b:b + 1], table, steps=steps,
+                                  eta=eta, clamp=clamp, seed=seed, tau_max=tau_max[b:b + 1]).to(batch.dtype)
+            continue
+        accumulated = torch.zeros(batch.shape[1:], dtype=torch.float32, device=batch.device)
+        weights = torch.zeros((1, H, W), dtype=torch.float32, device=batch.device)
+        for first in range(0, len(windows), tile_batch):
+            group = windows[first:first + tile_batch]
+            crops = [(slice(r, r + th), slice(c, c + tw)) for r, c, th, tw in group]
+            y_tiles = torch.stack([y_prime[b][:, rows, cols] for rows, cols in crops])
+            tau_tiles = torch.stack([tau_star[b][:, rows, cols] for rows, cols in crops])
+            tiles = sample(counted, y_tiles, y_tiles, tau_tiles, table, steps=steps, eta=eta, clamp=clamp,
+                           seed=seed + 1 + first, tau_max=tau_max[b].expand(len(group)))
+            for tile_out, (r, c, th, tw), (rows, cols) in zip(tiles, group, crops):
+                weight = (blend_ramp(th, r, H, overlap, batch.device)[:, None]
+                          * blend_ramp(tw, c, W, overlap, batch.device)[None, :])
+                accumulated[:, rows, cols] += tile_out.float() * weight
+                weights[:, rows, cols] += weight
+        out[b] = (accumulated / weights).to(batch.dtype)
+    return out[0] if single else out
