@@ -16,6 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     info = sub.add_parser("info", help="how svnr_fast was built and which backend serves each op here")
     info.set_defaults(run=_info)
+    from .photo import add_demo_parser, add_denoise_parser
+    add_denoise_parser(sub)
+    add_demo_parser(sub)
     return parser
 
 
