@@ -155,40 +155,61 @@ def reverse_step(x: Tensor, eps_hat: Tensor, tau: Tensor, delta, table: Tensor, 
 # GroupNorm + spatial FiLM (+ SiLU)
 # ---------------------------------------------------------------------------------------------------
 
+def _film_statistics_like(h: Tensor, groups: int) -> Tensor:
+    return h.new_empty((h.shape[0], groups), dtype=_checks.compute_dtype(h.dtype))
+
+
+def _film_image_like(h: Tensor) -> Tensor:
+    """An output laid out like the fused kernels write it: NHWC for channels_last h, else NCHW."""
+    from .kernels.groupnorm_film import memory_format
+    return torch.empty(h.shape, dtype=h.dtype, device=h.device).contiguous(memory_format=memory_format(h))
+
+
+def _film_layout(result: Tensor, h: Tensor) -> Tensor:
+    # the fused kernels already produce this layout; the reference may not
+    from .kernels.groupnorm_film import memory_format
+    return result.contiguous(memory_format=memory_format(h))
+
+
 @torch.library.custom_op("svnr::groupnorm_film", mutates_args=())
 def _groupnorm_film(h: Tensor, u: Tensor, table: Tensor, gn_weight: Tensor, gn_bias: Tensor, groups: int,
-                    eps: float, act: str) -> Tensor:
-    return _impl("groupnorm_film", h.device)(h, u, table, gn_weight, gn_bias, groups, eps, act)
+                    eps: float, act: str) -> tuple[Tensor, Tensor, Tensor]:
+    out, mean, rstd = _impl("groupnorm_film", h.device)(h, u, table, gn_weight, gn_bias, groups, eps, act)
+    return _film_layout(out, h), mean, rstd
 
 
 @_groupnorm_film.register_fake
 def _(h, u, table, gn_weight, gn_bias, groups, eps, act):
-    return _image_like(h)
+    return _film_image_like(h), _film_statistics_like(h, groups), _film_statistics_like(h, groups)
 
 
 @torch.library.custom_op("svnr::groupnorm_film_backward", mutates_args=())
 def _groupnorm_film_backward(grad_out: Tensor, h: Tensor, u: Tensor, table: Tensor, gn_weight: Tensor,
-                             gn_bias: Tensor, groups: int, eps: float,
+                             gn_bias: Tensor, mean: Tensor, rstd: Tensor, groups: int,
                              act: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _impl("groupnorm_film_backward", h.device)(grad_out, h, u, table, gn_weight, gn_bias, groups, eps, act)
+    grad_h, grad_table, grad_weight, grad_bias = _impl("groupnorm_film_backward", h.device)(
+        grad_out, h, u, table, gn_weight, gn_bias, mean, rstd, groups, act)
+    return _film_layout(grad_h, h), grad_table, grad_weight, grad_bias
 
 
 @_groupnorm_film_backward.register_fake
-def _(grad_out, h, u, table, gn_weight, gn_bias, groups, eps, act):
-    return _image_like(h), _image_like(table), _image_like(gn_weight), _image_like(gn_bias)
+def _(grad_out, h, u, table, gn_weight, gn_bias, mean, rstd, groups, act):
+    return _film_image_like(h), _image_like(table), _image_like(gn_weight), _image_like(gn_bias)
 
 
 def _groupnorm_film_setup(ctx, inputs, output):
     h, u, table, gn_weight, gn_bias, groups, eps, act = inputs
-    ctx.save_for_backward(h, u, table, gn_weight, gn_bias)
-    ctx.groups, ctx.eps, ctx.act = groups, eps, act
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(h, u, table, gn_weight, gn_bias, mean, rstd)
+    ctx.groups, ctx.act = groups, act
 
 
-def _groupnorm_film_grad(ctx, grad_out):
-    h, u, table, gn_weight, gn_bias = ctx.saved_tensors
-    grads = torch.ops.svnr.groupnorm_film_backward(grad_out.contiguous(), h, u, table, gn_weight, gn_bias,
-                                                   ctx.groups, ctx.eps, ctx.act)
-    grad_h, grad_table, grad_weight, grad_bias = grads
+def _groupnorm_film_grad(ctx, grad_out, grad_mean, grad_rstd):
+    # mean and rstd are saved statistics, not results: they carry no gradient
+    h, u, table, gn_weight, gn_bias, mean, rstd = ctx.saved_tensors
+    grad_h, grad_table, grad_weight, grad_bias = torch.ops.svnr.groupnorm_film_backward(
+        grad_out, h, u, table, gn_weight, gn_bias, mean, rstd, ctx.groups, ctx.act)
     return grad_h, None, grad_table, grad_weight, grad_bias, None, None, None
 
 
@@ -202,4 +223,4 @@ def groupnorm_film(h: Tensor, u: Tensor, table: Tensor, gn_weight: Tensor, gn_bi
     Gradients flow to h, table, gn_weight and gn_bias (not u).
     """
     _checks.groupnorm_film_args(h, u, table, gn_weight, gn_bias, groups, eps, act)
-    return torch.ops.svnr.groupnorm_film(h, u, table, gn_weight, gn_bias, groups, float(eps), act)
+    return torch.ops.svnr.groupnorm_film(h, u, table, gn_weight, gn_bias, groups, float(eps), act)[0]

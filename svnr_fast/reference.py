@@ -242,25 +242,33 @@ def groupnorm_film(h: torch.Tensor, u: torch.Tensor, table: torch.Tensor, gn_wei
     columns [scale | shift]. Differentiable in h, table, gn_weight and gn_bias (not u).
     """
     _checks.groupnorm_film_args(h, u, table, gn_weight, gn_bias, groups, eps, act)
-    return _groupnorm_film(h, u, table, gn_weight, gn_bias, groups, eps, act)
+    return _groupnorm_film(h, u, table, gn_weight, gn_bias, groups, eps, act)[0]
 
 
 def _groupnorm_film(h, u, table, gn_weight, gn_bias, groups, eps, act):
+    """groupnorm_film on checked arguments -> (out, mean, rstd).
+
+    mean and rstd = 1 / sqrt(var + eps) of each (image, group), shape (B, groups) in the compute dtype,
+    are what the backward reuses instead of recomputing them.
+    """
     dtype = _checks.compute_dtype(h.dtype)
-    C = h.shape[1]
-    normed = F.group_norm(h.to(dtype), groups, gn_weight.to(dtype), gn_bias.to(dtype), eps)
+    B, C, H, W = h.shape
+    # F.group_norm, also returning the statistics
+    normed, mean, rstd = torch.native_group_norm(h.to(dtype), gn_weight.to(dtype), gn_bias.to(dtype), B, C,
+                                                 H * W, groups, eps)
     film = lerp_table(u.detach(), table.to(dtype))
     scale, shift = film[:, :C], film[:, C:]
     out = normed * (1 + scale) + shift
     if act == "silu":
         out = F.silu(out)
-    return out.to(h.dtype)
+    return out.to(h.dtype), mean, rstd
 
 
-def _groupnorm_film_backward(grad_out, h, u, table, gn_weight, gn_bias, groups, eps, act):
+def _groupnorm_film_backward(grad_out, h, u, table, gn_weight, gn_bias, mean, rstd, groups, act):
     """Gradients of groupnorm_film with respect to (h, table, gn_weight, gn_bias), written out.
 
-    With xhat the group-normalised h, n = xhat * w + b, a = 1 + scale(u), pre = n * a + shift(u):
+    mean, rstd: the (B, groups) statistics the forward returned. With xhat the group-normalised h,
+    n = xhat * w + b, a = 1 + scale(u), pre = n * a + shift(u):
     dpre = dout * act'(pre); dscale = dpre * n and dshift = dpre go to the two table rows each pixel
     lerps (weights 1 - frac and frac); dn = dpre * a; dw = sum dn * xhat; db = sum dn; and the
     GroupNorm backward dh = rstd * (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat)), dxhat = dn * w.
@@ -269,8 +277,7 @@ def _groupnorm_film_backward(grad_out, h, u, table, gn_weight, gn_bias, groups, 
     B, C, H, W = h.shape
     K = table.shape[0]
     grouped = h.to(dtype).reshape(B, groups, -1)
-    mean = grouped.mean(dim=2, keepdim=True)
-    rstd = (grouped.var(dim=2, unbiased=False, keepdim=True) + eps).rsqrt()
+    mean, rstd = mean.to(dtype).reshape(B, groups, 1), rstd.to(dtype).reshape(B, groups, 1)
     xhat = ((grouped - mean) * rstd).reshape(B, C, H, W)
     w, b = gn_weight.to(dtype).view(1, C, 1, 1), gn_bias.to(dtype).view(1, C, 1, 1)
     n = xhat * w + b

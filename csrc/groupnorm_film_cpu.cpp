@@ -1,0 +1,619 @@
+// Fused GroupNorm + spatial FiLM + SiLU on the CPU (DESIGN.md §1.6), forward and backward.
+//
+// Threads: OpenMP, as many as the caller passes (torch.get_num_threads()). Inner loops run over
+// contiguous memory and call only the branch-free math of svnr_math.h, so the compiler vectorises them.
+//
+// NCHW (the main layout). One task per (image, group) in the forward: the group is contiguous, so its
+// statistics (two passes: mean, then squared deviations) and the apply pass reread it from the core's
+// cache: h comes from memory once. Per pixel, the segment k and frac of the time map are computed once
+// per image; each channel then gathers from its own contiguous column of the transposed table.
+// The backward runs one task per (group, slice of images): the task owns its channels' columns of the
+// table gradient, so it accumulates them without atomics, in double; a first pass over each group
+// computes dn and the table gradient, a second pass writes grad_h from the cached dn.
+//
+// NHWC (channels_last): loops over pixels, channels innermost, so the table rows, weight, bias and the
+// per-channel statistics are all contiguous vectors. Statistics are per-(image, channel) sums of
+// shifted values over pixel blocks, merged per group (Chan); the backward keeps per-thread table
+// accumulators that are summed in thread order.
+//
+// Memory traffic per element (the CPU's caches decide which of these hit DRAM): forward NCHW reads h once
+// and writes out once (2 passes over h in cache); NHWC reads h twice. Backward NCHW reads grad_out and h
+// once each (h again from cache) and writes grad_h; NHWC reads both twice. Roofline on this machine:
+// the measured copy bandwidth of a large torch.clone (see benchmarks/bench_groupnorm_film.py) over the
+// minimal bytes (forward: read h + write out = 8 bytes per float32 element; backward: read grad_out and h,
+// write grad_h = 12 bytes) gives the time floor; SiLU's exp and the table lerp make the kernels compute
+// bound on few cores.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "svnr_kernels.h"
+#include "svnr_math.h"
+
+namespace svnr {
+
+void check_groupnorm_film_shape(const GroupNormFilmShape& shape) {
+  auto fail = [](const std::string& what) { throw std::invalid_argument("groupnorm_film: " + what); };
+  if (shape.batch < 1 || shape.channels < 1 || shape.pixels < 1)
+    fail("h must have at least one image, channel and pixel");
+  if (shape.groups < 1 || shape.channels % shape.groups != 0)
+    fail("groups (" + std::to_string(shape.groups) + ") must divide the channels (" +
+         std::to_string(shape.channels) + ")");
+  if (shape.knots < 2) fail("the table needs at least 2 rows (knots), got " + std::to_string(shape.knots));
+  if (shape.knots > (std::int64_t(1) << 30)) fail("the table has too many rows");
+  if (shape.dtype < kFloat32 || shape.dtype > kFloat16)
+    fail("unknown dtype code " + std::to_string(shape.dtype));
+}
+
+namespace {
+
+struct BFloat16 {
+  std::uint16_t bits;
+};
+struct Float16 {
+  std::uint16_t bits;
+};
+
+inline float load(float x) { return x; }
+inline double load(double x) { return x; }
+inline float load(BFloat16 x) { return math::bf16_to_float(x.bits); }
+inline float load(Float16 x) { return math::fp16_to_float(x.bits); }
+
+inline void store(float& dst, float x) { dst = x; }
+inline void store(double& dst, double x) { dst = x; }
+inline void store(BFloat16& dst, float x) { dst.bits = math::float_to_bf16(x); }
+inline void store(Float16& dst, float x) { dst.bits = math::float_to_fp16(x); }
+
+// Compute type of a storage type: double for double, else float.
+template <typename S>
+using Compute = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
+// Sums in the compute type over blocks of this many elements (vector lanes: short, accurate partial
+// sums), blocks accumulated in double.
+constexpr std::int64_t kSumBlock = 2048;
+
+// Pixel block of the NHWC tasks.
+constexpr std::int64_t kPixelBlock = 256;
+
+template <typename P>
+P* as(std::uintptr_t address) { return reinterpret_cast<P*>(address); }
+
+template <typename Fn>
+void dispatch(int dtype, bool silu, Fn&& fn) {
+  auto with_act = [&](auto storage) {
+    if (silu)
+      fn(storage, std::true_type{});
+    else
+      fn(storage, std::false_type{});
+  };
+  switch (dtype) {
+    case kFloat32: return with_act(float{});
+    case kFloat64: return with_act(double{});
+    case kBFloat16: return with_act(BFloat16{});
+    case kFloat16: return with_act(Float16{});
+    default: throw std::invalid_argument("groupnorm_film: unknown dtype code " + std::to_string(dtype));
+  }
+}
+
+int thread_count(int requested) { return requested < 1 ? 1 : requested; }
+
+// Per pixel of every image: the table segment k and frac of u (math::knot).
+template <typename T>
+struct Knots {
+  std::vector<std::int32_t> k;
+  std::vector<T> frac;
+};
+
+template <typename T>
+Knots<T> knots_of(const T* u, std::int64_t count, int K, int threads) {
+  Knots<T> knots{std::vector<std::int32_t>(count), std::vector<T>(count)};
+  std::int32_t* k = knots.k.data();
+  T* frac = knots.frac.data();
+#pragma omp parallel for simd num_threads(threads) schedule(static)
+  for (std::int64_t i = 0; i < count; ++i) {
+    const math::Knot<T> knot = math::knot(u[i], K);
+    k[i] = knot.k;
+    frac[i] = knot.frac;
+  }
+  return knots;
+}
+
+template <typename S>
+double sum_of(const S* x, std::int64_t count) {
+  using T = Compute<S>;
+  double total = 0;
+  for (std::int64_t start = 0; start < count; start += kSumBlock) {
+    const std::int64_t end = std::min(count, start + kSumBlock);
+    T sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (std::int64_t i = start; i < end; ++i) sum += load(x[i]);
+    total += sum;
+  }
+  return total;
+}
+
+template <typename S>
+double squared_deviations(const S* x, std::int64_t count, Compute<S> mean) {
+  using T = Compute<S>;
+  double total = 0;
+  for (std::int64_t start = 0; start < count; start += kSumBlock) {
+    const std::int64_t end = std::min(count, start + kSumBlock);
+    T sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (std::int64_t i = start; i < end; ++i) {
+      const T d = load(x[i]) - mean;
+      sum += d * d;
+    }
+    total += sum;
+  }
+  return total;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// NCHW
+// ---------------------------------------------------------------------------------------------------
+
+// One channel plane: out = act(film(xhat * w + b, scale(u), shift(u))).
+template <typename S, bool Silu>
+void forward_plane(const S* x, S* out, std::int64_t pixels, const std::int32_t* knot_k,
+                   const Compute<S>* knot_frac, const Compute<S>* scale_column,
+                   const Compute<S>* shift_column, Compute<S> mean, Compute<S> rstd, Compute<S> w,
+                   Compute<S> b) {
+  using T = Compute<S>;
+#pragma omp simd
+  for (std::int64_t p = 0; p < pixels; ++p) {
+    const std::int32_t k = knot_k[p];
+    const T frac = knot_frac[p];
+    const T scale = math::lerp(scale_column[k], scale_column[k + 1], frac);
+    const T shift = math::lerp(shift_column[k], shift_column[k + 1], frac);
+    const T n = math::normalize(load(x[p]), mean, rstd) * w + b;
+    store(out[p], math::activate<Silu>(math::film(n, scale, shift)));
+  }
+}
+
+template <typename S, bool Silu>
+void forward_nchw(const GroupNormFilmShape& shape, const S* h, const Compute<S>* u, const Compute<S>* table_t,
+                  const Compute<S>* weight, const Compute<S>* bias, S* out, Compute<S>* mean,
+                  Compute<S>* rstd, double eps, int threads) {
+  using T = Compute<S>;
+  const std::int64_t B = shape.batch, C = shape.channels, HW = shape.pixels, G = shape.groups;
+  const int K = int(shape.knots);
+  const std::int64_t per_group = C / G, count = per_group * HW;
+  const Knots<T> knots = knots_of(u, B * HW, K, threads);
+
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (std::int64_t task = 0; task < B * G; ++task) {
+    const std::int64_t b = task / G, g = task % G;
+    const S* x = h + (b * C + g * per_group) * HW;
+    const T mu = T(sum_of(x, count) / double(count));
+    const T rs = T(1.0 / std::sqrt(squared_deviations(x, count, mu) / double(count) + eps));
+    mean[task] = mu;
+    rstd[task] = rs;
+    for (std::int64_t i = 0; i < per_group; ++i) {
+      const std::int64_t c = g * per_group + i;
+      forward_plane<S, Silu>(x + i * HW, out + (b * C + c) * HW, HW, knots.k.data() + b * HW,
+                             knots.frac.data() + b * HW, table_t + c * K, table_t + (C + c) * K, mu, rs,
+                             weight[c], bias[c]);
+    }
+  }
+}
+
+// First backward pass over one channel plane: dn (kept for the second pass) and the per-pixel table
+// gradients dscale, dpre (= dshift); returns the plane's sums of dn and dn * xhat.
+struct PlaneSums {
+  double dn;
+  double dn_xhat;
+};
+
+template <typename S, bool Silu>
+PlaneSums backward_plane(const S* grad_out, const S* x, std::int64_t pixels, const std::int32_t* knot_k,
+                         const Compute<S>* knot_frac, const Compute<S>* scale_column,
+                         const Compute<S>* shift_column, Compute<S> mean, Compute<S> rstd, Compute<S> w,
+                         Compute<S> b, Compute<S>* dn, Compute<S>* dscale, Compute<S>* dshift) {
+  using T = Compute<S>;
+  PlaneSums sums{0, 0};
+  for (std::int64_t start = 0; start < pixels; start += kSumBlock) {
+    const std::int64_t end = std::min(pixels, start + kSumBlock);
+    T sum_dn = 0, sum_dn_xhat = 0;
+#pragma omp simd reduction(+ : sum_dn, sum_dn_xhat)
+    for (std::int64_t p = start; p < end; ++p) {
+      const std::int32_t k = knot_k[p];
+      const T frac = knot_frac[p];
+      const T scale = math::lerp(scale_column[k], scale_column[k + 1], frac);
+      const T shift = math::lerp(shift_column[k], shift_column[k + 1], frac);
+      const T xhat = math::normalize(load(x[p]), mean, rstd);
+      const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(grad_out[p])), xhat, w, b, scale, shift);
+      dn[p] = grad.dn;
+      dscale[p] = grad.dscale;
+      dshift[p] = grad.dpre;
+      sum_dn += grad.dn;
+      sum_dn_xhat += grad.dn * xhat;
+    }
+    sums.dn += sum_dn;
+    sums.dn_xhat += sum_dn_xhat;
+  }
+  return sums;
+}
+
+// Table-gradient accumulator of one channel: per segment k, the sums of g and g * frac of the pixels in
+// that segment, for g = dscale and g = dshift. Row k of the gradient is then S[k] - F[k] + F[k - 1]
+// (weights 1 - frac on row k, frac on row k + 1), which needs one 32-byte read-modify-write per pixel.
+struct SegmentSums {
+  double scale, scale_frac, shift, shift_frac;
+};
+
+template <typename T>
+void accumulate_segments(SegmentSums* segments, std::int64_t pixels, const std::int32_t* knot_k,
+                         const T* knot_frac, const T* dscale, const T* dshift) {
+  for (std::int64_t p = 0; p < pixels; ++p) {
+    SegmentSums& s = segments[knot_k[p]];
+    const double frac = knot_frac[p], g_scale = dscale[p], g_shift = dshift[p];
+    s.scale += g_scale;
+    s.scale_frac += g_scale * frac;
+    s.shift += g_shift;
+    s.shift_frac += g_shift * frac;
+  }
+}
+
+template <typename S, bool Silu>
+void backward_nchw(const GroupNormFilmShape& shape, const S* grad_out, const S* h, const Compute<S>* u,
+                   const Compute<S>* table_t, const Compute<S>* weight, const Compute<S>* bias,
+                   const Compute<S>* mean, const Compute<S>* rstd, S* grad_h, Compute<S>* grad_table,
+                   Compute<S>* grad_weight, Compute<S>* grad_bias, int threads) {
+  using T = Compute<S>;
+  const std::int64_t B = shape.batch, C = shape.channels, HW = shape.pixels, G = shape.groups;
+  const int K = int(shape.knots);
+  const std::int64_t per_group = C / G, count = per_group * HW;
+  const Knots<T> knots = knots_of(u, B * HW, K, threads);
+
+  // Enough tasks to keep up to 64 threads busy; the split does not depend on the thread count, so the
+  // result is the same for any number of threads.
+  const std::int64_t slices = std::min<std::int64_t>(B, (64 + G - 1) / G);
+  std::vector<double> table_partial(static_cast<std::size_t>(slices * K * 2 * C), 0.0);   // (slice, K, 2C)
+  std::vector<double> plane_dn(static_cast<std::size_t>(B * C)), plane_dn_xhat(static_cast<std::size_t>(B * C));
+
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (std::int64_t task = 0; task < G * slices; ++task) {
+    const std::int64_t g = task / slices, slice = task % slices;
+    std::vector<T> dn(static_cast<std::size_t>(count)), dscale(static_cast<std::size_t>(HW)), dshift(static_cast<std::size_t>(HW));
+    std::vector<SegmentSums> segments(static_cast<std::size_t>(per_group * K), SegmentSums{0, 0, 0, 0});
+    for (std::int64_t b = slice * B / slices; b < (slice + 1) * B / slices; ++b) {
+      const std::int64_t group_offset = (b * C + g * per_group) * HW;
+      const T mu = mean[b * G + g], rs = rstd[b * G + g];
+      const std::int32_t* knot_k = knots.k.data() + b * HW;
+      const T* knot_frac = knots.frac.data() + b * HW;
+      double sum_dxhat = 0, sum_dxhat_xhat = 0;
+      for (std::int64_t i = 0; i < per_group; ++i) {
+        const std::int64_t c = g * per_group + i, offset = group_offset + i * HW;
+        const PlaneSums sums = backward_plane<S, Silu>(
+            grad_out + offset, h + offset, HW, knot_k, knot_frac, table_t + c * K, table_t + (C + c) * K, mu,
+            rs, weight[c], bias[c], dn.data() + i * HW, dscale.data(), dshift.data());
+        accumulate_segments(segments.data() + i * K, HW, knot_k, knot_frac, dscale.data(), dshift.data());
+        plane_dn[b * C + c] = sums.dn;
+        plane_dn_xhat[b * C + c] = sums.dn_xhat;
+        sum_dxhat += weight[c] * sums.dn;
+        sum_dxhat_xhat += weight[c] * sums.dn_xhat;
+      }
+      const T mean_dxhat = T(sum_dxhat / double(count)), mean_dxhat_xhat = T(sum_dxhat_xhat / double(count));
+      for (std::int64_t i = 0; i < per_group; ++i) {
+        const std::int64_t offset = group_offset + i * HW;
+        const T w = weight[g * per_group + i];
+        const S* x = h + offset;
+        const T* dn_plane = dn.data() + i * HW;
+        S* out = grad_h + offset;
+#pragma omp simd
+        for (std::int64_t p = 0; p < HW; ++p) {
+          const T xhat = math::normalize(load(x[p]), mu, rs);
+          store(out[p], math::groupnorm_grad_input(dn_plane[p], w, xhat, rs, mean_dxhat, mean_dxhat_xhat));
+        }
+      }
+    }
+    double* partial = table_partial.data() + slice * K * 2 * C;
+    for (std::int64_t i = 0; i < per_group; ++i) {
+      const std::int64_t c = g * per_group + i;
+      const SegmentSums* s = segments.data() + i * K;
+      for (int k = 0; k < K; ++k) {
+        const double scale_from_below = k > 0 ? s[k - 1].scale_frac : 0.0;
+        const double shift_from_below = k > 0 ? s[k - 1].shift_frac : 0.0;
+        partial[k * 2 * C + c] = s[k].scale - s[k].scale_frac + scale_from_below;
+        partial[k * 2 * C + C + c] = s[k].shift - s[k].shift_frac + shift_from_below;
+      }
+    }
+  }
+
+  for (std::int64_t i = 0; i < K * 2 * C; ++i) {
+    double total = 0;
+    for (std::int64_t slice = 0; slice < slices; ++slice) total += table_partial[slice * K * 2 * C + i];
+    grad_table[i] = T(total);
+  }
+  for (std::int64_t c = 0; c < C; ++c) {
+    double dw = 0, db = 0;
+    for (std::int64_t b = 0; b < B; ++b) {
+      dw += plane_dn_xhat[b * C + c];
+      db += plane_dn[b * C + c];
+    }
+    grad_weight[c] = T(dw);
+    grad_bias[c] = T(db);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// NHWC (channels_last)
+// ---------------------------------------------------------------------------------------------------
+
+// Per-(image, group) mean and rstd of NHWC data, and the same expanded per (image, channel).
+template <typename T>
+struct ChannelStats {
+  std::vector<T> mean, rstd;   // (B, C)
+};
+
+template <typename S>
+ChannelStats<Compute<S>> statistics_nhwc(const GroupNormFilmShape& shape, const S* h, Compute<S>* mean,
+                                         Compute<S>* rstd, double eps, int threads) {
+  using T = Compute<S>;
+  const std::int64_t B = shape.batch, C = shape.channels, HW = shape.pixels, G = shape.groups;
+  const std::int64_t per_group = C / G, blocks = (HW + kPixelBlock - 1) / kPixelBlock;
+  // per (image, block, channel): sums of x - shift and (x - shift)^2, shift = the channel's first pixel
+  std::vector<double> partial(static_cast<std::size_t>(B * blocks * C * 2));
+
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<T> sum(static_cast<std::size_t>(C)), sum_sq(static_cast<std::size_t>(C)), shift(static_cast<std::size_t>(C));
+#pragma omp for schedule(static)
+    for (std::int64_t task = 0; task < B * blocks; ++task) {
+      const std::int64_t b = task / blocks, block = task % blocks;
+      const S* image = h + b * HW * C;
+      for (std::int64_t c = 0; c < C; ++c) shift[c] = load(image[c]);
+      std::fill(sum.begin(), sum.end(), T(0));
+      std::fill(sum_sq.begin(), sum_sq.end(), T(0));
+      for (std::int64_t p = block * kPixelBlock; p < std::min(HW, (block + 1) * kPixelBlock); ++p) {
+        const S* x = image + p * C;
+#pragma omp simd
+        for (std::int64_t c = 0; c < C; ++c) {
+          const T d = load(x[c]) - shift[c];
+          sum[c] += d;
+          sum_sq[c] += d * d;
+        }
+      }
+      double* out = partial.data() + task * C * 2;
+      for (std::int64_t c = 0; c < C; ++c) {
+        out[2 * c] = sum[c];
+        out[2 * c + 1] = sum_sq[c];
+      }
+    }
+  }
+
+  ChannelStats<T> stats{std::vector<T>(static_cast<std::size_t>(B * C)), std::vector<T>(static_cast<std::size_t>(B * C))};
+  for (std::int64_t b = 0; b < B; ++b) {
+    for (std::int64_t g = 0; g < G; ++g) {
+      math::Moments<double> group{0, 0, 0};
+      for (std::int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+        double sum = 0, sum_sq = 0;
+        for (std::int64_t block = 0; block < blocks; ++block) {
+          sum += partial[((b * blocks + block) * C + c) * 2];
+          sum_sq += partial[((b * blocks + block) * C + c) * 2 + 1];
+        }
+        group = math::merge(group, math::moments_from_shifted_sums(double(HW), double(load(h[b * HW * C + c])),
+                                                                   sum, sum_sq));
+      }
+      const T mu = T(group.mean), rs = T(math::inverse_std(group.m2, group.count, eps));
+      mean[b * G + g] = mu;
+      rstd[b * G + g] = rs;
+      for (std::int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+        stats.mean[b * C + c] = mu;
+        stats.rstd[b * C + c] = rs;
+      }
+    }
+  }
+  return stats;
+}
+
+template <typename S, bool Silu>
+void forward_nhwc(const GroupNormFilmShape& shape, const S* h, const Compute<S>* u, const Compute<S>* table,
+                  const Compute<S>* weight, const Compute<S>* bias, S* out, Compute<S>* mean,
+                  Compute<S>* rstd, double eps, int threads) {
+  using T = Compute<S>;
+  const std::int64_t B = shape.batch, C = shape.channels, HW = shape.pixels;
+  const int K = int(shape.knots);
+  const std::int64_t blocks = (HW + kPixelBlock - 1) / kPixelBlock;
+  const ChannelStats<T> stats = statistics_nhwc(shape, h, mean, rstd, eps, threads);
+
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (std::int64_t task = 0; task < B * blocks; ++task) {
+    const std::int64_t b = task / blocks, block = task % blocks;
+    const T* mu = stats.mean.data() + b * C;
+    const T* rs = stats.rstd.data() + b * C;
+    for (std::int64_t p = block * kPixelBlock; p < std::min(HW, (block + 1) * kPixelBlock); ++p) {
+      const math::Knot<T> knot = math::knot(u[b * HW + p], K);
+      const T* row = table + knot.k * 2 * C;
+      const T* next = row + 2 * C;
+      const S* x = h + (b * HW + p) * C;
+      S* y = out + (b * HW + p) * C;
+#pragma omp simd
+      for (std::int64_t c = 0; c < C; ++c) {
+        const T scale = math::lerp(row[c], next[c], knot.frac);
+        const T shift = math::lerp(row[C + c], next[C + c], knot.frac);
+        const T n = math::normalize(load(x[c]), mu[c], rs[c]) * weight[c] + bias[c];
+        store(y[c], math::activate<Silu>(math::film(n, scale, shift)));
+      }
+    }
+  }
+}
+
+template <typename S, bool Silu>
+void backward_nhwc(const GroupNormFilmShape& shape, const S* grad_out, const S* h, const Compute<S>* u,
+                   const Compute<S>* table, const Compute<S>* weight, const Compute<S>* bias,
+                   const Compute<S>* mean, const Compute<S>* rstd, S* grad_h, Compute<S>* grad_table,
+                   Compute<S>* grad_weight, Compute<S>* grad_bias, int threads) {
+  using T = Compute<S>;
+  const std::int64_t B = shape.batch, C = shape.channels, HW = shape.pixels, G = shape.groups;
+  const int K = int(shape.knots);
+  const std::int64_t per_group = C / G, count = per_group * HW;
+  const std::int64_t blocks = (HW + kPixelBlock - 1) / kPixelBlock;
+  std::vector<T> mean_c(static_cast<std::size_t>(B * C)), rstd_c(static_cast<std::size_t>(B * C));
+  for (std::int64_t i = 0; i < B * C; ++i) {
+    mean_c[i] = mean[i / C * G + i % C / per_group];
+    rstd_c[i] = rstd[i / C * G + i % C / per_group];
+  }
+  // per (image, block, channel): sums of dn and dn * xhat
+  std::vector<double> partial(static_cast<std::size_t>(B * blocks * C * 2));
+  // per thread: sums of g and g * frac per table row k (g = d[scale | shift]); summed in thread order,
+  // so the result depends on the thread count but not on timing
+  std::vector<std::vector<double>> thread_segments(static_cast<std::size_t>(threads));
+
+#pragma omp parallel num_threads(threads)
+  {
+#ifdef _OPENMP
+    const int thread = omp_get_thread_num();
+#else
+    const int thread = 0;
+#endif
+    std::vector<double>& segments = thread_segments[static_cast<std::size_t>(thread)];
+    segments.assign(static_cast<std::size_t>(2 * K * 2 * C), 0.0);
+    std::vector<T> sum_dn(static_cast<std::size_t>(C)), sum_dn_xhat(static_cast<std::size_t>(C));
+#pragma omp for schedule(static)
+    for (std::int64_t task = 0; task < B * blocks; ++task) {
+      const std::int64_t b = task / blocks, block = task % blocks;
+      const T* mu = mean_c.data() + b * C;
+      const T* rs = rstd_c.data() + b * C;
+      std::fill(sum_dn.begin(), sum_dn.end(), T(0));
+      std::fill(sum_dn_xhat.begin(), sum_dn_xhat.end(), T(0));
+      for (std::int64_t p = block * kPixelBlock; p < std::min(HW, (block + 1) * kPixelBlock); ++p) {
+        const math::Knot<T> knot = math::knot(u[b * HW + p], K);
+        const T* row = table + knot.k * 2 * C;
+        const T* next = row + 2 * C;
+        double* seg_sum = segments.data() + knot.k * 2 * C;
+        double* seg_frac = segments.data() + (K + knot.k) * 2 * C;
+        const double frac = knot.frac;
+        const S* x = h + (b * HW + p) * C;
+        const S* dy = grad_out + (b * HW + p) * C;
+#pragma omp simd
+        for (std::int64_t c = 0; c < C; ++c) {
+          const T scale = math::lerp(row[c], next[c], knot.frac);
+          const T shift = math::lerp(row[C + c], next[C + c], knot.frac);
+          const T xhat = math::normalize(load(x[c]), mu[c], rs[c]);
+          const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(dy[c])), xhat, weight[c], bias[c], scale, shift);
+          sum_dn[c] += grad.dn;
+          sum_dn_xhat[c] += grad.dn * xhat;
+          seg_sum[c] += grad.dscale;
+          seg_frac[c] += grad.dscale * frac;
+          seg_sum[C + c] += grad.dpre;
+          seg_frac[C + c] += grad.dpre * frac;
+        }
+      }
+      double* out = partial.data() + task * C * 2;
+      for (std::int64_t c = 0; c < C; ++c) {
+        out[2 * c] = sum_dn[c];
+        out[2 * c + 1] = sum_dn_xhat[c];
+      }
+    }
+  }
+
+  std::vector<double> segments(static_cast<std::size_t>(2 * K * 2 * C), 0.0);
+  for (const std::vector<double>& part : thread_segments)
+    for (std::size_t i = 0; i < part.size(); ++i) segments[i] += part[i];
+  for (std::int64_t k = 0; k < K; ++k)
+    for (std::int64_t j = 0; j < 2 * C; ++j) {
+      const double from_below = k > 0 ? segments[(K + k - 1) * 2 * C + j] : 0.0;
+      grad_table[k * 2 * C + j] = T(segments[k * 2 * C + j] - segments[(K + k) * 2 * C + j] + from_below);
+    }
+
+  // per (image, channel): the group means of dxhat and dxhat * xhat, broadcast to the group's channels
+  std::vector<T> mean_dxhat(static_cast<std::size_t>(B * C)), mean_dxhat_xhat(static_cast<std::size_t>(B * C));
+  std::vector<double> dw(static_cast<std::size_t>(C), 0.0), db(static_cast<std::size_t>(C), 0.0);
+  for (std::int64_t b = 0; b < B; ++b) {
+    for (std::int64_t g = 0; g < G; ++g) {
+      double sum_dxhat = 0, sum_dxhat_xhat = 0;
+      for (std::int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+        double s_dn = 0, s_dn_xhat = 0;
+        for (std::int64_t block = 0; block < blocks; ++block) {
+          s_dn += partial[((b * blocks + block) * C + c) * 2];
+          s_dn_xhat += partial[((b * blocks + block) * C + c) * 2 + 1];
+        }
+        db[c] += s_dn;
+        dw[c] += s_dn_xhat;
+        sum_dxhat += weight[c] * s_dn;
+        sum_dxhat_xhat += weight[c] * s_dn_xhat;
+      }
+      for (std::int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+        mean_dxhat[b * C + c] = T(sum_dxhat / double(count));
+        mean_dxhat_xhat[b * C + c] = T(sum_dxhat_xhat / double(count));
+      }
+    }
+  }
+  for (std::int64_t c = 0; c < C; ++c) {
+    grad_weight[c] = T(dw[c]);
+    grad_bias[c] = T(db[c]);
+  }
+
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (std::int64_t task = 0; task < B * blocks; ++task) {
+    const std::int64_t b = task / blocks, block = task % blocks;
+    const T* mu = mean_c.data() + b * C;
+    const T* rs = rstd_c.data() + b * C;
+    const T* m1 = mean_dxhat.data() + b * C;
+    const T* m2 = mean_dxhat_xhat.data() + b * C;
+    for (std::int64_t p = block * kPixelBlock; p < std::min(HW, (block + 1) * kPixelBlock); ++p) {
+      const math::Knot<T> knot = math::knot(u[b * HW + p], K);
+      const T* row = table + knot.k * 2 * C;
+      const T* next = row + 2 * C;
+      const S* x = h + (b * HW + p) * C;
+      const S* dy = grad_out + (b * HW + p) * C;
+      S* dx = grad_h + (b * HW + p) * C;
+#pragma omp simd
+      for (std::int64_t c = 0; c < C; ++c) {
+        const T scale = math::lerp(row[c], next[c], knot.frac);
+        const T shift = math::lerp(row[C + c], next[C + c], knot.frac);
+        const T xhat = math::normalize(load(x[c]), mu[c], rs[c]);
+        const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(dy[c])), xhat, weight[c], bias[c], scale, shift);
+        store(dx[c], math::groupnorm_grad_input(grad.dn, weight[c], xhat, rs[c], m1[c], m2[c]));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void groupnorm_film_forward_cpu(const GroupNormFilmShape& shape, std::uintptr_t h, std::uintptr_t u,
+                                std::uintptr_t table, std::uintptr_t weight, std::uintptr_t bias,
+                                std::uintptr_t out, std::uintptr_t mean, std::uintptr_t rstd, double eps,
+                                bool silu, int threads) {
+  check_groupnorm_film_shape(shape);
+  threads = thread_count(threads);
+  dispatch(shape.dtype, silu, [&](auto storage, auto act) {
+    using S = decltype(storage);
+    using T = Compute<S>;
+    constexpr bool Silu = decltype(act)::value;
+    auto run = shape.channels_last ? forward_nhwc<S, Silu> : forward_nchw<S, Silu>;
+    run(shape, as<const S>(h), as<const T>(u), as<const T>(table), as<const T>(weight), as<const T>(bias),
+        as<S>(out), as<T>(mean), as<T>(rstd), eps, threads);
+  });
+}
+
+void groupnorm_film_backward_cpu(const GroupNormFilmShape& shape, std::uintptr_t grad_out, std::uintptr_t h,
+                                 std::uintptr_t u, std::uintptr_t table, std::uintptr_t weight,
+                                 std::uintptr_t bias, std::uintptr_t mean, std::uintptr_t rstd,
+                                 std::uintptr_t grad_h, std::uintptr_t grad_table, std::uintptr_t grad_weight,
+                                 std::uintptr_t grad_bias, bool silu, int threads) {
+  check_groupnorm_film_shape(shape);
+  threads = thread_count(threads);
+  dispatch(shape.dtype, silu, [&](auto storage, auto act) {
+    using S = decltype(storage);
+    using T = Compute<S>;
+    constexpr bool Silu = decltype(act)::value;
+    auto run = shape.channels_last ? backward_nhwc<S, Silu> : backward_nchw<S, Silu>;
+    run(shape, as<const S>(grad_out), as<const S>(h), as<const T>(u), as<const T>(table), as<const T>(weight),
+        as<const T>(bias), as<const T>(mean), as<const T>(rstd), as<S>(grad_h), as<T>(grad_table),
+        as<T>(grad_weight), as<T>(grad_bias), threads);
+  });
+}
+
+}  // namespace svnr

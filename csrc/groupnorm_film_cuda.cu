@@ -1,0 +1,731 @@
+// Fused GroupNorm + spatial FiLM + SiLU on CUDA (DESIGN.md §1.6), forward and backward. Depends only on the
+// CUDA runtime; tensors arrive as raw pointers with torch's current stream (kernels/groupnorm_film.py).
+//
+// Forward, 3 launches:
+//   stats     per (image, channel, chunk of pixels): count, mean, M2 from shifted sums (x - first value)
+//   finalize  one warp per (image, group): Chan-merge the chunks in double -> mean, rstd (saved outputs)
+//   apply     per element: lerp the table at u, GroupNorm, FiLM, SiLU; the table (K, 2C) is read through L1
+// Backward, 3 launches (grad_table zero-filled by the caller):
+//   reduce    per (image, channel, chunk): sums of dn and dn * xhat; the table gradient runs through
+//             per-thread run-length sums (neighbouring pixels mostly share a segment), then a per-block
+//             shared-memory histogram over the K rows (NCHW), flushed with one global atomic per touched
+//             row, or straight to global atomics (NHWC, where a warp's 32 lanes hit 32 adjacent columns)
+//   finalize  one warp per (image, group): the group means of dxhat and dxhat * xhat; one warp per
+//             channel: grad_weight, grad_bias (deterministic: fixed-order sums, no atomics)
+//   apply     per element: grad_h = rstd * (dn * w - mean(dxhat) - xhat * mean(dxhat * xhat))
+// NCHW blocks cover a chunk of one (image, channel) plane, so per-channel values are block constants;
+// NHWC kernels run channels innermost (coalesced rows of the table, weight and bias).
+//
+// Bytes moved per element, s = bytes per stored element (4 float32, 2 bf16/fp16):
+//   forward  minimal 2s (read h, write out); this kernel reads h twice (stats, apply): 3s from DRAM unless
+//            the apply pass finds h still in L2 (H100: 50 MB, so up to ~8x128x64x64 in float32)
+//   backward minimal 3s (read grad_out and h, write grad_h); this kernel reads both twice: 5s
+// Roofline on H100 (~3.0 TB/s measured copy bandwidth, read + write), 8x64x128x128 (8.4M elements):
+//   forward float32 2 * 4 * 8.4M / 3.0e12 = 22 us minimal (34 us for 3 passes); bfloat16 11 us (17 us)
+//   backward float32 34 us minimal (56 us for 5 passes); bfloat16 17 us (28 us)
+// H200 (~4.3 TB/s): divide by 1.43. The same holds for 8x128x64x64 and 8x256x32x32 (same element count).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "svnr_kernels.h"
+#include "svnr_math.h"
+
+namespace svnr {
+namespace {
+
+using std::int64_t;
+
+constexpr int kThreads = 256;           // NCHW and flat NHWC kernels
+constexpr int64_t kChunkElems = 4096;   // NCHW: elements of a plane per block
+constexpr int kRows = 8;                // NHWC 2-D blocks: 32 channels x kRows pixel rows
+constexpr int64_t kPixelChunk = 256;    // NHWC: pixels per block
+constexpr unsigned kFullMask = 0xFFFFFFFFu;
+
+void check(cudaError_t status, const char* what) {
+  if (status != cudaSuccess)
+    throw std::runtime_error(std::string("groupnorm_film (CUDA): ") + what + " failed: " +
+                             cudaGetErrorName(status) + ": " + cudaGetErrorString(status));
+}
+
+void check_launch(const char* kernel) { check(cudaGetLastError(), kernel); }
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+template <typename S>
+using Compute = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
+__device__ __forceinline__ float load(float x) { return x; }
+__device__ __forceinline__ double load(double x) { return x; }
+__device__ __forceinline__ float load(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float load(__half x) { return __half2float(x); }
+
+__device__ __forceinline__ void store(float& dst, float x) { dst = x; }
+__device__ __forceinline__ void store(double& dst, double x) { dst = x; }
+__device__ __forceinline__ void store(__nv_bfloat16& dst, float x) { dst = __float2bfloat16(x); }
+__device__ __forceinline__ void store(__half& dst, float x) { dst = __float2half(x); }
+
+// VEC consecutive stored elements, loaded and stored as one (up to 16-byte) transaction.
+template <typename S, int VEC>
+struct alignas(sizeof(S) * VEC) Pack {
+  S v[VEC];
+};
+
+template <typename T>
+struct StatsPartial {   // one (image, channel, chunk): count, mean, M2
+  T count, mean, m2;
+};
+
+template <typename T>
+struct GradPartial {    // one (image, channel, chunk): sums of dn and dn * xhat
+  T dn, dn_xhat;
+};
+
+// Which chunk of which plane (NCHW) or which 32 channels x pixel chunk (NHWC) the blocks cover.
+struct Geometry {
+  int64_t chunks;       // per (image, channel)
+  int64_t chunk_elems;  // NCHW only
+};
+
+Geometry geometry(const GroupNormFilmShape& shape) {
+  if (shape.channels_last) return {ceil_div(shape.pixels, kPixelChunk), 0};
+  const int64_t chunk = std::min(kChunkElems, shape.pixels);
+  return {ceil_div(shape.pixels, chunk), chunk};
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset);
+  return v;
+}
+
+// Sum of a and b over the block (a multiple of 32 threads, 1-D or 2-D); the result is valid in thread 0.
+template <typename T>
+__device__ void block_sum2(T& a, T& b) {
+  __shared__ T shared_a[32], shared_b[32];
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const int lane = tid & 31, warp = tid >> 5, warps = (blockDim.x * blockDim.y) >> 5;
+  a = warp_sum(a);
+  b = warp_sum(b);
+  if (lane == 0) {
+    shared_a[warp] = a;
+    shared_b[warp] = b;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    a = warp_sum(lane < warps ? shared_a[lane] : T(0));
+    b = warp_sum(lane < warps ? shared_b[lane] : T(0));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Statistics and their finalisation
+// ---------------------------------------------------------------------------------------------------
+
+template <typename S, int VEC>
+__global__ void stats_nchw(const S* __restrict__ h, int64_t pixels, int64_t chunks, int64_t chunk_elems,
+                           StatsPartial<Compute<S>>* __restrict__ partial) {
+  using T = Compute<S>;
+  const int64_t plane = blockIdx.x / chunks, begin = (blockIdx.x % chunks) * chunk_elems;
+  const int64_t end = min64(pixels, begin + chunk_elems);
+  const S* x = h + plane * pixels;
+  const T shift = load(x[begin]);
+  T sum = 0, sum_sq = 0;
+  for (int64_t i = begin + threadIdx.x * VEC; i < end; i += int64_t(blockDim.x) * VEC) {
+    const Pack<S, VEC> pack = *reinterpret_cast<const Pack<S, VEC>*>(x + i);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const T d = load(pack.v[j]) - shift;
+      sum += d;
+      sum_sq += d * d;
+    }
+  }
+  block_sum2(sum, sum_sq);
+  if (threadIdx.x == 0) {
+    const math::Moments<T> m = math::moments_from_shifted_sums(T(end - begin), shift, sum, sum_sq);
+    partial[blockIdx.x] = {m.count, m.mean, m.m2};
+  }
+}
+
+// Block (32, kRows), grid (chunks, ceil(C / 32), B).
+template <typename S>
+__global__ void stats_nhwc(const S* __restrict__ h, int64_t channels, int64_t pixels, int64_t chunks,
+                           StatsPartial<Compute<S>>* __restrict__ partial) {
+  using T = Compute<S>;
+  __shared__ T shared_sum[kRows][33], shared_sq[kRows][33];
+  const int64_t c = int64_t(blockIdx.y) * 32 + threadIdx.x, b = blockIdx.z;
+  const int64_t begin = blockIdx.x * kPixelChunk, end = min64(pixels, begin + kPixelChunk);
+  const S* image = h + b * pixels * channels;
+  T shift = 0, sum = 0, sum_sq = 0;
+  if (c < channels) {
+    shift = load(image[begin * channels + c]);
+    for (int64_t p = begin + threadIdx.y; p < end; p += kRows) {
+      const T d = load(image[p * channels + c]) - shift;
+      sum += d;
+      sum_sq += d * d;
+    }
+  }
+  shared_sum[threadIdx.y][threadIdx.x] = sum;
+  shared_sq[threadIdx.y][threadIdx.x] = sum_sq;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < channels) {
+    for (int row = 1; row < kRows; ++row) {
+      sum += shared_sum[row][threadIdx.x];
+      sum_sq += shared_sq[row][threadIdx.x];
+    }
+    const math::Moments<T> m = math::moments_from_shifted_sums(T(end - begin), shift, sum, sum_sq);
+    partial[(b * channels + c) * chunks + blockIdx.x] = {m.count, m.mean, m.m2};
+  }
+}
+
+// One warp per (image, group): its partials are contiguous, (channel in group, chunk).
+template <typename T>
+__global__ void finalize_stats(const StatsPartial<T>* __restrict__ partial, int64_t groups_total,
+                               int64_t per_group, double eps, T* __restrict__ mean, T* __restrict__ rstd) {
+  const int64_t group = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x & 31;
+  if (group >= groups_total) return;   // whole warps exit together
+  math::Moments<double> m{0, 0, 0};
+  for (int64_t i = lane; i < per_group; i += 32) {
+    const StatsPartial<T> p = partial[group * per_group + i];
+    m = math::merge(m, math::Moments<double>{double(p.count), double(p.mean), double(p.m2)});
+  }
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const math::Moments<double> other{__shfl_xor_sync(kFullMask, m.count, offset),
+                                      __shfl_xor_sync(kFullMask, m.mean, offset),
+                                      __shfl_xor_sync(kFullMask, m.m2, offset)};
+    m = math::merge(m, other);
+  }
+  if (lane == 0) {
+    mean[group] = T(m.mean);
+    rstd[group] = T(math::inverse_std(m.m2, m.count, eps));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Forward apply
+// ---------------------------------------------------------------------------------------------------
+
+template <typename S>
+struct Params {   // what the apply and reduce kernels share
+  using T = Compute<S>;
+  const S* __restrict__ h;
+  const S* __restrict__ grad_out;     // backward only
+  const T* __restrict__ u;            // (B, HW)
+  const T* __restrict__ table;        // NCHW: (2C, K); NHWC: (K, 2C)
+  const T* __restrict__ weight;
+  const T* __restrict__ bias;
+  const T* __restrict__ mean;         // (B, G)
+  const T* __restrict__ rstd;
+  const T* __restrict__ grad_coef;    // backward: (B, G, 2) group means of dxhat and dxhat * xhat
+  S* __restrict__ result;             // out or grad_h
+  int64_t channels, pixels, groups, per_group;
+  int knots;
+};
+
+template <typename S, int VEC, bool Silu>
+__global__ void forward_apply_nchw(Params<S> p, int64_t chunks, int64_t chunk_elems) {
+  using T = Compute<S>;
+  const int64_t plane = blockIdx.x / chunks, begin = (blockIdx.x % chunks) * chunk_elems;
+  const int64_t end = min64(p.pixels, begin + chunk_elems);
+  const int64_t b = plane / p.channels, c = plane % p.channels, g = c / p.per_group;
+  const T mu = p.mean[b * p.groups + g], rs = p.rstd[b * p.groups + g], w = p.weight[c], bias = p.bias[c];
+  const T* scale_column = p.table + c * p.knots;
+  const T* shift_column = p.table + (p.channels + c) * p.knots;
+  const T* u = p.u + b * p.pixels;
+  const S* x = p.h + plane * p.pixels;
+  S* y = p.result + plane * p.pixels;
+  for (int64_t i = begin + threadIdx.x * VEC; i < end; i += int64_t(blockDim.x) * VEC) {
+    const Pack<S, VEC> in = *reinterpret_cast<const Pack<S, VEC>*>(x + i);
+    Pack<S, VEC> out;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const math::Knot<T> knot = math::knot(u[i + j], p.knots);
+      const T scale = math::lerp(scale_column[knot.k], scale_column[knot.k + 1], knot.frac);
+      const T shift = math::lerp(shift_column[knot.k], shift_column[knot.k + 1], knot.frac);
+      const T n = math::normalize(load(in.v[j]), mu, rs) * w + bias;
+      store(out.v[j], math::activate<Silu>(math::film(n, scale, shift)));
+    }
+    *reinterpret_cast<Pack<S, VEC>*>(y + i) = out;
+  }
+}
+
+// Flat over NHWC elements, VEC channels of one pixel per step (C % VEC == 0).
+template <typename S, int VEC, bool Silu>
+__global__ void forward_apply_nhwc(Params<S> p, int64_t packs) {
+  using T = Compute<S>;
+  const int64_t C = p.channels;
+  for (int64_t pack = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; pack < packs;
+       pack += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t e = pack * VEC, c0 = e % C, pixel = e / C, b = pixel / p.pixels;
+    const math::Knot<T> knot = math::knot(p.u[pixel], p.knots);
+    const T* row = p.table + knot.k * 2 * C;
+    const T* next = row + 2 * C;
+    const Pack<S, VEC> in = *reinterpret_cast<const Pack<S, VEC>*>(p.h + e);
+    Pack<S, VEC> out;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const int64_t c = c0 + j, stat = b * p.groups + c / p.per_group;
+      const T scale = math::lerp(row[c], next[c], knot.frac);
+      const T shift = math::lerp(row[C + c], next[C + c], knot.frac);
+      const T n = math::normalize(load(in.v[j]), p.mean[stat], p.rstd[stat]) * p.weight[c] + p.bias[c];
+      store(out.v[j], math::activate<Silu>(math::film(n, scale, shift)));
+    }
+    *reinterpret_cast<Pack<S, VEC>*>(p.result + e) = out;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Backward reduce
+// ---------------------------------------------------------------------------------------------------
+
+// The table gradient of consecutive pixels of one thread that share a segment k, summed before it is
+// written: rows k (weight 1 - frac) and k + 1 (weight frac), columns scale and shift.
+template <typename T>
+struct SegmentRun {
+  int k = -1;
+  T scale_low = 0, scale_high = 0, shift_low = 0, shift_high = 0;
+
+  template <typename Flush>
+  __device__ void add(const math::Knot<T>& knot, T dscale, T dshift, Flush&& flush) {
+    if (knot.k != k) {
+      if (k >= 0) flush(*this);
+      k = knot.k;
+      scale_low = scale_high = shift_low = shift_high = T(0);
+    }
+    scale_low += dscale * (T(1) - knot.frac);
+    scale_high += dscale * knot.frac;
+    shift_low += dshift * (T(1) - knot.frac);
+    shift_high += dshift * knot.frac;
+  }
+};
+
+// Dynamic shared memory: the block's histogram of its channel's table gradient, 2K values.
+template <typename S, int VEC, bool Silu>
+__global__ void backward_reduce_nchw(Params<S> p, int64_t chunks, int64_t chunk_elems,
+                                     GradPartial<Compute<S>>* __restrict__ partial,
+                                     Compute<S>* __restrict__ grad_table) {
+  using T = Compute<S>;
+  extern __shared__ unsigned char shared_raw[];
+  T* hist_scale = reinterpret_cast<T*>(shared_raw);
+  T* hist_shift = hist_scale + p.knots;
+  for (int i = threadIdx.x; i < 2 * p.knots; i += blockDim.x) hist_scale[i] = T(0);
+  __syncthreads();
+
+  const int64_t plane = blockIdx.x / chunks, begin = (blockIdx.x % chunks) * chunk_elems;
+  const int64_t end = min64(p.pixels, begin + chunk_elems);
+  const int64_t b = plane / p.channels, c = plane % p.channels, g = c / p.per_group;
+  const T mu = p.mean[b * p.groups + g], rs = p.rstd[b * p.groups + g], w = p.weight[c], bias = p.bias[c];
+  const T* scale_column = p.table + c * p.knots;
+  const T* shift_column = p.table + (p.channels + c) * p.knots;
+  const T* u = p.u + b * p.pixels;
+  const S* x = p.h + plane * p.pixels;
+  const S* dy = p.grad_out + plane * p.pixels;
+  auto flush = [&](const SegmentRun<T>& run) {
+    atomicAdd(hist_scale + run.k, run.scale_low);
+    atomicAdd(hist_scale + run.k + 1, run.scale_high);
+    atomicAdd(hist_shift + run.k, run.shift_low);
+    atomicAdd(hist_shift + run.k + 1, run.shift_high);
+  };
+  SegmentRun<T> run;
+  T sum_dn = 0, sum_dn_xhat = 0;
+  for (int64_t i = begin + threadIdx.x * VEC; i < end; i += int64_t(blockDim.x) * VEC) {
+    const Pack<S, VEC> xs = *reinterpret_cast<const Pack<S, VEC>*>(x + i);
+    const Pack<S, VEC> dys = *reinterpret_cast<const Pack<S, VEC>*>(dy + i);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const math::Knot<T> knot = math::knot(u[i + j], p.knots);
+      const T scale = math::lerp(scale_column[knot.k], scale_column[knot.k + 1], knot.frac);
+      const T shift = math::lerp(shift_column[knot.k], shift_column[knot.k + 1], knot.frac);
+      const T xhat = math::normalize(load(xs.v[j]), mu, rs);
+      const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(dys.v[j])), xhat, w, bias, scale, shift);
+      sum_dn += grad.dn;
+      sum_dn_xhat += grad.dn * xhat;
+      run.add(knot, grad.dscale, grad.dpre, flush);
+    }
+  }
+  if (run.k >= 0) flush(run);
+  block_sum2(sum_dn, sum_dn_xhat);   // synchronises the block: the histogram is complete after it
+  if (threadIdx.x == 0) partial[blockIdx.x] = {sum_dn, sum_dn_xhat};
+  for (int k = threadIdx.x; k < p.knots; k += blockDim.x) {
+    if (hist_scale[k] != T(0)) atomicAdd(grad_table + k * 2 * p.channels + c, hist_scale[k]);
+    if (hist_shift[k] != T(0)) atomicAdd(grad_table + k * 2 * p.channels + p.channels + c, hist_shift[k]);
+  }
+}
+
+// Block (32, kRows), grid (chunks, ceil(C / 32), B): each thread walks one channel over pixel rows.
+template <typename S, bool Silu>
+__global__ void backward_reduce_nhwc(Params<S> p, int64_t chunks, GradPartial<Compute<S>>* __restrict__ partial,
+                                     Compute<S>* __restrict__ grad_table) {
+  using T = Compute<S>;
+  __shared__ T shared_dn[kRows][33], shared_dn_xhat[kRows][33];
+  const int64_t C = p.channels, c = int64_t(blockIdx.y) * 32 + threadIdx.x, b = blockIdx.z;
+  const int64_t begin = blockIdx.x * kPixelChunk, end = min64(p.pixels, begin + kPixelChunk);
+  T sum_dn = 0, sum_dn_xhat = 0;
+  if (c < C) {
+    const int64_t stat = b * p.groups + c / p.per_group;
+    const T mu = p.mean[stat], rs = p.rstd[stat], w = p.weight[c], bias = p.bias[c];
+    auto flush = [&](const SegmentRun<T>& run) {
+      T* row = grad_table + run.k * 2 * C;
+      atomicAdd(row + c, run.scale_low);
+      atomicAdd(row + 2 * C + c, run.scale_high);
+      atomicAdd(row + C + c, run.shift_low);
+      atomicAdd(row + 3 * C + c, run.shift_high);
+    };
+    SegmentRun<T> run;
+    for (int64_t pixel = begin + threadIdx.y; pixel < end; pixel += kRows) {
+      const int64_t e = (b * p.pixels + pixel) * C + c;
+      const math::Knot<T> knot = math::knot(p.u[b * p.pixels + pixel], p.knots);
+      const T* row = p.table + knot.k * 2 * C;
+      const T scale = math::lerp(row[c], row[2 * C + c], knot.frac);
+      const T shift = math::lerp(row[C + c], row[3 * C + c], knot.frac);
+      const T xhat = math::normalize(load(p.h[e]), mu, rs);
+      const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(p.grad_out[e])), xhat, w, bias, scale, shift);
+      sum_dn += grad.dn;
+      sum_dn_xhat += grad.dn * xhat;
+      run.add(knot, grad.dscale, grad.dpre, flush);
+    }
+    if (run.k >= 0) flush(run);
+  }
+  shared_dn[threadIdx.y][threadIdx.x] = sum_dn;
+  shared_dn_xhat[threadIdx.y][threadIdx.x] = sum_dn_xhat;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < C) {
+    for (int row = 1; row < kRows; ++row) {
+      sum_dn += shared_dn[row][threadIdx.x];
+      sum_dn_xhat += shared_dn_xhat[row][threadIdx.x];
+    }
+    partial[(b * C + c) * chunks + blockIdx.x] = {sum_dn, sum_dn_xhat};
+  }
+}
+
+// Warps 0 .. B*G-1: the group means of dxhat = dn * w and dxhat * xhat (partials of a group contiguous);
+// warps B*G .. B*G+C-1: grad_weight and grad_bias of one channel, summed over images and chunks.
+template <typename T>
+__global__ void finalize_backward(const GradPartial<T>* __restrict__ partial, const T* __restrict__ weight,
+                                  int64_t batch, int64_t channels, int64_t groups, int64_t per_group,
+                                  int64_t chunks, int64_t pixels, T* __restrict__ grad_coef,
+                                  T* __restrict__ grad_weight, T* __restrict__ grad_bias) {
+  const int64_t task = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x & 31;
+  double a = 0, b = 0;
+  if (task < batch * groups) {
+    const int64_t count = per_group * chunks, g = task % groups;
+    for (int64_t i = lane; i < count; i += 32) {
+      const GradPartial<T> part = partial[task * count + i];
+      const double w = weight[g * per_group + i / chunks];
+      a += w * double(part.dn);
+      b += w * double(part.dn_xhat);
+    }
+    a = warp_sum(a);
+    b = warp_sum(b);
+    if (lane == 0) {
+      const double n = double(per_group * pixels);
+      grad_coef[2 * task] = T(a / n);
+      grad_coef[2 * task + 1] = T(b / n);
+    }
+  } else if (task < batch * groups + channels) {
+    const int64_t c = task - batch * groups;
+    for (int64_t i = lane; i < batch * chunks; i += 32) {
+      const GradPartial<T> part = partial[((i / chunks) * channels + c) * chunks + i % chunks];
+      a += double(part.dn);
+      b += double(part.dn_xhat);
+    }
+    a = warp_sum(a);
+    b = warp_sum(b);
+    if (lane == 0) {
+      grad_bias[c] = T(a);
+      grad_weight[c] = T(b);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Backward apply
+// ---------------------------------------------------------------------------------------------------
+
+template <typename S, int VEC, bool Silu>
+__global__ void backward_apply_nchw(Params<S> p, int64_t chunks, int64_t chunk_elems) {
+  using T = Compute<S>;
+  const int64_t plane = blockIdx.x / chunks, begin = (blockIdx.x % chunks) * chunk_elems;
+  const int64_t end = min64(p.pixels, begin + chunk_elems);
+  const int64_t b = plane / p.channels, c = plane % p.channels, stat = b * p.groups + c / p.per_group;
+  const T mu = p.mean[stat], rs = p.rstd[stat], w = p.weight[c], bias = p.bias[c];
+  const T mean_dxhat = p.grad_coef[2 * stat], mean_dxhat_xhat = p.grad_coef[2 * stat + 1];
+  const T* scale_column = p.table + c * p.knots;
+  const T* shift_column = p.table + (p.channels + c) * p.knots;
+  const T* u = p.u + b * p.pixels;
+  const S* x = p.h + plane * p.pixels;
+  const S* dy = p.grad_out + plane * p.pixels;
+  S* dx = p.result + plane * p.pixels;
+  for (int64_t i = begin + threadIdx.x * VEC; i < end; i += int64_t(blockDim.x) * VEC) {
+    const Pack<S, VEC> xs = *reinterpret_cast<const Pack<S, VEC>*>(x + i);
+    const Pack<S, VEC> dys = *reinterpret_cast<const Pack<S, VEC>*>(dy + i);
+    Pack<S, VEC> out;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const math::Knot<T> knot = math::knot(u[i + j], p.knots);
+      const T scale = math::lerp(scale_column[knot.k], scale_column[knot.k + 1], knot.frac);
+      const T shift = math::lerp(shift_column[knot.k], shift_column[knot.k + 1], knot.frac);
+      const T xhat = math::normalize(load(xs.v[j]), mu, rs);
+      const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(dys.v[j])), xhat, w, bias, scale, shift);
+      store(out.v[j], math::groupnorm_grad_input(grad.dn, w, xhat, rs, mean_dxhat, mean_dxhat_xhat));
+    }
+    *reinterpret_cast<Pack<S, VEC>*>(dx + i) = out;
+  }
+}
+
+template <typename S, int VEC, bool Silu>
+__global__ void backward_apply_nhwc(Params<S> p, int64_t packs) {
+  using T = Compute<S>;
+  const int64_t C = p.channels;
+  for (int64_t pack = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; pack < packs;
+       pack += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t e = pack * VEC, c0 = e % C, pixel = e / C, b = pixel / p.pixels;
+    const math::Knot<T> knot = math::knot(p.u[pixel], p.knots);
+    const T* row = p.table + knot.k * 2 * C;
+    const T* next = row + 2 * C;
+    const Pack<S, VEC> xs = *reinterpret_cast<const Pack<S, VEC>*>(p.h + e);
+    const Pack<S, VEC> dys = *reinterpret_cast<const Pack<S, VEC>*>(p.grad_out + e);
+    Pack<S, VEC> out;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const int64_t c = c0 + j, stat = b * p.groups + c / p.per_group;
+      const T scale = math::lerp(row[c], next[c], knot.frac);
+      const T shift = math::lerp(row[C + c], next[C + c], knot.frac);
+      const T rs = p.rstd[stat], w = p.weight[c];
+      const T xhat = math::normalize(load(xs.v[j]), p.mean[stat], rs);
+      const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(dys.v[j])), xhat, w, p.bias[c], scale, shift);
+      store(out.v[j], math::groupnorm_grad_input(grad.dn, w, xhat, rs, p.grad_coef[2 * stat],
+                                                 p.grad_coef[2 * stat + 1]));
+    }
+    *reinterpret_cast<Pack<S, VEC>*>(p.result + e) = out;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Host side
+// ---------------------------------------------------------------------------------------------------
+
+template <typename P>
+P* as(std::uintptr_t address) { return reinterpret_cast<P*>(address); }
+
+bool aligned16(std::uintptr_t address) { return address % 16 == 0; }
+
+template <typename Fn>
+void dispatch(int dtype, bool silu, Fn&& fn) {
+  auto with_act = [&](auto storage) {
+    if (silu)
+      fn(storage, std::true_type{});
+    else
+      fn(storage, std::false_type{});
+  };
+  switch (dtype) {
+    case kFloat32: return with_act(float{});
+    case kFloat64: return with_act(double{});
+    case kBFloat16: return with_act(__nv_bfloat16{});
+    case kFloat16: return with_act(__half{});
+    default: throw std::invalid_argument("groupnorm_film: unknown dtype code " + std::to_string(dtype));
+  }
+}
+
+// Calls fn(std::integral_constant<int, VEC>) with VEC = 16 bytes of S when `vectorise`, else 1.
+template <typename S, typename Fn>
+void with_vec(bool vectorise, Fn&& fn) {
+  constexpr int kVec = int(16 / sizeof(S));
+  if (vectorise)
+    fn(std::integral_constant<int, kVec>{});
+  else
+    fn(std::integral_constant<int, 1>{});
+}
+
+// Sizes of the workspace parts, in bytes, each rounded to 256.
+struct Workspace {
+  int64_t stats, grads, coef;
+};
+
+int64_t round256(int64_t bytes) { return ceil_div(bytes, 256) * 256; }
+
+template <typename T>
+Workspace workspace_parts(const GroupNormFilmShape& shape) {
+  const int64_t partials = shape.batch * shape.channels * geometry(shape).chunks;
+  return {round256(partials * int64_t(sizeof(StatsPartial<T>))),
+          round256(partials * int64_t(sizeof(GradPartial<T>))),
+          round256(shape.batch * shape.groups * 2 * int64_t(sizeof(T)))};
+}
+
+Workspace workspace_of(const GroupNormFilmShape& shape) {
+  return shape.dtype == kFloat64 ? workspace_parts<double>(shape) : workspace_parts<float>(shape);
+}
+
+void check_cuda_shape(const GroupNormFilmShape& shape) {
+  check_groupnorm_film_shape(shape);
+  const Geometry geo = geometry(shape);
+  if (shape.channels_last) {
+    if (shape.batch > 65535)
+      throw std::invalid_argument("groupnorm_film (CUDA): channels_last h supports at most 65535 images");
+    if (geo.chunks > 0x7FFFFFFF) throw std::invalid_argument("groupnorm_film (CUDA): too many pixels");
+  } else if (shape.batch * shape.channels * geo.chunks > 0x7FFFFFFF) {
+    throw std::invalid_argument("groupnorm_film (CUDA): too many (image, channel) planes for one launch");
+  }
+}
+
+// Threads of an NCHW block: enough warps for one chunk, at most kThreads.
+int nchw_threads(int64_t chunk_elems, int vec) {
+  return int(std::min<int64_t>(kThreads, ceil_div(ceil_div(chunk_elems, vec), 32) * 32));
+}
+
+int flat_blocks(int64_t packs) { return int(std::min<int64_t>(ceil_div(packs, kThreads), int64_t(1) << 20)); }
+
+template <typename S>
+Params<S> params(const GroupNormFilmShape& shape, std::uintptr_t h, std::uintptr_t grad_out, std::uintptr_t u,
+                 std::uintptr_t table, std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t mean,
+                 std::uintptr_t rstd, std::uintptr_t grad_coef, std::uintptr_t result) {
+  using T = Compute<S>;
+  return Params<S>{as<const S>(h),      as<const S>(grad_out), as<const T>(u),     as<const T>(table),
+                   as<const T>(weight), as<const T>(bias),     as<const T>(mean),  as<const T>(rstd),
+                   as<const T>(grad_coef), as<S>(result),      shape.channels,     shape.pixels,
+                   shape.groups,        shape.channels / shape.groups, int(shape.knots)};
+}
+
+}  // namespace
+
+std::int64_t groupnorm_film_cuda_workspace_bytes(const GroupNormFilmShape& shape) {
+  check_cuda_shape(shape);
+  const Workspace parts = workspace_of(shape);
+  return std::max(parts.stats, parts.grads + parts.coef);
+}
+
+void groupnorm_film_forward_cuda(const GroupNormFilmShape& shape, std::uintptr_t h, std::uintptr_t u,
+                                 std::uintptr_t table, std::uintptr_t weight, std::uintptr_t bias,
+                                 std::uintptr_t out, std::uintptr_t mean, std::uintptr_t rstd, double eps,
+                                 bool silu, std::uintptr_t workspace, int device, std::uintptr_t stream_handle) {
+  check_cuda_shape(shape);
+  check(cudaSetDevice(device), "cudaSetDevice");
+  const cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  const Geometry geo = geometry(shape);
+  dispatch(shape.dtype, silu, [&](auto storage, auto act) {
+    using S = decltype(storage);
+    using T = Compute<S>;
+    constexpr bool Silu = decltype(act)::value;
+    constexpr int kVec = int(16 / sizeof(S));
+    auto* partial = as<StatsPartial<T>>(workspace);
+    const Params<S> p = params<S>(shape, h, 0, u, table, weight, bias, mean, rstd, 0, out);
+    const bool aligned = aligned16(h) && aligned16(out);
+    const int64_t B = shape.batch, C = shape.channels;
+
+    if (shape.channels_last) {
+      stats_nhwc<S><<<dim3(unsigned(geo.chunks), unsigned(ceil_div(C, 32)), unsigned(B)), dim3(32, kRows), 0,
+                      stream>>>(as<const S>(h), C, shape.pixels, geo.chunks, partial);
+      check_launch("stats_nhwc");
+    } else {
+      with_vec<S>(aligned && shape.pixels % kVec == 0, [&](auto vec) {
+        constexpr int VEC = decltype(vec)::value;
+        stats_nchw<S, VEC><<<unsigned(B * C * geo.chunks), nchw_threads(geo.chunk_elems, VEC), 0, stream>>>(
+            as<const S>(h), shape.pixels, geo.chunks, geo.chunk_elems, partial);
+        check_launch("stats_nchw");
+      });
+    }
+    const int64_t groups_total = B * shape.groups;
+    finalize_stats<T><<<unsigned(ceil_div(groups_total * 32, kThreads)), kThreads, 0, stream>>>(
+        partial, groups_total, (C / shape.groups) * geo.chunks, eps, as<T>(mean), as<T>(rstd));
+    check_launch("finalize_stats");
+
+    if (shape.channels_last) {
+      with_vec<S>(aligned && C % kVec == 0, [&](auto vec) {
+        constexpr int VEC = decltype(vec)::value;
+        const int64_t packs = B * shape.pixels * C / VEC;
+        forward_apply_nhwc<S, VEC, Silu><<<flat_blocks(packs), kThreads, 0, stream>>>(p, packs);
+        check_launch("forward_apply_nhwc");
+      });
+    } else {
+      with_vec<S>(aligned && shape.pixels % kVec == 0, [&](auto vec) {
+        constexpr int VEC = decltype(vec)::value;
+        forward_apply_nchw<S, VEC, Silu><<<unsigned(B * C * geo.chunks), nchw_threads(geo.chunk_elems, VEC), 0,
+                                           stream>>>(p, geo.chunks, geo.chunk_elems);
+        check_launch("forward_apply_nchw");
+      });
+    }
+  });
+}
+
+void groupnorm_film_backward_cuda(const GroupNormFilmShape& shape, std::uintptr_t grad_out, std::uintptr_t h,
+                                  std::uintptr_t u, std::uintptr_t table, std::uintptr_t weight,
+                                  std::uintptr_t bias, std::uintptr_t mean, std::uintptr_t rstd,
+                                  std::uintptr_t grad_h, std::uintptr_t grad_table, std::uintptr_t grad_weight,
+                                  std::uintptr_t grad_bias, bool silu, std::uintptr_t workspace, int device,
+                                  std::uintptr_t stream_handle) {
+  check_cuda_shape(shape);
+  check(cudaSetDevice(device), "cudaSetDevice");
+  const cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  const Geometry geo = geometry(shape);
+  const Workspace parts = workspace_of(shape);
+  dispatch(shape.dtype, silu, [&](auto storage, auto act) {
+    using S = decltype(storage);
+    using T = Compute<S>;
+    constexpr bool Silu = decltype(act)::value;
+    constexpr int kVec = int(16 / sizeof(S));
+    auto* partial = as<GradPartial<T>>(workspace);
+    const std::uintptr_t grad_coef = workspace + std::uintptr_t(parts.grads);
+    const Params<S> p = params<S>(shape, h, grad_out, u, table, weight, bias, mean, rstd, grad_coef, grad_h);
+    const bool aligned = aligned16(h) && aligned16(grad_out) && aligned16(grad_h);
+    const int64_t B = shape.batch, C = shape.channels;
+
+    if (shape.channels_last) {
+      backward_reduce_nhwc<S, Silu><<<dim3(unsigned(geo.chunks), unsigned(ceil_div(C, 32)), unsigned(B)),
+                                      dim3(32, kRows), 0, stream>>>(p, geo.chunks, partial, as<T>(grad_table));
+      check_launch("backward_reduce_nhwc");
+    } else {
+      const int64_t shared_bytes = 2 * shape.knots * int64_t(sizeof(T));
+      with_vec<S>(aligned && shape.pixels % kVec == 0, [&](auto vec) {
+        constexpr int VEC = decltype(vec)::value;
+        auto kernel = backward_reduce_nchw<S, VEC, Silu>;
+        if (shared_bytes > 48 * 1024) {
+          int limit = 0;
+          check(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+                "cudaDeviceGetAttribute");
+          if (shared_bytes > limit)
+            throw std::invalid_argument("groupnorm_film (CUDA): the table has " + std::to_string(shape.knots) +
+                                        " rows; the NCHW backward holds 2 * rows values per block in shared "
+                                        "memory, at most " + std::to_string(limit) + " bytes on this GPU");
+          check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_bytes)),
+                "cudaFuncSetAttribute");
+        }
+        kernel<<<unsigned(B * C * geo.chunks), nchw_threads(geo.chunk_elems, VEC), size_t(shared_bytes),
+                 stream>>>(p, geo.chunks, geo.chunk_elems, partial, as<T>(grad_table));
+        check_launch("backward_reduce_nchw");
+      });
+    }
+    const int64_t warps = B * shape.groups + C;
+    finalize_backward<T><<<unsigned(ceil_div(warps * 32, kThreads)), kThreads, 0, stream>>>(
+        partial, as<const T>(weight), B, C, shape.groups, C / shape.groups, geo.chunks, shape.pixels,
+        as<T>(grad_coef), as<T>(grad_weight), as<T>(grad_bias));
+    check_launch("finalize_backward");
+
+    if (shape.channels_last) {
+      with_vec<S>(aligned && C % kVec == 0, [&](auto vec) {
+        constexpr int VEC = decltype(vec)::value;
+        const int64_t packs = B * shape.pixels * C / VEC;
+        backward_apply_nhwc<S, VEC, Silu><<<flat_blocks(packs), kThreads, 0, stream>>>(p, packs);
+        check_launch("backward_apply_nhwc");
+      });
+    } else {
+      with_vec<S>(aligned && shape.pixels % kVec == 0, [&](auto vec) {
+        constexpr int VEC = decltype(vec)::value;
+        backward_apply_nchw<S, VEC, Silu><<<unsigned(B * C * geo.chunks), nchw_threads(geo.chunk_elems, VEC), 0,
+                                            stream>>>(p, geo.chunks, geo.chunk_elems);
+        check_launch("backward_apply_nchw");
+      });
+    }
+  });
+}
+
+}  // namespace svnr
