@@ -1,0 +1,200 @@
+"""Triton kernel of the SVNR training sample (DESIGN.md §1.4).
+
+Same signature and results as svnr_fast.reference._training_sample. x_t needs t0 = u * max_p tau*(b, p),
+a per-image maximum, before any pixel can be finished, so each tile of pixels is visited twice:
+
+- max phase: read x0, reduce max(x0) over the tile and atomic_max it into the image's slot. Because
+  V = sigma_r^2 + sigma_s^2 * max(x0, 0) and tau(V) are non-decreasing (in floating point too),
+  max_p tau*(b, p) = tau(sigma_r^2 + sigma_s^2 * max(max x0, 0)): no time map has to be stored.
+- sample phase: read x0 again, per pixel tau* = tau(max_c V), tau, gamma(tau*), gamma(tau) and the
+  bridge coefficients, then per channel y', x_t and the target; noise from the tensors given or from
+  one Philox call per pixel and channel pair (four normals: eps_T and eps' of two channels).
+
+Ordered launch (the default): one launch whose programs take tickets from an atomic counter; the ticket
+names the phase, image and tile in the order max(0), max(1), sample(0), max(2), sample(1), ...,
+sample(B-1). A sample tile waits (spins) until every max tile of its image is done; those hold
+smaller tickets, so they are already running and never wait themselves: no deadlock whatever order
+the GPU starts programs in. An image's x0 is re-read one image of traffic after the max phase read
+it, so the second read mostly hits L2. Two-pass launch: the two phases as two launches
+(`ordered=False`); the second read of x0 then comes from DRAM.
+
+Bytes per element, float32, C = 3, noise drawn in the kernel: x0 4 read; y', x_t, target 12 + tau 4/3
+written = 17.33 B (bfloat16 data: 9.33 B; +2 x itemsize with explicit eps_T, eps' tensors). The
+two-pass launch moves 4 B more (x0 read twice from DRAM): 21.33 B.
+Roofline at 16x3x512x512 (12.6 M elements), float32: 218.1 MB -> 72.7 us on an H100 (~3.0 TB/s
+measured copy bandwidth), 50.7 us on an H200 (~4.3 TB/s); bfloat16: 117.4 MB -> 39.1 us / 27.3 us.
+Two-pass float32: 268.4 MB of DRAM traffic -> 89.5 us / 62.4 us, so at most 81% of copy bandwidth
+when counted against the 218.1 MB minimum.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_common import (BLOCK, LAUNCH, TL_DTYPE, channel_max, compute_dtype, dense_plane, div_rn, gamma_lookup,
+                             image_strides, normals4, plane_offsets, split_offset, sqrt_rn, store, table_args, tiles,
+                             time_lookup)
+
+ORDERED, MAX_PHASE, SAMPLE_PHASE = 0, 1, 2   # values of the kernel's PHASE
+
+
+@triton.jit
+def _float_bits(value, COMPUTE: tl.constexpr):
+    """A non-negative float as an int64 whose integer order is the float order."""
+    if COMPUTE == tl.float64:
+        return value.to(tl.int64, bitcast=True)
+    else:
+        return value.to(tl.int32, bitcast=True).to(tl.int64)
+
+
+@triton.jit
+def _bits_float(bits, COMPUTE: tl.constexpr):
+    if COMPUTE == tl.float64:
+        return bits.to(tl.float64, bitcast=True)
+    else:
+        return bits.to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _sample_channel(c, noise_a, noise_b, x0_ptr, eps_t_ptr, eps_p_ptr, y_ptr, x_t_ptr, target_ptr, b, hw, mask, C,
+                    HW, x_plane, a_plane, p_plane, x_sb, x_sc, a_sb, a_sc, p_sb, p_sc, y_scale, r, noise_scale,
+                    has_target, target_scale, COMPUTE: tl.constexpr, EPS_T_TENSOR: tl.constexpr,
+                    EPS_PRIME_TENSOR: tl.constexpr, CORRELATED: tl.constexpr):
+    """y', x_t and the target of channel c of one tile; noise_a, noise_b: drawn eps_T and eps'."""
+    mask = tl.where(c < C, mask, False)   # not `mask & (c < C)`: the interpreter turns that into int32
+    c = tl.cast(c, tl.int64)
+    x = tl.load(x0_ptr + b * x_sb + c * x_sc + x_plane, mask=mask, other=0).to(COMPUTE)
+    if EPS_T_TENSOR:
+        eps_t = tl.load(eps_t_ptr + b * a_sb + c * a_sc + a_plane, mask=mask, other=0).to(COMPUTE)
+    else:
+        eps_t = noise_a.to(COMPUTE)
+    if EPS_PRIME_TENSOR:
+        eps_p = tl.load(eps_p_ptr + b * p_sb + c * p_sc + p_plane, mask=mask, other=0).to(COMPUTE)
+    else:
+        eps_p = noise_b.to(COMPUTE)
+    y = x + y_scale * eps_t
+    if CORRELATED:
+        x_t = x + r * (y - x) + noise_scale * eps_p
+    else:
+        x_t = x + noise_scale * eps_p
+    target = tl.where(has_target, div_rn(x_t - x, target_scale), 0.0)
+    out = (b * C + c) * HW + hw
+    store(y_ptr + out, y, mask)
+    store(x_t_ptr + out, x_t, mask)
+    store(target_ptr + out, target, mask)
+
+
+@triton.jit(do_not_specialize=["seed", "offset_lo", "offset_hi"])
+def _training_sample_kernel(x0_ptr, eps_t_ptr, eps_p_ptr, sigma_r_ptr, sigma_s_ptr, u_ptr, table_ptr,
+                            y_ptr, x_t_ptr, tau_ptr, target_ptr, sync_ptr,
+                            B, C, HW, W, n_tiles, T, search_top, n_search,
+                            x_sb, x_sc, x_sh, x_sw, a_sb, a_sc, a_sh, a_sw, p_sb, p_sc, p_sh, p_sw,
+                            seed, offset_lo, offset_hi,
+                            COMPUTE: tl.constexpr, DENSE_PLANE: tl.constexpr, EPS_T_TENSOR: tl.constexpr,
+                            EPS_PRIME_TENSOR: tl.constexpr, CORRELATED: tl.constexpr, PHASE: tl.constexpr,
+                            BLOCK: tl.constexpr):
+    # sync_ptr (int64): [ticket counter | per-image max(x0) as float bits (B) | finished max tiles (B)]
+    image_max_ptr = sync_ptr + 1
+    max_done_ptr = sync_ptr + 1 + B
+    if PHASE == 0:
+        ticket = tl.atomic_add(sync_ptr, 1)
+        group = ticket // n_tiles
+        tile = ticket % n_tiles
+        last = group == 2 * B - 1
+        odd = group % 2 == 1
+        max_phase = (group == 0) | (odd & (group < 2 * B - 1))
+        b = tl.where(group == 0, 0, tl.where(last, B - 1, tl.where(odd, (group + 1) // 2, group // 2 - 1)))
+    else:
+        pid = tl.program_id(0)
+        max_phase = PHASE == 1
+        b = pid // n_tiles
+        tile = pid % n_tiles
+    b = tl.cast(b, tl.int64)
+    hw = (tile * BLOCK + tl.arange(0, BLOCK)).to(tl.int32)
+    mask = hw < HW
+    x_plane = plane_offsets(hw, W, x_sh, x_sw, DENSE_PLANE)
+
+    if max_phase:
+        tile_max = tl.max(tl.maximum(channel_max(x0_ptr, b * x_sb, x_sc, x_plane, mask, C, COMPUTE), 0.0), axis=0)
+        tl.atomic_max(image_max_ptr + b, _float_bits(tile_max, COMPUTE))
+        if PHASE == 0:
+            tl.atomic_add(max_done_ptr + b, 1, sem="release")
+    else:
+        if PHASE == 0:
+            while tl.atomic_add(max_done_ptr + b, 0, sem="acquire") < n_tiles:
+                pass
+        # read through the atomic unit (L2): this SM's L1 may hold the slot from before it was final
+        image_max = _bits_float(tl.atomic_add(image_max_ptr + b, 0), COMPUTE)
+
+        # per pixel: 1. the time map and the step back t0 shared by the image
+        sigma_r = tl.load(sigma_r_ptr + b).to(COMPUTE)
+        sigma_s = tl.load(sigma_s_ptr + b).to(COMPUTE)
+        sigma_r2 = sigma_r * sigma_r
+        sigma_s2 = sigma_s * sigma_s
+        x_max = tl.maximum(channel_max(x0_ptr, b * x_sb, x_sc, x_plane, mask, C, COMPUTE), 0.0)
+        tau_star = time_lookup(sigma_r2 + sigma_s2 * x_max, table_ptr, T, search_top, n_search)
+        tau_star_max = time_lookup(sigma_r2 + sigma_s2 * image_max, table_ptr, T, search_top, n_search)
+        t0 = tl.load(u_ptr + b).to(COMPUTE) * tau_star_max
+        # 2.-3. every pixel steps back by t0; the bridge (or independent-noise) coefficients
+        tau = tl.maximum(tau_star - t0, 0.0)
+        tl.store(tau_ptr + b * HW + hw, tau, mask=mask)
+        g_star = gamma_lookup(tau_star, table_ptr, T)
+        g = gamma_lookup(tau, table_ptr, T)
+        y_scale = sqrt_rn(g_star)
+        if CORRELATED:
+            r = tl.where(g_star > 0, div_rn(g, tl.where(g_star > 0, g_star, 1.0)), 0.0)
+            noise_scale = sqrt_rn(tl.maximum(g * (1 - r), 0.0))
+        else:
+            r = g
+            noise_scale = sqrt_rn(g)
+        has_target = g > 0
+        target_scale = sqrt_rn(tl.where(has_target, g, 1.0))
+
+        # 4.-5. per channel, two channels per Philox call
+        a_plane = plane_offsets(hw, W, a_sh, a_sw, DENSE_PLANE)
+        p_plane = plane_offsets(hw, W, p_sh, p_sw, DENSE_PLANE)
+        for c in range(0, C, 2):
+            if EPS_T_TENSOR and EPS_PRIME_TENSOR:
+                n0, n1, n2, n3 = g, g, g, g   # placeholders, not read
+            else:
+                n0, n1, n2, n3 = normals4(seed, hw, b * C + c, offset_lo, offset_hi)
+            _sample_channel(c, n0, n1, x0_ptr, eps_t_ptr, eps_p_ptr, y_ptr, x_t_ptr, target_ptr, b, hw, mask, C,
+                            HW, x_plane, a_plane, p_plane, x_sb, x_sc, a_sb, a_sc, p_sb, p_sc, y_scale, r,
+                            noise_scale, has_target, target_scale, COMPUTE, EPS_T_TENSOR, EPS_PRIME_TENSOR,
+                            CORRELATED)
+            _sample_channel(c + 1, n2, n3, x0_ptr, eps_t_ptr, eps_p_ptr, y_ptr, x_t_ptr, target_ptr, b, hw, mask,
+                            C, HW, x_plane, a_plane, p_plane, x_sb, x_sc, a_sb, a_sc, p_sb, p_sc, y_scale, r,
+                            noise_scale, has_target, target_scale, COMPUTE, EPS_T_TENSOR, EPS_PRIME_TENSOR,
+                            CORRELATED)
+
+
+def launch(x0, sigma_r, sigma_s, u, table, correlated, eps_T, eps_prime, seed, offset, *, ordered: bool = True):
+    """training_sample on checked arguments, in one ordered launch or in two passes (`ordered=False`)."""
+    B, C, H, W = x0.shape
+    dtype = compute_dtype(x0.dtype)
+    y = torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
+    x_t = torch.empty_like(y)
+    target = torch.empty_like(y)
+    tau = torch.empty((B, 1, H, W), dtype=dtype, device=x0.device)
+    if x0.numel() == 0:
+        return y, x_t, tau, target
+    n_tiles = tiles(H * W)
+    sync = torch.zeros(1 + 2 * B, dtype=torch.int64, device=x0.device)
+    eps_t_arg = eps_T if eps_T is not None else x0
+    eps_p_arg = eps_prime if eps_prime is not None else x0
+    args = (x0, eps_t_arg, eps_p_arg, sigma_r.contiguous(), sigma_s.contiguous(), u.contiguous(), table,
+            y, x_t, tau, target, sync, B, C, H * W, W, n_tiles, *table_args(table),
+            *image_strides(x0), *image_strides(eps_t_arg), *image_strides(eps_p_arg), seed, *split_offset(offset))
+    constants = dict(COMPUTE=TL_DTYPE[dtype], DENSE_PLANE=all(map(dense_plane, (x0, eps_t_arg, eps_p_arg))),
+                     EPS_T_TENSOR=eps_T is not None, EPS_PRIME_TENSOR=eps_prime is not None,
+                     CORRELATED=bool(correlated), BLOCK=BLOCK, **LAUNCH)
+    if ordered:
+        _training_sample_kernel[(2 * B * n_tiles,)](*args, PHASE=ORDERED, **constants)
+    else:
+        _training_sample_kernel[(B * n_tiles,)](*args, PHASE=MAX_PHASE, **constants)
+        _training_sample_kernel[(B * n_tiles,)](*args, PHASE=SAMPLE_PHASE, **constants)
+    return y, x_t, tau, target
+
+
+def training_sample(x0, sigma_r, sigma_s, u, table, correlated, eps_T, eps_prime, seed, offset):
+    """training_sample on checked arguments (see svnr_fast.reference._training_sample)."""
+    return launch(x0, sigma_r, sigma_s, u, table, correlated, eps_T, eps_prime, seed, offset)
