@@ -276,7 +276,8 @@ def _groupnorm_film_backward(grad_out, h, u, table, gn_weight, gn_bias, mean, rs
     dtype = _checks.compute_dtype(h.dtype)
     B, C, H, W = h.shape
     K = table.shape[0]
-    grouped = h.to(dtype).reshape(B, groups, -1)
+    group_size = C // groups * H * W
+    grouped = h.to(dtype).reshape(B, groups, group_size)
     mean, rstd = mean.to(dtype).reshape(B, groups, 1), rstd.to(dtype).reshape(B, groups, 1)
     xhat = ((grouped - mean) * rstd).reshape(B, C, H, W)
     w, b = gn_weight.to(dtype).view(1, C, 1, 1), gn_bias.to(dtype).view(1, C, 1, 1)
@@ -301,8 +302,8 @@ def _groupnorm_film_backward(grad_out, h, u, table, gn_weight, gn_bias, mean, rs
     dn = dpre * (1 + scale)
     grad_bias = dn.sum(dim=(0, 2, 3))
     grad_weight = (dn * xhat).sum(dim=(0, 2, 3))
-    dxhat = (dn * w).reshape(B, groups, -1)
-    xhat_g = xhat.reshape(B, groups, -1)
+    dxhat = (dn * w).reshape(B, groups, group_size)
+    xhat_g = xhat.reshape(B, groups, group_size)
     grad_h = rstd * (dxhat - dxhat.mean(dim=2, keepdim=True) - xhat_g * (dxhat * xhat_g).mean(dim=2, keepdim=True))
     return (grad_h.reshape(B, C, H, W).to(h.dtype), grad_table.to(table.dtype), grad_weight.to(gn_weight.dtype),
             grad_bias.to(gn_bias.dtype))
