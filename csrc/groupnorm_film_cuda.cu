@@ -214,6 +214,11 @@ __global__ void finalize_stats(const StatsPartial<T>* __restrict__ partial, int6
 // Forward apply
 // ---------------------------------------------------------------------------------------------------
 
+// The NCHW apply passes visit the planes in the reverse of the order the stats / reduce pass read them:
+// its last blocks are the likeliest to be still in L2, so tensors larger than L2 get part of the second
+// read from it instead of evicting everything just before it is needed.
+__device__ __forceinline__ int64_t reversed_block() { return int64_t(gridDim.x) - 1 - blockIdx.x; }
+
 template <typename S>
 struct Params {   // what the apply and reduce kernels share
   using T = Compute<S>;
@@ -234,7 +239,8 @@ struct Params {   // what the apply and reduce kernels share
 template <typename S, int VEC, bool Silu>
 __global__ void forward_apply_nchw(Params<S> p, int64_t chunks, int64_t chunk_elems) {
   using T = Compute<S>;
-  const int64_t plane = blockIdx.x / chunks, begin = (blockIdx.x % chunks) * chunk_elems;
+  const int64_t block = reversed_block();
+  const int64_t plane = block / chunks, begin = (block % chunks) * chunk_elems;
   const int64_t end = min64(p.pixels, begin + chunk_elems);
   const int64_t b = plane / p.channels, c = plane % p.channels, g = c / p.per_group;
   const T mu = p.mean[b * p.groups + g], rs = p.rstd[b * p.groups + g], w = p.weight[c], bias = p.bias[c];
@@ -455,7 +461,8 @@ __global__ void finalize_backward(const GradPartial<T>* __restrict__ partial, co
 template <typename S, int VEC, bool Silu>
 __global__ void backward_apply_nchw(Params<S> p, int64_t chunks, int64_t chunk_elems) {
   using T = Compute<S>;
-  const int64_t plane = blockIdx.x / chunks, begin = (blockIdx.x % chunks) * chunk_elems;
+  const int64_t block = reversed_block();
+  const int64_t plane = block / chunks, begin = (block % chunks) * chunk_elems;
   const int64_t end = min64(p.pixels, begin + chunk_elems);
   const int64_t b = plane / p.channels, c = plane % p.channels, stat = b * p.groups + c / p.per_group;
   const T mu = p.mean[stat], rs = p.rstd[stat], w = p.weight[c], bias = p.bias[c];
