@@ -114,12 +114,23 @@ def plane_offsets(hw, W, stride_h, stride_w, DENSE_PLANE: tl.constexpr):
 
 
 @triton.jit
+def load_channel(ptr, image_base, stride_c, plane, mask, c, C, other, COMPUTE: tl.constexpr):
+    """Channel c of one tile of pixels (`other` where masked or c >= C)."""
+    mask = tl.where(c < C, mask, False)   # not `mask & (c < C)`: the interpreter turns that into int32
+    c = tl.cast(c, tl.int64)
+    return tl.load(ptr + image_base + c * stride_c + plane, mask=mask, other=other).to(COMPUTE)
+
+
+@triton.jit
 def channel_max(ptr, image_base, stride_c, plane, mask, C, COMPUTE: tl.constexpr):
-    """max over the C channels of each pixel (masked pixels give -inf)."""
+    """max over the C channels of each pixel (masked pixels give -inf); four channels' loads in flight at once."""
     result = tl.full(plane.shape, float("-inf"), COMPUTE)
-    for c in range(C):
-        value = tl.load(ptr + image_base + c * stride_c + plane, mask=mask, other=float("-inf"))
-        result = tl.maximum(result, value.to(COMPUTE))
+    for c in range(0, C, 4):
+        v0 = load_channel(ptr, image_base, stride_c, plane, mask, c, C, float("-inf"), COMPUTE)
+        v1 = load_channel(ptr, image_base, stride_c, plane, mask, c + 1, C, float("-inf"), COMPUTE)
+        v2 = load_channel(ptr, image_base, stride_c, plane, mask, c + 2, C, float("-inf"), COMPUTE)
+        v3 = load_channel(ptr, image_base, stride_c, plane, mask, c + 3, C, float("-inf"), COMPUTE)
+        result = tl.maximum(tl.maximum(result, tl.maximum(v0, v1)), tl.maximum(v2, v3))
     return result
 
 

@@ -20,24 +20,33 @@ from ._triton_common import (BLOCK, LAUNCH, TL_DTYPE, compute_dtype, dense_plane
 
 
 @triton.jit
-def _channel(c, z_c, x_ptr, eps_ptr, z_ptr, x_new_ptr, x0_hat_ptr, b, hw, mask, C, HW, x_plane, e_plane, z_plane,
-             x_sb, x_sc, e_sb, e_sc, z_sb, z_sc, sqrt_gt, eps_scale, z_scale, finished, clamp_min, clamp_max,
-             COMPUTE: tl.constexpr, Z_TENSOR: tl.constexpr, Z_DRAWN: tl.constexpr, CLAMP: tl.constexpr,
-             WRITE_X0_HAT: tl.constexpr):
-    """x_new (and x0_hat) of channel c of one tile; z_c: this channel's normals when Z_DRAWN."""
+def _load_channel(c, x_ptr, eps_ptr, z_ptr, b, mask, C, x_plane, e_plane, z_plane, x_sb, x_sc, e_sb, e_sc, z_sb, z_sc,
+                  COMPUTE: tl.constexpr, Z_TENSOR: tl.constexpr):
+    """x, eps_hat and z (when given) of channel c of one tile."""
     mask = tl.where(c < C, mask, False)   # not `mask & (c < C)`: the interpreter turns that into int32
     c = tl.cast(c, tl.int64)
     x = tl.load(x_ptr + b * x_sb + c * x_sc + x_plane, mask=mask, other=0).to(COMPUTE)
     eps = tl.load(eps_ptr + b * e_sb + c * e_sc + e_plane, mask=mask, other=0).to(COMPUTE)
+    if Z_TENSOR:
+        z = tl.load(z_ptr + b * z_sb + c * z_sc + z_plane, mask=mask, other=0).to(COMPUTE)
+    else:
+        z = x   # placeholder, not read
+    return x, eps, z
+
+
+@triton.jit
+def _step_channel(c, x, eps, z, x_new_ptr, x0_hat_ptr, b, hw, mask, C, HW, sqrt_gt, eps_scale, z_scale, finished,
+                  clamp_min, clamp_max, COMPUTE: tl.constexpr, USE_Z: tl.constexpr, CLAMP: tl.constexpr,
+                  WRITE_X0_HAT: tl.constexpr):
+    """x_new (and x0_hat) of channel c of one tile."""
+    mask = tl.where(c < C, mask, False)
+    c = tl.cast(c, tl.int64)
     x0_hat = x - sqrt_gt * eps
     if CLAMP:
         x0_hat = tl.minimum(tl.maximum(x0_hat, clamp_min), clamp_max)
     x_new = x0_hat + eps_scale * eps
-    if Z_TENSOR:
-        z = tl.load(z_ptr + b * z_sb + c * z_sc + z_plane, mask=mask, other=0).to(COMPUTE)
-        x_new = x_new + z_scale * z
-    if Z_DRAWN:
-        x_new = x_new + z_scale * z_c.to(COMPUTE)
+    if USE_Z:
+        x_new = x_new + z_scale * z.to(COMPUTE)
     out = (b * C + c) * HW + hw
     store(x_new_ptr + out, tl.where(finished, x, x_new), mask)
     if WRITE_X0_HAT:
@@ -56,43 +65,49 @@ def _reverse_step_kernel(x_ptr, eps_ptr, z_ptr, tau_ptr, delta_ptr, table_ptr, x
     b = (pid // n_tiles).to(tl.int64)
     hw = (pid % n_tiles) * BLOCK + tl.arange(0, BLOCK)
     mask = hw < HW
-
-    # per pixel: the step s = max(tau - delta, 0), both lookups, and the coefficients of x_new
     tau = tl.load(tau_ptr + b * t_sb + plane_offsets(hw, W, t_sh, t_sw, DENSE_PLANE), mask=mask, other=0)
-    tau = tau.to(COMPUTE)
-    s = tl.maximum(tau - tl.load(delta_ptr + b).to(COMPUTE), 0.0)
-    tl.store(tau_new_ptr + b * HW + hw, s, mask=mask)
-    gt = gamma_lookup(tau, table_ptr, T)
-    gs = gamma_lookup(s, table_ptr, T)
-    # scalars arrive as float64 and are rounded to the compute dtype, as torch rounds Python floats
-    clamp_min = tl.full([], clamp_min, COMPUTE)
-    clamp_max = tl.full([], clamp_max, COMPUTE)
-    sig2 = tl.full([], eta2, COMPUTE) * gs * (1 - div_rn(gs, tl.where(gt > 0, gt, 1.0)))
-    sqrt_gt = sqrt_rn(gt)
-    eps_scale = sqrt_rn(tl.maximum(gs - sig2, 0.0))
-    z_scale = sqrt_rn(tl.maximum(sig2, 0.0))
-    finished = gt == 0
-
+    s = tl.maximum(tau.to(COMPUTE) - tl.load(delta_ptr + b).to(COMPUTE), 0.0)
     x_plane = plane_offsets(hw, W, x_sh, x_sw, DENSE_PLANE)
     e_plane = plane_offsets(hw, W, e_sh, e_sw, DENSE_PLANE)
     z_plane = plane_offsets(hw, W, z_sh, z_sw, DENSE_PLANE)
+    # scalars arrive as float64 and are rounded to the compute dtype, as torch rounds Python floats
+    clamp_min = tl.full([], clamp_min, COMPUTE)
+    clamp_max = tl.full([], clamp_max, COMPUTE)
+    eta2 = tl.full([], eta2, COMPUTE)
+
+    # Four channels at a time, all their loads issued before any store (stores may alias later loads, so
+    # the compiler keeps that order): one DRAM round trip per group, together with the tau load above.
+    # The per-pixel coefficients are computed inside the loop, after the loads; C <= 4 computes them once.
     for c in range(0, C, 4):
+        x0, eps0, z0 = _load_channel(c, x_ptr, eps_ptr, z_ptr, b, mask, C, x_plane, e_plane, z_plane, x_sb, x_sc,
+                                     e_sb, e_sc, z_sb, z_sc, COMPUTE, Z_TENSOR)
+        x1, eps1, z1 = _load_channel(c + 1, x_ptr, eps_ptr, z_ptr, b, mask, C, x_plane, e_plane, z_plane, x_sb, x_sc,
+                                     e_sb, e_sc, z_sb, z_sc, COMPUTE, Z_TENSOR)
+        x2, eps2, z2 = _load_channel(c + 2, x_ptr, eps_ptr, z_ptr, b, mask, C, x_plane, e_plane, z_plane, x_sb, x_sc,
+                                     e_sb, e_sc, z_sb, z_sc, COMPUTE, Z_TENSOR)
+        x3, eps3, z3 = _load_channel(c + 3, x_ptr, eps_ptr, z_ptr, b, mask, C, x_plane, e_plane, z_plane, x_sb, x_sc,
+                                     e_sb, e_sc, z_sb, z_sc, COMPUTE, Z_TENSOR)
         if Z_DRAWN:
             z0, z1, z2, z3 = normals4(seed, hw, b * C + c, offset_lo, offset_hi)
-        else:
-            z0, z1, z2, z3 = sqrt_gt, sqrt_gt, sqrt_gt, sqrt_gt   # placeholders, not read
-        _channel(c, z0, x_ptr, eps_ptr, z_ptr, x_new_ptr, x0_hat_ptr, b, hw, mask, C, HW, x_plane, e_plane, z_plane,
-                 x_sb, x_sc, e_sb, e_sc, z_sb, z_sc, sqrt_gt, eps_scale, z_scale, finished, clamp_min, clamp_max,
-                 COMPUTE, Z_TENSOR, Z_DRAWN, CLAMP, WRITE_X0_HAT)
-        _channel(c + 1, z1, x_ptr, eps_ptr, z_ptr, x_new_ptr, x0_hat_ptr, b, hw, mask, C, HW, x_plane, e_plane,
-                 z_plane, x_sb, x_sc, e_sb, e_sc, z_sb, z_sc, sqrt_gt, eps_scale, z_scale, finished, clamp_min,
-                 clamp_max, COMPUTE, Z_TENSOR, Z_DRAWN, CLAMP, WRITE_X0_HAT)
-        _channel(c + 2, z2, x_ptr, eps_ptr, z_ptr, x_new_ptr, x0_hat_ptr, b, hw, mask, C, HW, x_plane, e_plane,
-                 z_plane, x_sb, x_sc, e_sb, e_sc, z_sb, z_sc, sqrt_gt, eps_scale, z_scale, finished, clamp_min,
-                 clamp_max, COMPUTE, Z_TENSOR, Z_DRAWN, CLAMP, WRITE_X0_HAT)
-        _channel(c + 3, z3, x_ptr, eps_ptr, z_ptr, x_new_ptr, x0_hat_ptr, b, hw, mask, C, HW, x_plane, e_plane,
-                 z_plane, x_sb, x_sc, e_sb, e_sc, z_sb, z_sc, sqrt_gt, eps_scale, z_scale, finished, clamp_min,
-                 clamp_max, COMPUTE, Z_TENSOR, Z_DRAWN, CLAMP, WRITE_X0_HAT)
+
+        # per pixel: both lookups and the coefficients of x_new
+        gt = gamma_lookup(tau.to(COMPUTE), table_ptr, T)
+        gs = gamma_lookup(s, table_ptr, T)
+        sig2 = eta2 * gs * (1 - div_rn(gs, tl.where(gt > 0, gt, 1.0)))
+        sqrt_gt = sqrt_rn(gt)
+        eps_scale = sqrt_rn(tl.maximum(gs - sig2, 0.0))
+        z_scale = sqrt_rn(tl.maximum(sig2, 0.0))
+        finished = gt == 0
+
+        _step_channel(c, x0, eps0, z0, x_new_ptr, x0_hat_ptr, b, hw, mask, C, HW, sqrt_gt, eps_scale, z_scale,
+                      finished, clamp_min, clamp_max, COMPUTE, Z_TENSOR or Z_DRAWN, CLAMP, WRITE_X0_HAT)
+        _step_channel(c + 1, x1, eps1, z1, x_new_ptr, x0_hat_ptr, b, hw, mask, C, HW, sqrt_gt, eps_scale, z_scale,
+                      finished, clamp_min, clamp_max, COMPUTE, Z_TENSOR or Z_DRAWN, CLAMP, WRITE_X0_HAT)
+        _step_channel(c + 2, x2, eps2, z2, x_new_ptr, x0_hat_ptr, b, hw, mask, C, HW, sqrt_gt, eps_scale, z_scale,
+                      finished, clamp_min, clamp_max, COMPUTE, Z_TENSOR or Z_DRAWN, CLAMP, WRITE_X0_HAT)
+        _step_channel(c + 3, x3, eps3, z3, x_new_ptr, x0_hat_ptr, b, hw, mask, C, HW, sqrt_gt, eps_scale, z_scale,
+                      finished, clamp_min, clamp_max, COMPUTE, Z_TENSOR or Z_DRAWN, CLAMP, WRITE_X0_HAT)
+    tl.store(tau_new_ptr + b * HW + hw, s, mask=mask)
 
 
 def reverse_step(x, eps_hat, tau, delta, table, eta, z, clamp_min, clamp_max, seed, offset, return_x0_hat):

@@ -31,8 +31,8 @@ import triton
 import triton.language as tl
 
 from ._triton_common import (BLOCK, LAUNCH, TL_DTYPE, channel_max, compute_dtype, dense_plane, div_rn, gamma_lookup,
-                             image_strides, normals4, plane_offsets, split_offset, sqrt_rn, store, table_args, tiles,
-                             time_lookup)
+                             image_strides, load_channel, normals4, plane_offsets, split_offset, sqrt_rn, store,
+                             table_args, tiles, time_lookup)
 
 ORDERED, MAX_PHASE, SAMPLE_PHASE = 0, 1, 2   # values of the kernel's PHASE
 
@@ -55,22 +55,27 @@ def _bits_float(bits, COMPUTE: tl.constexpr):
 
 
 @triton.jit
-def _sample_channel(c, noise_a, noise_b, x0_ptr, eps_t_ptr, eps_p_ptr, y_ptr, x_t_ptr, target_ptr, b, hw, mask, C,
-                    HW, x_plane, a_plane, p_plane, x_sb, x_sc, a_sb, a_sc, p_sb, p_sc, y_scale, r, noise_scale,
-                    has_target, target_scale, COMPUTE: tl.constexpr, EPS_T_TENSOR: tl.constexpr,
-                    EPS_PRIME_TENSOR: tl.constexpr, CORRELATED: tl.constexpr):
-    """y', x_t and the target of channel c of one tile; noise_a, noise_b: drawn eps_T and eps'."""
-    mask = tl.where(c < C, mask, False)   # not `mask & (c < C)`: the interpreter turns that into int32
-    c = tl.cast(c, tl.int64)
-    x = tl.load(x0_ptr + b * x_sb + c * x_sc + x_plane, mask=mask, other=0).to(COMPUTE)
+def _load_channel(c, x0_ptr, eps_t_ptr, eps_p_ptr, b, mask, C, x_plane, a_plane, p_plane, x_sb, x_sc, a_sb, a_sc,
+                  p_sb, p_sc, COMPUTE: tl.constexpr, EPS_T_TENSOR: tl.constexpr, EPS_PRIME_TENSOR: tl.constexpr):
+    """x0 of channel c of one tile, and its eps_T and eps' where they are given."""
+    x = load_channel(x0_ptr, b * x_sb, x_sc, x_plane, mask, c, C, 0, COMPUTE)
+    eps_t = x   # placeholders, replaced by the drawn noise
+    eps_p = x
     if EPS_T_TENSOR:
-        eps_t = tl.load(eps_t_ptr + b * a_sb + c * a_sc + a_plane, mask=mask, other=0).to(COMPUTE)
-    else:
-        eps_t = noise_a.to(COMPUTE)
+        eps_t = load_channel(eps_t_ptr, b * a_sb, a_sc, a_plane, mask, c, C, 0, COMPUTE)
     if EPS_PRIME_TENSOR:
-        eps_p = tl.load(eps_p_ptr + b * p_sb + c * p_sc + p_plane, mask=mask, other=0).to(COMPUTE)
-    else:
-        eps_p = noise_b.to(COMPUTE)
+        eps_p = load_channel(eps_p_ptr, b * p_sb, p_sc, p_plane, mask, c, C, 0, COMPUTE)
+    return x, eps_t, eps_p
+
+
+@triton.jit
+def _sample_channel(c, x, eps_t, eps_p, y_ptr, x_t_ptr, target_ptr, b, hw, mask, C, HW, y_scale, r, noise_scale,
+                    has_target, target_scale, COMPUTE: tl.constexpr, CORRELATED: tl.constexpr):
+    """y', x_t and the target of channel c of one tile."""
+    mask = tl.where(c < C, mask, False)
+    c = tl.cast(c, tl.int64)
+    eps_t = eps_t.to(COMPUTE)
+    eps_p = eps_p.to(COMPUTE)
     y = x + y_scale * eps_t
     if CORRELATED:
         x_t = x + r * (y - x) + noise_scale * eps_p
@@ -112,10 +117,11 @@ def _training_sample_kernel(x0_ptr, eps_t_ptr, eps_p_ptr, sigma_r_ptr, sigma_s_p
     hw = (tile * BLOCK + tl.arange(0, BLOCK)).to(tl.int32)
     mask = hw < HW
     x_plane = plane_offsets(hw, W, x_sh, x_sw, DENSE_PLANE)
+    # max over channels, clamped at 0: V = sigma_r^2 + sigma_s^2 * max(x0, 0) is largest there
+    x_max = tl.maximum(channel_max(x0_ptr, b * x_sb, x_sc, x_plane, mask, C, COMPUTE), 0.0)
 
     if max_phase:
-        tile_max = tl.max(tl.maximum(channel_max(x0_ptr, b * x_sb, x_sc, x_plane, mask, C, COMPUTE), 0.0), axis=0)
-        tl.atomic_max(image_max_ptr + b, _float_bits(tile_max, COMPUTE))
+        tl.atomic_max(image_max_ptr + b, _float_bits(tl.max(x_max, axis=0), COMPUTE))
         if PHASE == 0:
             tl.atomic_add(max_done_ptr + b, 1, sem="release")
     else:
@@ -130,13 +136,11 @@ def _training_sample_kernel(x0_ptr, eps_t_ptr, eps_p_ptr, sigma_r_ptr, sigma_s_p
         sigma_s = tl.load(sigma_s_ptr + b).to(COMPUTE)
         sigma_r2 = sigma_r * sigma_r
         sigma_s2 = sigma_s * sigma_s
-        x_max = tl.maximum(channel_max(x0_ptr, b * x_sb, x_sc, x_plane, mask, C, COMPUTE), 0.0)
         tau_star = time_lookup(sigma_r2 + sigma_s2 * x_max, table_ptr, T, search_top, n_search)
         tau_star_max = time_lookup(sigma_r2 + sigma_s2 * image_max, table_ptr, T, search_top, n_search)
         t0 = tl.load(u_ptr + b).to(COMPUTE) * tau_star_max
         # 2.-3. every pixel steps back by t0; the bridge (or independent-noise) coefficients
         tau = tl.maximum(tau_star - t0, 0.0)
-        tl.store(tau_ptr + b * HW + hw, tau, mask=mask)
         g_star = gamma_lookup(tau_star, table_ptr, T)
         g = gamma_lookup(tau, table_ptr, T)
         y_scale = sqrt_rn(g_star)
@@ -144,27 +148,44 @@ def _training_sample_kernel(x0_ptr, eps_t_ptr, eps_p_ptr, sigma_r_ptr, sigma_s_p
             r = tl.where(g_star > 0, div_rn(g, tl.where(g_star > 0, g_star, 1.0)), 0.0)
             noise_scale = sqrt_rn(tl.maximum(g * (1 - r), 0.0))
         else:
-            r = g
+            r = g   # unused
             noise_scale = sqrt_rn(g)
         has_target = g > 0
         target_scale = sqrt_rn(tl.where(has_target, g, 1.0))
 
-        # 4.-5. per channel, two channels per Philox call
+        # 4.-5. four channels at a time, loads before stores (x0 again, now from L1, and the given noise);
+        # one Philox call draws eps_T and eps' for two channels
         a_plane = plane_offsets(hw, W, a_sh, a_sw, DENSE_PLANE)
         p_plane = plane_offsets(hw, W, p_sh, p_sw, DENSE_PLANE)
-        for c in range(0, C, 2):
-            if EPS_T_TENSOR and EPS_PRIME_TENSOR:
-                n0, n1, n2, n3 = g, g, g, g   # placeholders, not read
-            else:
+        for c in range(0, C, 4):
+            x0, eps_t0, eps_p0 = _load_channel(c, x0_ptr, eps_t_ptr, eps_p_ptr, b, mask, C, x_plane, a_plane,
+                                               p_plane, x_sb, x_sc, a_sb, a_sc, p_sb, p_sc, COMPUTE, EPS_T_TENSOR,
+                                               EPS_PRIME_TENSOR)
+            x1, eps_t1, eps_p1 = _load_channel(c + 1, x0_ptr, eps_t_ptr, eps_p_ptr, b, mask, C, x_plane, a_plane,
+                                               p_plane, x_sb, x_sc, a_sb, a_sc, p_sb, p_sc, COMPUTE, EPS_T_TENSOR,
+                                               EPS_PRIME_TENSOR)
+            x2, eps_t2, eps_p2 = _load_channel(c + 2, x0_ptr, eps_t_ptr, eps_p_ptr, b, mask, C, x_plane, a_plane,
+                                               p_plane, x_sb, x_sc, a_sb, a_sc, p_sb, p_sc, COMPUTE, EPS_T_TENSOR,
+                                               EPS_PRIME_TENSOR)
+            x3, eps_t3, eps_p3 = _load_channel(c + 3, x0_ptr, eps_t_ptr, eps_p_ptr, b, mask, C, x_plane, a_plane,
+                                               p_plane, x_sb, x_sc, a_sb, a_sc, p_sb, p_sc, COMPUTE, EPS_T_TENSOR,
+                                               EPS_PRIME_TENSOR)
+            if not (EPS_T_TENSOR and EPS_PRIME_TENSOR):
                 n0, n1, n2, n3 = normals4(seed, hw, b * C + c, offset_lo, offset_hi)
-            _sample_channel(c, n0, n1, x0_ptr, eps_t_ptr, eps_p_ptr, y_ptr, x_t_ptr, target_ptr, b, hw, mask, C,
-                            HW, x_plane, a_plane, p_plane, x_sb, x_sc, a_sb, a_sc, p_sb, p_sc, y_scale, r,
-                            noise_scale, has_target, target_scale, COMPUTE, EPS_T_TENSOR, EPS_PRIME_TENSOR,
-                            CORRELATED)
-            _sample_channel(c + 1, n2, n3, x0_ptr, eps_t_ptr, eps_p_ptr, y_ptr, x_t_ptr, target_ptr, b, hw, mask,
-                            C, HW, x_plane, a_plane, p_plane, x_sb, x_sc, a_sb, a_sc, p_sb, p_sc, y_scale, r,
-                            noise_scale, has_target, target_scale, COMPUTE, EPS_T_TENSOR, EPS_PRIME_TENSOR,
-                            CORRELATED)
+                n4, n5, n6, n7 = normals4(seed, hw, b * C + c + 2, offset_lo, offset_hi)
+                if not EPS_T_TENSOR:
+                    eps_t0, eps_t1, eps_t2, eps_t3 = n0, n2, n4, n6
+                if not EPS_PRIME_TENSOR:
+                    eps_p0, eps_p1, eps_p2, eps_p3 = n1, n3, n5, n7
+            _sample_channel(c, x0, eps_t0, eps_p0, y_ptr, x_t_ptr, target_ptr, b, hw, mask, C, HW, y_scale, r,
+                            noise_scale, has_target, target_scale, COMPUTE, CORRELATED)
+            _sample_channel(c + 1, x1, eps_t1, eps_p1, y_ptr, x_t_ptr, target_ptr, b, hw, mask, C, HW, y_scale, r,
+                            noise_scale, has_target, target_scale, COMPUTE, CORRELATED)
+            _sample_channel(c + 2, x2, eps_t2, eps_p2, y_ptr, x_t_ptr, target_ptr, b, hw, mask, C, HW, y_scale, r,
+                            noise_scale, has_target, target_scale, COMPUTE, CORRELATED)
+            _sample_channel(c + 3, x3, eps_t3, eps_p3, y_ptr, x_t_ptr, target_ptr, b, hw, mask, C, HW, y_scale, r,
+                            noise_scale, has_target, target_scale, COMPUTE, CORRELATED)
+        tl.store(tau_ptr + b * HW + hw, tau, mask=mask)
 
 
 def launch(x0, sigma_r, sigma_s, u, table, correlated, eps_T, eps_prime, seed, offset, *, ordered: bool = True):
