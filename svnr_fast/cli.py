@@ -19,6 +19,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .photo import add_demo_parser, add_denoise_parser
     add_denoise_parser(sub)
     add_demo_parser(sub)
+    from .evaluate import add_eval_parser
+    add_eval_parser(sub)
+    from .train import add_parser as add_train_parser
+    add_train_parser(sub)
     return parser
 
 

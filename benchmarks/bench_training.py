@@ -1,0 +1,78 @@
+"""One SVNR training step (sample, forward, masked loss, backward, clipping, AdamW, EMA) of the same model
+with the fused ops vs the eager reference ops (SVNR_FAST_BACKEND=reference), measured in one run.
+
+The model is the `small` preset (the bundled CPU model), batch 16 of 64x64 crops, the default scheme
+(correlated SVNR, EDM parametrisation). Both columns start from the same weights. The fused column
+uses whatever serves each op here (C++ groupnorm_film on CPU; Triton/CUDA kernels on a GPU, with bf16
+autocast); the eager column forces the reference for every svnr op. A compiled column would compile a
+whole training step (minutes on a CPU), so there is none; `bytes_moved` is 0 because a training step
+has no meaningful minimum traffic (its GB/s columns do not apply).
+"""
+import os
+
+import pytest
+import torch
+
+from common import Case
+from svnr_fast import backends, data, training
+
+BATCH, CROP = 16, 64
+
+
+def with_backend(backend: str | None, fn):
+    """fn run with SVNR_FAST_BACKEND set to `backend` (None: automatic choice), restored afterwards."""
+    def run():
+        before = os.environ.get("SVNR_FAST_BACKEND")
+        os.environ.pop("SVNR_FAST_BACKEND", None)
+        if backend is not None:
+            os.environ["SVNR_FAST_BACKEND"] = backend
+        try:
+            return fn()
+        finally:
+            os.environ.pop("SVNR_FAST_BACKEND", None)
+            if before is not None:
+                os.environ["SVNR_FAST_BACKEND"] = before
+    return run
+
+
+def training_step(device: str, preset: str = "small", batch: int = BATCH, crop: int = CROP):
+    """A callable that runs one training step on a fixed batch of smooth random images."""
+    config = training.TrainConfig(preset=preset, batch_size=batch, crop=crop)
+    state = training.new_state(config, device)
+    network = training.NetworkOutput(state.model)
+    generator = torch.Generator().manual_seed(0)
+    coarse = torch.rand(batch, 3, crop // 8, crop // 8, generator=generator)
+    x0 = torch.nn.functional.interpolate(coarse, size=(crop, crop), mode="bicubic").clamp(0, 1).to(device)
+    synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def step():
+        training.train_step(state, network, x0, config)
+        synchronize()
+    return step
+
+
+def fused_available(device_type: str) -> str | None:
+    """None when the fused column really runs fused kernels here, else why not."""
+    choice = backends.choose("groupnorm_film", device_type)
+    if choice.backend == "reference":
+        return f"groupnorm_film has no fused kernel for {device_type} tensors here ({choice.reason})"
+    return None
+
+
+def gpu_cases(device: str):
+    preset, batch = ("small", BATCH) if device.startswith("cuda") else ("tiny", 2)
+    yield Case(op="training_step_" + preset, shape=f"{batch}x3x{CROP}x{CROP}",
+               dtype="bfloat16" if device.startswith("cuda") else "float32", bytes_moved=0,
+               fused=with_backend(None, training_step(device, preset, batch)),
+               eager=with_backend("reference", training_step(device, preset, batch)), compiled=None)
+
+
+@pytest.mark.parametrize("impl", ["eager", "fused"])
+def test_training_step(benchmark, impl):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if impl == "fused" and fused_available(torch.device(device).type):
+        pytest.skip(fused_available(torch.device(device).type))
+    step = with_backend("reference" if impl == "eager" else None, training_step(device))
+    benchmark.group = f"training_step small {BATCH}x3x{CROP}x{CROP}"
+    step()   # warm up (allocations, first-call dispatch) outside the timed rounds
+    benchmark.pedantic(step, rounds=8, warmup_rounds=1)
