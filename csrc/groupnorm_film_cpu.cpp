@@ -13,8 +13,10 @@
 //
 // NHWC (channels_last): loops over pixels, channels innermost, so the table rows, weight, bias and the
 // per-channel statistics are all contiguous vectors. Statistics are per-(image, channel) sums of
-// shifted values over pixel blocks, merged per group (Chan); the backward keeps per-thread table
-// accumulators that are summed in thread order.
+// shifted values over pixel blocks, merged per group (Chan); the backward accumulates the table
+// gradient per slice of the pixel blocks, slices summed in order.
+//
+// Every sum has a fixed order that depends on the shape only: results are the same for any thread count.
 //
 // Memory traffic per element (the CPU's caches decide which of these hit DRAM): forward NCHW reads h once
 // and writes out once (2 passes over h in cache); NHWC reads h twice. Backward NCHW reads grad_out and h
@@ -30,10 +32,6 @@
 #include <string>
 #include <type_traits>
 #include <vector>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "svnr_kernels.h"
 #include "svnr_math.h"
@@ -250,6 +248,36 @@ struct SegmentSums {
   double scale, scale_frac, shift, shift_frac;
 };
 
+// The backward accumulates the table gradient in slices of the work, each with its own buffer of
+// C x K SegmentSums, summed in slice order at the end: up to kSliceTasks parallel tasks, fewer when the
+// buffers would take more than kSliceBudgetBytes or when a slice would do less than
+// kSliceElementsPerEntry elements of work per buffer entry (zeroing and summing the buffers would then
+// cost as much as the work). The split depends on the shape only, so results do not depend on the
+// number of threads.
+constexpr std::int64_t kSliceTasks = 64;
+constexpr std::int64_t kSliceBudgetBytes = std::int64_t(64) << 20;
+constexpr std::int64_t kSliceElementsPerEntry = 16;
+
+std::int64_t slice_count(std::int64_t wanted, std::int64_t elements, std::int64_t C, std::int64_t K) {
+  const std::int64_t entries = C * K;
+  const std::int64_t by_memory = kSliceBudgetBytes / (entries * std::int64_t(sizeof(SegmentSums)));
+  const std::int64_t by_work = elements / (kSliceElementsPerEntry * entries);
+  return std::max<std::int64_t>(1, std::min({wanted, by_memory, by_work}));
+}
+
+// Adds the rows of `segments` (C channels x K segments) into grad (K, 2C).
+void add_segment_rows(const SegmentSums* segments, std::int64_t C, std::int64_t K, double* grad) {
+  for (std::int64_t c = 0; c < C; ++c) {
+    const SegmentSums* s = segments + c * K;
+    for (std::int64_t k = 0; k < K; ++k) {
+      const double scale_from_below = k > 0 ? s[k - 1].scale_frac : 0.0;
+      const double shift_from_below = k > 0 ? s[k - 1].shift_frac : 0.0;
+      grad[k * 2 * C + c] += s[k].scale - s[k].scale_frac + scale_from_below;
+      grad[k * 2 * C + C + c] += s[k].shift - s[k].shift_frac + shift_from_below;
+    }
+  }
+}
+
 template <typename T>
 void accumulate_segments(SegmentSums* segments, std::int64_t pixels, const std::int32_t* knot_k,
                          const T* knot_frac, const T* dscale, const T* dshift) {
@@ -274,17 +302,16 @@ void backward_nchw(const GroupNormFilmShape& shape, const S* grad_out, const S* 
   const std::int64_t per_group = C / G, count = per_group * HW;
   const Knots<T> knots = knots_of(u, B * HW, K, threads);
 
-  // Enough tasks to keep up to 64 threads busy; the split does not depend on the thread count, so the
-  // result is the same for any number of threads.
-  const std::int64_t slices = std::min<std::int64_t>(B, (64 + G - 1) / G);
-  std::vector<double> table_partial(static_cast<std::size_t>(slices * K * 2 * C), 0.0);   // (slice, K, 2C)
+  // one task per (group, slice of the images); the task owns its group's channels in its slice's buffer
+  const std::int64_t slices = slice_count(std::min<std::int64_t>(B, (kSliceTasks + G - 1) / G), B * C * HW, C, K);
+  std::vector<SegmentSums> segments(static_cast<std::size_t>(slices * C * K), SegmentSums{0, 0, 0, 0});
   std::vector<double> plane_dn(static_cast<std::size_t>(B * C)), plane_dn_xhat(static_cast<std::size_t>(B * C));
 
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (std::int64_t task = 0; task < G * slices; ++task) {
     const std::int64_t g = task / slices, slice = task % slices;
-    std::vector<T> dn(static_cast<std::size_t>(count)), dscale(static_cast<std::size_t>(HW)), dshift(static_cast<std::size_t>(HW));
-    std::vector<SegmentSums> segments(static_cast<std::size_t>(per_group * K), SegmentSums{0, 0, 0, 0});
+    std::vector<T> dn(static_cast<std::size_t>(count)), dscale(static_cast<std::size_t>(HW)),
+        dshift(static_cast<std::size_t>(HW));
     for (std::int64_t b = slice * B / slices; b < (slice + 1) * B / slices; ++b) {
       const std::int64_t group_offset = (b * C + g * per_group) * HW;
       const T mu = mean[b * G + g], rs = rstd[b * G + g];
@@ -296,7 +323,8 @@ void backward_nchw(const GroupNormFilmShape& shape, const S* grad_out, const S* 
         const PlaneSums sums = backward_plane<S, Silu>(
             grad_out + offset, h + offset, HW, knot_k, knot_frac, table_t + c * K, table_t + (C + c) * K, mu,
             rs, weight[c], bias[c], dn.data() + i * HW, dscale.data(), dshift.data());
-        accumulate_segments(segments.data() + i * K, HW, knot_k, knot_frac, dscale.data(), dshift.data());
+        accumulate_segments(segments.data() + (slice * C + c) * K, HW, knot_k, knot_frac, dscale.data(),
+                            dshift.data());
         plane_dn[b * C + c] = sums.dn;
         plane_dn_xhat[b * C + c] = sums.dn_xhat;
         sum_dxhat += weight[c] * sums.dn;
@@ -316,24 +344,12 @@ void backward_nchw(const GroupNormFilmShape& shape, const S* grad_out, const S* 
         }
       }
     }
-    double* partial = table_partial.data() + slice * K * 2 * C;
-    for (std::int64_t i = 0; i < per_group; ++i) {
-      const std::int64_t c = g * per_group + i;
-      const SegmentSums* s = segments.data() + i * K;
-      for (int k = 0; k < K; ++k) {
-        const double scale_from_below = k > 0 ? s[k - 1].scale_frac : 0.0;
-        const double shift_from_below = k > 0 ? s[k - 1].shift_frac : 0.0;
-        partial[k * 2 * C + c] = s[k].scale - s[k].scale_frac + scale_from_below;
-        partial[k * 2 * C + C + c] = s[k].shift - s[k].shift_frac + shift_from_below;
-      }
-    }
   }
 
-  for (std::int64_t i = 0; i < K * 2 * C; ++i) {
-    double total = 0;
-    for (std::int64_t slice = 0; slice < slices; ++slice) total += table_partial[slice * K * 2 * C + i];
-    grad_table[i] = T(total);
-  }
+  std::vector<double> grad(static_cast<std::size_t>(K * 2 * C), 0.0);
+  for (std::int64_t slice = 0; slice < slices; ++slice)
+    add_segment_rows(segments.data() + slice * C * K, C, K, grad.data());
+  for (std::int64_t i = 0; i < K * 2 * C; ++i) grad_table[i] = T(grad[i]);
   for (std::int64_t c = 0; c < C; ++c) {
     double dw = 0, db = 0;
     for (std::int64_t b = 0; b < B; ++b) {
@@ -465,22 +481,17 @@ void backward_nhwc(const GroupNormFilmShape& shape, const S* grad_out, const S* 
   }
   // per (image, block, channel): sums of dn and dn * xhat
   std::vector<double> partial(static_cast<std::size_t>(B * blocks * C * 2));
-  // per thread: sums of g and g * frac per table row k (g = d[scale | shift]); summed in thread order,
-  // so the result depends on the thread count but not on timing
-  std::vector<std::vector<double>> thread_segments(static_cast<std::size_t>(threads));
+  // per slice of the (image, pixel block) tasks: sums of g and g * frac per (channel, segment k) of the
+  // table gradient, g = d[scale | shift]
+  const std::int64_t tasks = B * blocks;
+  const std::int64_t slices = slice_count(std::min(tasks, kSliceTasks), B * C * HW, C, K);
+  std::vector<SegmentSums> segments(static_cast<std::size_t>(slices * K * C), SegmentSums{0, 0, 0, 0});
 
-#pragma omp parallel num_threads(threads)
-  {
-#ifdef _OPENMP
-    const int thread = omp_get_thread_num();
-#else
-    const int thread = 0;
-#endif
-    std::vector<double>& segments = thread_segments[static_cast<std::size_t>(thread)];
-    segments.assign(static_cast<std::size_t>(2 * K * 2 * C), 0.0);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (std::int64_t slice = 0; slice < slices; ++slice) {
     std::vector<T> sum_dn(static_cast<std::size_t>(C)), sum_dn_xhat(static_cast<std::size_t>(C));
-#pragma omp for schedule(static)
-    for (std::int64_t task = 0; task < B * blocks; ++task) {
+    SegmentSums* slice_segments = segments.data() + slice * K * C;   // (K, C) here: channels innermost
+    for (std::int64_t task = slice * tasks / slices; task < (slice + 1) * tasks / slices; ++task) {
       const std::int64_t b = task / blocks, block = task % blocks;
       const T* mu = mean_c.data() + b * C;
       const T* rs = rstd_c.data() + b * C;
@@ -490,8 +501,7 @@ void backward_nhwc(const GroupNormFilmShape& shape, const S* grad_out, const S* 
         const math::Knot<T> knot = math::knot(u[b * HW + p], K);
         const T* row = table + knot.k * 2 * C;
         const T* next = row + 2 * C;
-        double* seg_sum = segments.data() + knot.k * 2 * C;
-        double* seg_frac = segments.data() + (K + knot.k) * 2 * C;
+        SegmentSums* seg = slice_segments + knot.k * C;
         const double frac = knot.frac;
         const S* x = h + (b * HW + p) * C;
         const S* dy = grad_out + (b * HW + p) * C;
@@ -503,10 +513,10 @@ void backward_nhwc(const GroupNormFilmShape& shape, const S* grad_out, const S* 
           const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(dy[c])), xhat, weight[c], bias[c], scale, shift);
           sum_dn[c] += grad.dn;
           sum_dn_xhat[c] += grad.dn * xhat;
-          seg_sum[c] += grad.dscale;
-          seg_frac[c] += grad.dscale * frac;
-          seg_sum[C + c] += grad.dpre;
-          seg_frac[C + c] += grad.dpre * frac;
+          seg[c].scale += grad.dscale;
+          seg[c].scale_frac += grad.dscale * frac;
+          seg[c].shift += grad.dpre;
+          seg[c].shift_frac += grad.dpre * frac;
         }
       }
       double* out = partial.data() + task * C * 2;
@@ -517,14 +527,15 @@ void backward_nhwc(const GroupNormFilmShape& shape, const S* grad_out, const S* 
     }
   }
 
-  std::vector<double> segments(static_cast<std::size_t>(2 * K * 2 * C), 0.0);
-  for (const std::vector<double>& part : thread_segments)
-    for (std::size_t i = 0; i < part.size(); ++i) segments[i] += part[i];
-  for (std::int64_t k = 0; k < K; ++k)
-    for (std::int64_t j = 0; j < 2 * C; ++j) {
-      const double from_below = k > 0 ? segments[(K + k - 1) * 2 * C + j] : 0.0;
-      grad_table[k * 2 * C + j] = T(segments[k * 2 * C + j] - segments[(K + k) * 2 * C + j] + from_below);
-    }
+  // (slice, K, C) -> per slice (C, K), the layout add_segment_rows reads
+  std::vector<double> grad(static_cast<std::size_t>(K * 2 * C), 0.0);
+  std::vector<SegmentSums> by_channel(static_cast<std::size_t>(C * K));
+  for (std::int64_t slice = 0; slice < slices; ++slice) {
+    for (std::int64_t k = 0; k < K; ++k)
+      for (std::int64_t c = 0; c < C; ++c) by_channel[c * K + k] = segments[(slice * K + k) * C + c];
+    add_segment_rows(by_channel.data(), C, K, grad.data());
+  }
+  for (std::int64_t i = 0; i < K * 2 * C; ++i) grad_table[i] = T(grad[i]);
 
   // per (image, channel): the group means of dxhat and dxhat * xhat, broadcast to the group's channels
   std::vector<T> mean_dxhat(static_cast<std::size_t>(B * C)), mean_dxhat_xhat(static_cast<std::size_t>(B * C));

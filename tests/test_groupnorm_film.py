@@ -172,9 +172,10 @@ def test_u_is_clamped_to_the_table(backend):
     assert relative_error(out, expected) < 1e-6
 
 
-def test_results_do_not_depend_on_the_thread_count(backend):
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_results_do_not_depend_on_the_thread_count(backend, layout):
     backend("cpp")
-    h, u, table, weight, bias, groups = film_inputs((4, 16, 12, 10, 4))
+    h, u, table, weight, bias, groups = film_inputs((4, 16, 40, 30, 4), layout=layout)
     grad_out = torch.randn(h.shape)
     threads = torch.get_num_threads()
     try:
