@@ -18,8 +18,10 @@
 //
 // Bytes moved per element, s = bytes per stored element (4 float32, 2 bf16/fp16):
 //   forward  minimal 2s (read h, write out); this kernel reads h twice (stats, apply): 3s from DRAM unless
-//            the apply pass finds h still in L2 (H100: 50 MB, so up to ~8x128x64x64 in float32)
-//   backward minimal 3s (read grad_out and h, write grad_h); this kernel reads both twice: 5s
+//            the apply pass finds h still in L2 (50 MB on H100: the 34 MB of a float32 8.4M-element h
+//            mostly fit; beyond L2 the reversed apply order still reuses the last part read)
+//   backward minimal 3s (read grad_out and h, write grad_h); this kernel reads both twice: 5s, less the
+//            part the apply pass finds in L2
 // Roofline on H100 (~3.0 TB/s measured copy bandwidth, read + write), 8x64x128x128 (8.4M elements):
 //   forward float32 2 * 4 * 8.4M / 3.0e12 = 22 us minimal (34 us for 3 passes); bfloat16 11 us (17 us)
 //   backward float32 34 us minimal (56 us for 5 passes); bfloat16 17 us (28 us)
