@@ -76,20 +76,46 @@ def time_lookup(v, table_ptr, T, search_top, n_search):
 
 
 @triton.jit
-def normals4(seed, c0, c1, offset_lo, offset_hi):
-    """Four independent N(0, 1) float32 blocks from one Philox-4x32-10 call.
+def sincos_2pi(u):
+    """(sin 2 pi u, cos 2 pi u) for u in [0, 1]: reduction to [-pi/4, pi/4] and the float32 minimax
+    polynomials of Cephes' sinf/cosf (about 1 ulp), a third of the instructions of libdevice's sinf + cosf,
+    whose range reduction handles arguments this never sees."""
+    q = tl.floor(u * 4 + 0.5)
+    x = (u - q * 0.25) * 6.283185307179586
+    x2 = x * x
+    sin = x + x * x2 * tl.fma(tl.fma(x2, -1.9515295891e-4, 8.3321608736e-3), x2, -1.6666654611e-1)
+    cos = 1 - 0.5 * x2 + x2 * x2 * tl.fma(tl.fma(x2, 2.443315711809948e-5, -1.388731625493765e-3), x2,
+                                          4.166664568298827e-2)
+    quadrant = q.to(tl.int32) & 3   # 2 pi u = quadrant * pi / 2 + x
+    return (tl.where(quadrant == 0, sin, tl.where(quadrant == 1, cos, tl.where(quadrant == 2, -sin, -cos))),
+            tl.where(quadrant == 0, cos, tl.where(quadrant == 1, -sin, tl.where(quadrant == 2, -cos, sin))))
 
-    Key = seed (64 bits); counter = (c0, c1, offset_lo, offset_hi): c0, c1 name the element group,
-    the offset is a counter word of its own, so distinct offsets give independent streams rather than
-    shifted copies of one stream. Box-Muller turns each pair of uniforms into two normals.
+
+@triton.jit
+def box_muller(bits_a, bits_b):
+    """Two independent N(0, 1) draws from two random uint32 (|z| < 5.7: u is kept >= 1e-7 as in tl.randn)."""
+    radius = tl.sqrt(-2.0 * tl.log(tl.maximum(tl.uint_to_uniform_float(bits_a), 1.0e-7)))
+    sin, cos = sincos_2pi(tl.uint_to_uniform_float(bits_b))
+    return radius * cos, radius * sin
+
+
+@triton.jit
+def normals(seed, tile_start, stream, offset_lo, offset_hi, BLOCK: tl.constexpr):
+    """N(0, 1) float32 draws for the pixels tile_start + [0, BLOCK) of one stream (e.g. one image channel).
+
+    One Philox-4x32-10 call per four consecutive pixels: key = seed (64 bits), counter = (pixel // 4,
+    stream, offset_lo, offset_hi). The offset has counter words of its own, so distinct offsets give
+    independent streams, not shifted copies of one stream; a draw depends on (seed, offset, stream,
+    pixel) only, not on BLOCK or on the memory layout. tile_start is a multiple of 4.
     """
-    c0 = c0.to(tl.uint32)
-    zero = c0 * 0
-    r0, r1, r2, r3 = tl.philox(seed, c0, zero + c1.to(tl.uint32), zero + offset_lo.to(tl.uint32),
+    quad = (tile_start // 4 + tl.arange(0, BLOCK // 4)).to(tl.uint32)
+    zero = quad * 0
+    r0, r1, r2, r3 = tl.philox(seed, quad, zero + tl.cast(stream, tl.uint32), zero + offset_lo.to(tl.uint32),
                                zero + offset_hi.to(tl.uint32))
-    n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r0), tl.uint_to_uniform_float(r1))
-    n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r2), tl.uint_to_uniform_float(r3))
-    return n0, n1, n2, n3
+    n0, n1 = box_muller(r0, r1)
+    n2, n3 = box_muller(r2, r3)
+    # pixel 4 q + j takes n_j of quad q: each thread's four consecutive pixels, no data movement
+    return tl.reshape(tl.join(tl.join(n0, n1), tl.join(n2, n3)), [BLOCK])
 
 
 @triton.jit

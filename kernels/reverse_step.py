@@ -2,8 +2,8 @@
 
 Same signature and results as svnr_fast.reference._reverse_step. One program handles a tile of pixels of
 one image: it reads tau once per pixel, does both table lookups (gamma(tau), gamma(s)) once per pixel,
-writes s, then walks the channels in groups of four, each group drawing its four normals z from one
-Philox call when z is not given (eta = 0 needs no z at all and neither reads nor draws it).
+writes s, and walks the channels in groups of four; when z is not given each channel draws it in the
+kernel, one Philox call per four pixels (eta = 0 needs no z at all and neither reads nor draws it).
 
 Bytes per element, float32, C = 3, z drawn in the kernel: x 4 + eps_hat 4 + tau 4/3 read, x_new 4 +
 s 4/3 written = 14.67 B (+4 with a z tensor, +4 with return_x0_hat; bfloat16 data: 8.67 B).
@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._triton_common import (BLOCK, LAUNCH, TL_DTYPE, compute_dtype, dense_plane, div_rn, gamma_lookup,
-                             image_strides, normals4, plane_offsets, split_offset, sqrt_rn, store, tiles,
+                             image_strides, normals, plane_offsets, split_offset, sqrt_rn, store, tiles,
                              time_map_strides)
 
 
@@ -35,22 +35,25 @@ def _load_channel(c, x_ptr, eps_ptr, z_ptr, b, mask, C, x_plane, e_plane, z_plan
 
 
 @triton.jit
-def _step_channel(c, x, eps, z, x_new_ptr, x0_hat_ptr, b, hw, mask, C, HW, sqrt_gt, eps_scale, z_scale, finished,
-                  clamp_min, clamp_max, COMPUTE: tl.constexpr, USE_Z: tl.constexpr, CLAMP: tl.constexpr,
-                  WRITE_X0_HAT: tl.constexpr):
-    """x_new (and x0_hat) of channel c of one tile."""
-    mask = tl.where(c < C, mask, False)
-    c = tl.cast(c, tl.int64)
-    x0_hat = x - sqrt_gt * eps
-    if CLAMP:
-        x0_hat = tl.minimum(tl.maximum(x0_hat, clamp_min), clamp_max)
-    x_new = x0_hat + eps_scale * eps
-    if USE_Z:
-        x_new = x_new + z_scale * z.to(COMPUTE)
-    out = (b * C + c) * HW + hw
-    store(x_new_ptr + out, tl.where(finished, x, x_new), mask)
-    if WRITE_X0_HAT:
-        store(x0_hat_ptr + out, tl.where(finished, x, x0_hat), mask)
+def _step_channel(c, x, eps, z, x_new_ptr, x0_hat_ptr, b, tile_start, hw, mask, C, HW, sqrt_gt, eps_scale, z_scale,
+                  finished, clamp_min, clamp_max, seed, offset_lo, offset_hi, COMPUTE: tl.constexpr,
+                  Z_TENSOR: tl.constexpr, Z_DRAWN: tl.constexpr, CLAMP: tl.constexpr, WRITE_X0_HAT: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """x_new (and x0_hat) of channel c of one tile; z is this channel's z when Z_TENSOR."""
+    if c < C:
+        channel = tl.cast(c, tl.int64)
+        x0_hat = x - sqrt_gt * eps
+        if CLAMP:
+            x0_hat = tl.minimum(tl.maximum(x0_hat, clamp_min), clamp_max)
+        x_new = x0_hat + eps_scale * eps
+        if Z_TENSOR:
+            x_new = x_new + z_scale * z
+        if Z_DRAWN:
+            x_new = x_new + z_scale * normals(seed, tile_start, b * C + channel, offset_lo, offset_hi, BLOCK).to(COMPUTE)
+        out = (b * C + channel) * HW + hw
+        store(x_new_ptr + out, tl.where(finished, x, x_new), mask)
+        if WRITE_X0_HAT:
+            store(x0_hat_ptr + out, tl.where(finished, x, x0_hat), mask)
 
 
 @triton.jit(do_not_specialize=["seed", "offset_lo", "offset_hi"])
@@ -63,7 +66,8 @@ def _reverse_step_kernel(x_ptr, eps_ptr, z_ptr, tau_ptr, delta_ptr, table_ptr, x
                          CLAMP: tl.constexpr, WRITE_X0_HAT: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // n_tiles).to(tl.int64)
-    hw = (pid % n_tiles) * BLOCK + tl.arange(0, BLOCK)
+    tile_start = (pid % n_tiles) * BLOCK
+    hw = tile_start + tl.arange(0, BLOCK)
     mask = hw < HW
     tau = tl.load(tau_ptr + b * t_sb + plane_offsets(hw, W, t_sh, t_sw, DENSE_PLANE), mask=mask, other=0)
     s = tl.maximum(tau.to(COMPUTE) - tl.load(delta_ptr + b).to(COMPUTE), 0.0)
@@ -87,8 +91,6 @@ def _reverse_step_kernel(x_ptr, eps_ptr, z_ptr, tau_ptr, delta_ptr, table_ptr, x
                                      e_sb, e_sc, z_sb, z_sc, COMPUTE, Z_TENSOR)
         x3, eps3, z3 = _load_channel(c + 3, x_ptr, eps_ptr, z_ptr, b, mask, C, x_plane, e_plane, z_plane, x_sb, x_sc,
                                      e_sb, e_sc, z_sb, z_sc, COMPUTE, Z_TENSOR)
-        if Z_DRAWN:
-            z0, z1, z2, z3 = normals4(seed, hw, b * C + c, offset_lo, offset_hi)
 
         # per pixel: both lookups and the coefficients of x_new
         gt = gamma_lookup(tau.to(COMPUTE), table_ptr, T)
@@ -99,14 +101,18 @@ def _reverse_step_kernel(x_ptr, eps_ptr, z_ptr, tau_ptr, delta_ptr, table_ptr, x
         z_scale = sqrt_rn(tl.maximum(sig2, 0.0))
         finished = gt == 0
 
-        _step_channel(c, x0, eps0, z0, x_new_ptr, x0_hat_ptr, b, hw, mask, C, HW, sqrt_gt, eps_scale, z_scale,
-                      finished, clamp_min, clamp_max, COMPUTE, Z_TENSOR or Z_DRAWN, CLAMP, WRITE_X0_HAT)
-        _step_channel(c + 1, x1, eps1, z1, x_new_ptr, x0_hat_ptr, b, hw, mask, C, HW, sqrt_gt, eps_scale, z_scale,
-                      finished, clamp_min, clamp_max, COMPUTE, Z_TENSOR or Z_DRAWN, CLAMP, WRITE_X0_HAT)
-        _step_channel(c + 2, x2, eps2, z2, x_new_ptr, x0_hat_ptr, b, hw, mask, C, HW, sqrt_gt, eps_scale, z_scale,
-                      finished, clamp_min, clamp_max, COMPUTE, Z_TENSOR or Z_DRAWN, CLAMP, WRITE_X0_HAT)
-        _step_channel(c + 3, x3, eps3, z3, x_new_ptr, x0_hat_ptr, b, hw, mask, C, HW, sqrt_gt, eps_scale, z_scale,
-                      finished, clamp_min, clamp_max, COMPUTE, Z_TENSOR or Z_DRAWN, CLAMP, WRITE_X0_HAT)
+        _step_channel(c, x0, eps0, z0, x_new_ptr, x0_hat_ptr, b, tile_start, hw, mask, C, HW, sqrt_gt, eps_scale,
+                      z_scale, finished, clamp_min, clamp_max, seed, offset_lo, offset_hi, COMPUTE, Z_TENSOR, Z_DRAWN,
+                      CLAMP, WRITE_X0_HAT, BLOCK)
+        _step_channel(c + 1, x1, eps1, z1, x_new_ptr, x0_hat_ptr, b, tile_start, hw, mask, C, HW, sqrt_gt, eps_scale,
+                      z_scale, finished, clamp_min, clamp_max, seed, offset_lo, offset_hi, COMPUTE, Z_TENSOR, Z_DRAWN,
+                      CLAMP, WRITE_X0_HAT, BLOCK)
+        _step_channel(c + 2, x2, eps2, z2, x_new_ptr, x0_hat_ptr, b, tile_start, hw, mask, C, HW, sqrt_gt, eps_scale,
+                      z_scale, finished, clamp_min, clamp_max, seed, offset_lo, offset_hi, COMPUTE, Z_TENSOR, Z_DRAWN,
+                      CLAMP, WRITE_X0_HAT, BLOCK)
+        _step_channel(c + 3, x3, eps3, z3, x_new_ptr, x0_hat_ptr, b, tile_start, hw, mask, C, HW, sqrt_gt, eps_scale,
+                      z_scale, finished, clamp_min, clamp_max, seed, offset_lo, offset_hi, COMPUTE, Z_TENSOR, Z_DRAWN,
+                      CLAMP, WRITE_X0_HAT, BLOCK)
     tl.store(tau_new_ptr + b * HW + hw, s, mask=mask)
 
 

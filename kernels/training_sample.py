@@ -7,8 +7,8 @@ a per-image maximum, before any pixel can be finished, so each tile of pixels is
   V = sigma_r^2 + sigma_s^2 * max(x0, 0) and tau(V) are non-decreasing (in floating point too),
   max_p tau*(b, p) = tau(sigma_r^2 + sigma_s^2 * max(max x0, 0)): no time map has to be stored.
 - sample phase: read x0 again, per pixel tau* = tau(max_c V), tau, gamma(tau*), gamma(tau) and the
-  bridge coefficients, then per channel y', x_t and the target; noise from the tensors given or from
-  one Philox call per pixel and channel pair (four normals: eps_T and eps' of two channels).
+  bridge coefficients, then per channel y', x_t and the target; noise from the tensors given or drawn
+  in the kernel, one Philox call per four pixels for each of eps_T and eps'.
 
 Ordered launch (the default): one launch whose programs take tickets from an atomic counter; the ticket
 names the phase, image and tile in the order max(0), max(1), sample(0), max(2), sample(1), ...,
@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ._triton_common import (BLOCK, LAUNCH, TL_DTYPE, channel_max, compute_dtype, dense_plane, div_rn, gamma_lookup,
-                             image_strides, load_channel, normals4, plane_offsets, split_offset, sqrt_rn, store,
+                             image_strides, load_channel, normals, plane_offsets, split_offset, sqrt_rn, store,
                              table_args, tiles, time_lookup)
 
 ORDERED, MAX_PHASE, SAMPLE_PHASE = 0, 1, 2   # values of the kernel's PHASE
@@ -69,23 +69,28 @@ def _load_channel(c, x0_ptr, eps_t_ptr, eps_p_ptr, b, mask, C, x_plane, a_plane,
 
 
 @triton.jit
-def _sample_channel(c, x, eps_t, eps_p, y_ptr, x_t_ptr, target_ptr, b, hw, mask, C, HW, y_scale, r, noise_scale,
-                    has_target, target_scale, COMPUTE: tl.constexpr, CORRELATED: tl.constexpr):
-    """y', x_t and the target of channel c of one tile."""
-    mask = tl.where(c < C, mask, False)
-    c = tl.cast(c, tl.int64)
-    eps_t = eps_t.to(COMPUTE)
-    eps_p = eps_p.to(COMPUTE)
-    y = x + y_scale * eps_t
-    if CORRELATED:
-        x_t = x + r * (y - x) + noise_scale * eps_p
-    else:
-        x_t = x + noise_scale * eps_p
-    target = tl.where(has_target, div_rn(x_t - x, target_scale), 0.0)
-    out = (b * C + c) * HW + hw
-    store(y_ptr + out, y, mask)
-    store(x_t_ptr + out, x_t, mask)
-    store(target_ptr + out, target, mask)
+def _sample_channel(c, x, eps_t, eps_p, y_ptr, x_t_ptr, target_ptr, b, tile_start, hw, mask, C, HW, y_scale, r,
+                    noise_scale, has_target, target_scale, seed, offset_lo, offset_hi, COMPUTE: tl.constexpr,
+                    EPS_T_TENSOR: tl.constexpr, EPS_PRIME_TENSOR: tl.constexpr, CORRELATED: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """y', x_t and the target of channel c of one tile; eps_T and eps' are drawn here unless given."""
+    if c < C:
+        channel = tl.cast(c, tl.int64)
+        stream = 2 * (b * C + channel)   # eps_T, eps' of channel c: streams 2 (b C + c) and 2 (b C + c) + 1
+        if not EPS_T_TENSOR:
+            eps_t = normals(seed, tile_start, stream, offset_lo, offset_hi, BLOCK).to(COMPUTE)
+        if not EPS_PRIME_TENSOR:
+            eps_p = normals(seed, tile_start, stream + 1, offset_lo, offset_hi, BLOCK).to(COMPUTE)
+        y = x + y_scale * eps_t
+        if CORRELATED:
+            x_t = x + r * (y - x) + noise_scale * eps_p
+        else:
+            x_t = x + noise_scale * eps_p
+        target = tl.where(has_target, div_rn(x_t - x, target_scale), 0.0)
+        out = (b * C + channel) * HW + hw
+        store(y_ptr + out, y, mask)
+        store(x_t_ptr + out, x_t, mask)
+        store(target_ptr + out, target, mask)
 
 
 @triton.jit(do_not_specialize=["seed", "offset_lo", "offset_hi"])
@@ -114,7 +119,8 @@ def _training_sample_kernel(x0_ptr, eps_t_ptr, eps_p_ptr, sigma_r_ptr, sigma_s_p
         b = pid // n_tiles
         tile = pid % n_tiles
     b = tl.cast(b, tl.int64)
-    hw = (tile * BLOCK + tl.arange(0, BLOCK)).to(tl.int32)
+    tile_start = (tile * BLOCK).to(tl.int32)
+    hw = tile_start + tl.arange(0, BLOCK)
     mask = hw < HW
     x_plane = plane_offsets(hw, W, x_sh, x_sw, DENSE_PLANE)
     # max over channels, clamped at 0: V = sigma_r^2 + sigma_s^2 * max(x0, 0) is largest there
@@ -125,23 +131,23 @@ def _training_sample_kernel(x0_ptr, eps_t_ptr, eps_p_ptr, sigma_r_ptr, sigma_s_p
         if PHASE == 0:
             tl.atomic_add(max_done_ptr + b, 1, sem="release")
     else:
-        if PHASE == 0:
-            while tl.atomic_add(max_done_ptr + b, 0, sem="acquire") < n_tiles:
-                pass
-        # read through the atomic unit (L2): this SM's L1 may hold the slot from before it was final
-        image_max = _bits_float(tl.atomic_add(image_max_ptr + b, 0), COMPUTE)
-
-        # per pixel: 1. the time map and the step back t0 shared by the image
+        # per pixel: 1. the time map (before waiting: it needs no other tile)
         sigma_r = tl.load(sigma_r_ptr + b).to(COMPUTE)
         sigma_s = tl.load(sigma_s_ptr + b).to(COMPUTE)
         sigma_r2 = sigma_r * sigma_r
         sigma_s2 = sigma_s * sigma_s
         tau_star = time_lookup(sigma_r2 + sigma_s2 * x_max, table_ptr, T, search_top, n_search)
+        g_star = gamma_lookup(tau_star, table_ptr, T)
+        if PHASE == 0:
+            while tl.atomic_add(max_done_ptr + b, 0, sem="acquire") < n_tiles:
+                pass
+        # read through the atomic unit (L2): this SM's L1 may hold the slot from before it was final
+        image_max = _bits_float(tl.atomic_add(image_max_ptr + b, 0), COMPUTE)
+        # and the step back t0 shared by the image
         tau_star_max = time_lookup(sigma_r2 + sigma_s2 * image_max, table_ptr, T, search_top, n_search)
         t0 = tl.load(u_ptr + b).to(COMPUTE) * tau_star_max
         # 2.-3. every pixel steps back by t0; the bridge (or independent-noise) coefficients
         tau = tl.maximum(tau_star - t0, 0.0)
-        g_star = gamma_lookup(tau_star, table_ptr, T)
         g = gamma_lookup(tau, table_ptr, T)
         y_scale = sqrt_rn(g_star)
         if CORRELATED:
@@ -153,8 +159,7 @@ def _training_sample_kernel(x0_ptr, eps_t_ptr, eps_p_ptr, sigma_r_ptr, sigma_s_p
         has_target = g > 0
         target_scale = sqrt_rn(tl.where(has_target, g, 1.0))
 
-        # 4.-5. four channels at a time, loads before stores (x0 again, now from L1, and the given noise);
-        # one Philox call draws eps_T and eps' for two channels
+        # 4.-5. four channels at a time, loads before stores (x0 again, now from L1, and the given noise)
         a_plane = plane_offsets(hw, W, a_sh, a_sw, DENSE_PLANE)
         p_plane = plane_offsets(hw, W, p_sh, p_sw, DENSE_PLANE)
         for c in range(0, C, 4):
@@ -170,21 +175,18 @@ def _training_sample_kernel(x0_ptr, eps_t_ptr, eps_p_ptr, sigma_r_ptr, sigma_s_p
             x3, eps_t3, eps_p3 = _load_channel(c + 3, x0_ptr, eps_t_ptr, eps_p_ptr, b, mask, C, x_plane, a_plane,
                                                p_plane, x_sb, x_sc, a_sb, a_sc, p_sb, p_sc, COMPUTE, EPS_T_TENSOR,
                                                EPS_PRIME_TENSOR)
-            if not (EPS_T_TENSOR and EPS_PRIME_TENSOR):
-                n0, n1, n2, n3 = normals4(seed, hw, b * C + c, offset_lo, offset_hi)
-                n4, n5, n6, n7 = normals4(seed, hw, b * C + c + 2, offset_lo, offset_hi)
-                if not EPS_T_TENSOR:
-                    eps_t0, eps_t1, eps_t2, eps_t3 = n0, n2, n4, n6
-                if not EPS_PRIME_TENSOR:
-                    eps_p0, eps_p1, eps_p2, eps_p3 = n1, n3, n5, n7
-            _sample_channel(c, x0, eps_t0, eps_p0, y_ptr, x_t_ptr, target_ptr, b, hw, mask, C, HW, y_scale, r,
-                            noise_scale, has_target, target_scale, COMPUTE, CORRELATED)
-            _sample_channel(c + 1, x1, eps_t1, eps_p1, y_ptr, x_t_ptr, target_ptr, b, hw, mask, C, HW, y_scale, r,
-                            noise_scale, has_target, target_scale, COMPUTE, CORRELATED)
-            _sample_channel(c + 2, x2, eps_t2, eps_p2, y_ptr, x_t_ptr, target_ptr, b, hw, mask, C, HW, y_scale, r,
-                            noise_scale, has_target, target_scale, COMPUTE, CORRELATED)
-            _sample_channel(c + 3, x3, eps_t3, eps_p3, y_ptr, x_t_ptr, target_ptr, b, hw, mask, C, HW, y_scale, r,
-                            noise_scale, has_target, target_scale, COMPUTE, CORRELATED)
+            _sample_channel(c, x0, eps_t0, eps_p0, y_ptr, x_t_ptr, target_ptr, b, tile_start, hw, mask, C, HW,
+                            y_scale, r, noise_scale, has_target, target_scale, seed, offset_lo, offset_hi, COMPUTE,
+                            EPS_T_TENSOR, EPS_PRIME_TENSOR, CORRELATED, BLOCK)
+            _sample_channel(c + 1, x1, eps_t1, eps_p1, y_ptr, x_t_ptr, target_ptr, b, tile_start, hw, mask, C, HW,
+                            y_scale, r, noise_scale, has_target, target_scale, seed, offset_lo, offset_hi, COMPUTE,
+                            EPS_T_TENSOR, EPS_PRIME_TENSOR, CORRELATED, BLOCK)
+            _sample_channel(c + 2, x2, eps_t2, eps_p2, y_ptr, x_t_ptr, target_ptr, b, tile_start, hw, mask, C, HW,
+                            y_scale, r, noise_scale, has_target, target_scale, seed, offset_lo, offset_hi, COMPUTE,
+                            EPS_T_TENSOR, EPS_PRIME_TENSOR, CORRELATED, BLOCK)
+            _sample_channel(c + 3, x3, eps_t3, eps_p3, y_ptr, x_t_ptr, target_ptr, b, tile_start, hw, mask, C, HW,
+                            y_scale, r, noise_scale, has_target, target_scale, seed, offset_lo, offset_hi, COMPUTE,
+                            EPS_T_TENSOR, EPS_PRIME_TENSOR, CORRELATED, BLOCK)
         tl.store(tau_ptr + b * HW + hw, tau, mask=mask)
 
 
