@@ -170,7 +170,6 @@ class ResBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, embed_channels: int, groups: int, dropout: float):
         super().__init__()
-        self.in_groups = groups
         self.norm_in = nn.GroupNorm(groups, in_channels)
         self.conv_in = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_table = nn.Linear(embed_channels, 2 * out_channels)   # -> (K, 2C) = [scale | shift]

@@ -172,6 +172,8 @@ def _train(args: argparse.Namespace) -> int:
         Path(saved_metadata["heldout"]) if saved_metadata.get("heldout") else None)
 
     world, device = setup_distributed(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True      # fixed crop shapes: let cuDNN pick its fastest kernels
     try:
         dataset = data.RandomCropBatches(data.find_images(train_dir), config.batch_size, config.crop, config.seed,
                                          world.rank)

@@ -145,6 +145,13 @@ def test_time_tables_are_cached_in_eval_and_follow_weight_changes():
         assert fresh.time_tables() is not cached
         torch.testing.assert_close(fresh.predict(y, x_t, tau).x0_hat, tiny().eval().predict(y, x_t, tau).x0_hat,
                                    rtol=0, atol=0)
+        # writes through .data bypass the version counters: invalidate_time_tables() is the way to say so
+        cached = model.time_tables()
+        for p in model.time_embedding.parameters():
+            p.data.mul_(0.5)
+        model.invalidate_time_tables()
+        recomputed = model.time_tables()
+        assert recomputed is not cached and not torch.equal(recomputed[0], cached[0])
         model.double()
         assert model.time_tables()[0].dtype == torch.float64   # recomputed after .to()
         assert model.predict(y.double(), x_t.double(), tau.double()).x0_hat.dtype == torch.float64
