@@ -703,8 +703,12 @@ def quality_vs_steps_svg(summary: list[dict], levels: list[tuple[float, float]])
     horizontal lines."""
     width, height, left, right, top, bottom = 380, 280, 52, 78, 30, 42
     plot_w, plot_h = width - left - right, height - top - bottom
-    legend_h = 24
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width * len(levels)}" height="{height + legend_h}" '
+    legend, x = [], 10
+    for label, colour in [*SERIES_COLOURS.items(), ("noisy / classical (dashed, no network)", "#555")]:
+        legend.append(f'<rect x="{x}" y="{height + 6}" width="10" height="10" fill="{colour}"/>')
+        legend.append(f'<text x="{x + 14}" y="{height + 15}">{label}</text>')
+        x += 24 + 7 * len(label)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{max(width * len(levels), x)}" height="{height + 24}" '
            f'font-family="sans-serif" font-size="11">', '<rect width="100%" height="100%" fill="white"/>']
     max_nfe = max([r["nfe"] for r in summary] + [10])
     decades = max(1, math.ceil(math.log10(max_nfe)))
@@ -758,11 +762,7 @@ def quality_vs_steps_svg(summary: list[dict], levels: list[tuple[float, float]])
             for n, p, name in points:
                 out.append(f'<circle cx="{x_of(n):.1f}" cy="{y_of(p):.1f}" r="3" fill="{colour}">'
                            f'<title>{name}: {p:.2f} dB, {_nfe_text(n)} NFE</title></circle>')
-    x = 10
-    for label, colour in [*SERIES_COLOURS.items(), ("noisy / classical (dashed, no network)", "#555")]:
-        out.append(f'<rect x="{x}" y="{height + 6}" width="10" height="10" fill="{colour}"/>')
-        out.append(f'<text x="{x + 14}" y="{height + 15}">{label}</text>')
-        x += 24 + 7 * len(label)
+    out += legend
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
