@@ -1,7 +1,9 @@
 // Fused GroupNorm + spatial FiLM + SiLU on CUDA (DESIGN.md §1.6), forward and backward. Depends only on the
 // CUDA runtime; tensors arrive as raw pointers with torch's current stream (kernels/groupnorm_film.py).
 //
-// Forward, 3 launches:
+// Forward, NCHW groups of up to 32K elements when there are at least as many (image, group) pairs as SMs
+// (the UNet case), 1 launch: forward_group_nchw holds a group in one block's registers, so h is read once.
+// Otherwise (channels_last, larger groups, small batches, float64), 3 launches:
 //   stats     per (image, channel, chunk of pixels): count, mean, M2 from shifted sums (x - first value)
 //   finalize  one warp per (image, group): Chan-merge the chunks in double -> mean, rstd (saved outputs)
 //   apply     per element: lerp the table at u, GroupNorm, FiLM, SiLU; the table (K, 2C) is read through L1
@@ -17,9 +19,9 @@
 // NHWC kernels run channels innermost (coalesced rows of the table, weight and bias).
 //
 // Bytes moved per element, s = bytes per stored element (4 float32, 2 bf16/fp16):
-//   forward  minimal 2s (read h, write out); this kernel reads h twice (stats, apply): 3s from DRAM unless
-//            the apply pass finds h still in L2 (50 MB on H100: the 34 MB of a float32 8.4M-element h
-//            mostly fit; beyond L2 the reversed apply order still reuses the last part read)
+//   forward  minimal 2s (read h, write out), which the one-launch path moves; the three-launch path
+//            reads h twice: 3s from DRAM unless the apply pass finds h still in L2 (50 MB on H100; beyond
+//            L2 the reversed apply order still reuses the last part read)
 //   backward minimal 3s (read grad_out and h, write grad_h); this kernel reads both twice: 5s, less the
 //            part the apply pass finds in L2
 // Roofline on H100 (~3.0 TB/s measured copy bandwidth, read + write), 8x64x128x128 (8.4M elements):
@@ -48,6 +50,8 @@ constexpr int kThreads = 256;           // NCHW and flat NHWC kernels
 constexpr int64_t kChunkElems = 4096;   // NCHW: elements of a plane per block
 constexpr int kRows = 8;                // NHWC 2-D blocks: 32 channels x kRows pixel rows
 constexpr int64_t kPixelChunk = 256;    // NHWC: pixels per block
+constexpr int kGroupThreads = 1024;     // forward_group_nchw: at most kGroupThreads * kGroupElems elements
+constexpr int kGroupElems = 32;         // per thread, held in registers
 constexpr unsigned kFullMask = 0xFFFFFFFFu;
 
 void check(cudaError_t status, const char* what) {
@@ -234,6 +238,8 @@ struct Params {   // what the apply and reduce kernels share
   const T* __restrict__ rstd;
   const T* __restrict__ grad_coef;    // backward: (B, G, 2) group means of dxhat and dxhat * xhat
   S* __restrict__ result;             // out or grad_h
+  T* __restrict__ mean_out;           // forward_group_nchw writes the statistics it computes
+  T* __restrict__ rstd_out;
   int64_t channels, pixels, groups, per_group;
   int knots;
 };
@@ -288,6 +294,78 @@ __global__ void forward_apply_nhwc(Params<S> p, int64_t packs) {
       store(out.v[j], math::activate<Silu>(math::film(n, scale, shift)));
     }
     *reinterpret_cast<Pack<S, VEC>*>(p.result + e) = out;
+  }
+}
+
+// NCHW groups small enough to sit in one block's registers (kGroupElems per thread): one block per
+// (image, group) loads the group once, takes exact two-pass statistics from the registers, then applies
+// and stores. h is read from memory once, in one launch instead of three.
+template <typename S, int VEC, bool Silu>
+__global__ void __launch_bounds__(kGroupThreads) forward_group_nchw(Params<S> p, double eps) {
+  using T = Compute<S>;
+  constexpr int kItems = kGroupElems / VEC;
+  __shared__ T shared_stat;
+  const int64_t group = blockIdx.x, b = group / p.groups, g = group % p.groups;
+  const int count = int(p.per_group * p.pixels), packs = count / VEC, pixels = int(p.pixels);
+  const S* x = p.h + group * count;   // the group's cpg planes are contiguous
+  S* y = p.result + group * count;
+
+  Pack<S, VEC> items[kItems];
+  T sum = 0, unused = 0;
+#pragma unroll
+  for (int j = 0; j < kItems; ++j) {
+    const int pack = threadIdx.x + j * blockDim.x;
+    if (pack < packs) {
+      items[j] = *reinterpret_cast<const Pack<S, VEC>*>(x + pack * VEC);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) sum += load(items[j].v[v]);
+    }
+  }
+  block_sum2(sum, unused);
+  if (threadIdx.x == 0) shared_stat = sum / T(count);
+  __syncthreads();
+  const T mu = shared_stat;
+  T squares = 0;
+#pragma unroll
+  for (int j = 0; j < kItems; ++j) {
+    if (threadIdx.x + j * blockDim.x < packs) {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        const T d = load(items[j].v[v]) - mu;
+        squares += d * d;
+      }
+    }
+  }
+  __syncthreads();   // everyone has read shared_stat before block_sum2 and thread 0 reuse shared memory
+  block_sum2(squares, unused);
+  if (threadIdx.x == 0) {
+    shared_stat = T(math::inverse_std(double(squares), double(count), eps));
+    p.mean_out[group] = mu;
+    p.rstd_out[group] = shared_stat;
+  }
+  __syncthreads();
+  const T rs = shared_stat;
+  const T* u = p.u + b * pixels;
+#pragma unroll
+  for (int j = 0; j < kItems; ++j) {
+    const int pack = threadIdx.x + j * blockDim.x;
+    if (pack < packs) {
+      const int e = pack * VEC, pixel = e % pixels;   // VEC divides H*W: a pack stays in one plane
+      const int64_t c = g * p.per_group + e / pixels;
+      const T w = p.weight[c], bias = p.bias[c];
+      const T* scale_column = p.table + c * p.knots;
+      const T* shift_column = p.table + (p.channels + c) * p.knots;
+      Pack<S, VEC> out;
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        const math::Knot<T> knot = math::knot(u[pixel + v], p.knots);
+        const T scale = math::lerp(scale_column[knot.k], scale_column[knot.k + 1], knot.frac);
+        const T shift = math::lerp(shift_column[knot.k], shift_column[knot.k + 1], knot.frac);
+        const T n = math::normalize(load(items[j].v[v]), mu, rs) * w + bias;
+        store(out.v[v], math::activate<Silu>(math::film(n, scale, shift)));
+      }
+      *reinterpret_cast<Pack<S, VEC>*>(y + e) = out;
+    }
   }
 }
 
@@ -594,15 +672,28 @@ int nchw_threads(int64_t chunk_elems, int vec) {
 
 int flat_blocks(int64_t packs) { return int(std::min<int64_t>(ceil_div(packs, kThreads), int64_t(1) << 20)); }
 
+// Whether the forward can take the one-launch, one-read path: NCHW, the group fits in a block's registers
+// and there are enough (image, group) blocks to fill the GPU; otherwise the three-launch path, which
+// splits planes into chunks, has more parallelism. (It also needs 16-byte packs: scalar loads of 32
+// elements per thread would spill.)
+bool group_resident(const GroupNormFilmShape& shape, int device) {
+  if (shape.channels_last) return false;
+  if ((shape.channels / shape.groups) * shape.pixels > int64_t(kGroupThreads) * kGroupElems) return false;
+  int multiprocessors = 0;
+  check(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  return shape.batch * shape.groups >= multiprocessors;
+}
+
 template <typename S>
 Params<S> params(const GroupNormFilmShape& shape, std::uintptr_t h, std::uintptr_t grad_out, std::uintptr_t u,
                  std::uintptr_t table, std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t mean,
                  std::uintptr_t rstd, std::uintptr_t grad_coef, std::uintptr_t result) {
   using T = Compute<S>;
-  return Params<S>{as<const S>(h),      as<const S>(grad_out), as<const T>(u),     as<const T>(table),
-                   as<const T>(weight), as<const T>(bias),     as<const T>(mean),  as<const T>(rstd),
-                   as<const T>(grad_coef), as<S>(result),      shape.channels,     shape.pixels,
-                   shape.groups,        shape.channels / shape.groups, int(shape.knots)};
+  return Params<S>{as<const S>(h),         as<const S>(grad_out), as<const T>(u),    as<const T>(table),
+                   as<const T>(weight),    as<const T>(bias),     as<const T>(mean), as<const T>(rstd),
+                   as<const T>(grad_coef), as<S>(result),         as<T>(mean),       as<T>(rstd),
+                   shape.channels,         shape.pixels,          shape.groups,      shape.channels / shape.groups,
+                   int(shape.knots)};
 }
 
 }  // namespace
@@ -630,13 +721,23 @@ void groupnorm_film_forward_cuda(const GroupNormFilmShape& shape, std::uintptr_t
     const Params<S> p = params<S>(shape, h, 0, u, table, weight, bias, mean, rstd, 0, out);
     const bool aligned = aligned16(h) && aligned16(out);
     const int64_t B = shape.batch, C = shape.channels;
+    const bool vectorise_nchw = aligned && shape.pixels % kVec == 0;
 
+    if constexpr (!std::is_same_v<S, double>) {   // float64 would need twice the registers
+      if (vectorise_nchw && group_resident(shape, device)) {
+        const int64_t packs = (C / shape.groups) * shape.pixels / kVec;
+        const int threads = int(ceil_div(ceil_div(packs, kGroupElems / kVec), 32) * 32);
+        forward_group_nchw<S, kVec, Silu><<<unsigned(B * shape.groups), threads, 0, stream>>>(p, eps);
+        check_launch("forward_group_nchw");
+        return;
+      }
+    }
     if (shape.channels_last) {
       stats_nhwc<S><<<dim3(unsigned(geo.chunks), unsigned(ceil_div(C, 32)), unsigned(B)), dim3(32, kRows), 0,
                       stream>>>(as<const S>(h), C, shape.pixels, geo.chunks, partial);
       check_launch("stats_nhwc");
     } else {
-      with_vec<S>(aligned && shape.pixels % kVec == 0, [&](auto vec) {
+      with_vec<S>(vectorise_nchw, [&](auto vec) {
         constexpr int VEC = decltype(vec)::value;
         stats_nchw<S, VEC><<<unsigned(B * C * geo.chunks), nchw_threads(geo.chunk_elems, VEC), 0, stream>>>(
             as<const S>(h), shape.pixels, geo.chunks, geo.chunk_elems, partial);
@@ -656,7 +757,7 @@ void groupnorm_film_forward_cuda(const GroupNormFilmShape& shape, std::uintptr_t
         check_launch("forward_apply_nhwc");
       });
     } else {
-      with_vec<S>(aligned && shape.pixels % kVec == 0, [&](auto vec) {
+      with_vec<S>(vectorise_nchw, [&](auto vec) {
         constexpr int VEC = decltype(vec)::value;
         forward_apply_nchw<S, VEC, Silu><<<unsigned(B * C * geo.chunks), nchw_threads(geo.chunk_elems, VEC), 0,
                                            stream>>>(p, geo.chunks, geo.chunk_elems);
