@@ -11,6 +11,8 @@ Arithmetic follows svnr_fast/reference.py operation by operation (IEEE division 
 FMA contraction: launch with `enable_fp_fusion=False`), so a kernel agrees with the eager reference to
 a few ulp and both agree on which pixels are exactly finished (gamma = 0).
 """
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -194,6 +196,14 @@ def time_map_strides(t: torch.Tensor) -> tuple[int, int, int]:
 def split_offset(offset: int) -> tuple[int, int]:
     """The 64-bit RNG offset as two 32-bit counter words."""
     return offset & 0xFFFFFFFF, offset >> 32
+
+
+def run(kernel, grid: tuple, data: torch.Tensor, *args, **constants) -> None:
+    """kernel[grid](*args) on the device of `data`: Triton launches on the current CUDA device, which
+    need not be the data's (a custom op gets no device guard)."""
+    guard = torch.cuda.device(data.device) if data.is_cuda else contextlib.nullcontext()
+    with guard:
+        kernel[grid](*args, **constants, **LAUNCH)
 
 
 def tiles(HW: int) -> int:

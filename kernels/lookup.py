@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (BLOCK, LAUNCH, TL_DTYPE, channel_max, compute_dtype, dense_plane, gamma_lookup,
-                             image_strides, plane_offsets, table_args, tiles, time_lookup)
+from ._triton_common import (BLOCK, TL_DTYPE, channel_max, compute_dtype, dense_plane, gamma_lookup, image_strides,
+                             plane_offsets, run, table_args, tiles, time_lookup)
 
 
 @triton.jit
@@ -51,8 +51,8 @@ def _flat(values: torch.Tensor, table: torch.Tensor, kernel, *lookup_args):
     out = torch.empty(values.shape, dtype=compute_dtype(values.dtype), device=values.device)
     n = values.numel()
     if n:
-        kernel[(triton.cdiv(n, BLOCK),)](values.reshape(-1), out, table, n, *lookup_args, COMPUTE=TL_DTYPE[out.dtype],
-                                         BLOCK=BLOCK, **LAUNCH)
+        run(kernel, (triton.cdiv(n, BLOCK),), values, values.reshape(-1), out, table, n, *lookup_args,
+            COMPUTE=TL_DTYPE[out.dtype], BLOCK=BLOCK)
     return out
 
 
@@ -69,7 +69,7 @@ def time_map(variance: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     out = torch.empty((B, 1, H, W), dtype=compute_dtype(variance.dtype), device=variance.device)
     if out.numel():
         n_tiles = tiles(H * W)
-        _time_map_kernel[(B * n_tiles,)](variance, out, table, C, H * W, W, n_tiles, *image_strides(variance),
-                                         *table_args(table), COMPUTE=TL_DTYPE[out.dtype],
-                                         DENSE_PLANE=dense_plane(variance), BLOCK=BLOCK, **LAUNCH)
+        run(_time_map_kernel, (B * n_tiles,), variance, variance, out, table, C, H * W, W, n_tiles,
+            *image_strides(variance), *table_args(table), COMPUTE=TL_DTYPE[out.dtype],
+            DENSE_PLANE=dense_plane(variance), BLOCK=BLOCK)
     return out

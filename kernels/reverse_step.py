@@ -14,9 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (BLOCK, LAUNCH, TL_DTYPE, compute_dtype, dense_plane, div_rn, gamma_lookup,
-                             image_strides, normals, plane_offsets, split_offset, sqrt_rn, store, tiles,
-                             time_map_strides)
+from ._triton_common import (BLOCK, TL_DTYPE, compute_dtype, dense_plane, div_rn, gamma_lookup, image_strides,
+                             normals, plane_offsets, run, split_offset, sqrt_rn, store, tiles, time_map_strides)
 
 
 @triton.jit
@@ -130,12 +129,12 @@ def reverse_step(x, eps_hat, tau, delta, table, eta, z, clamp_min, clamp_max, se
     z_arg = z if z_tensor else x
     clamp = clamp_min is not None
     n_tiles = tiles(H * W)
-    _reverse_step_kernel[(B * n_tiles,)](
+    run(_reverse_step_kernel, (B * n_tiles,), x,
         x, eps_hat, z_arg, tau, delta.contiguous(), table, x_new, tau_new, x0_hat,
         C, H * W, W, n_tiles, table.numel() - 1,
         *image_strides(x), *image_strides(eps_hat), *image_strides(z_arg), *time_map_strides(tau),
         eta2, float(clamp_min) if clamp else 0.0, float(clamp_max) if clamp else 0.0,
         seed, *split_offset(offset),
         COMPUTE=TL_DTYPE[compute_dtype(x.dtype)], DENSE_PLANE=all(map(dense_plane, (x, eps_hat, z_arg, tau))),
-        Z_TENSOR=z_tensor, Z_DRAWN=z_drawn, CLAMP=clamp, WRITE_X0_HAT=bool(return_x0_hat), BLOCK=BLOCK, **LAUNCH)
+        Z_TENSOR=z_tensor, Z_DRAWN=z_drawn, CLAMP=clamp, WRITE_X0_HAT=bool(return_x0_hat), BLOCK=BLOCK)
     return x_new, tau_new, x0_hat

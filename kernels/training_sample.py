@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (BLOCK, LAUNCH, TL_DTYPE, channel_max, compute_dtype, dense_plane, div_rn, gamma_lookup,
-                             image_strides, load_channel, normals, plane_offsets, split_offset, sqrt_rn, store,
+from ._triton_common import (BLOCK, TL_DTYPE, channel_max, compute_dtype, dense_plane, div_rn, gamma_lookup,
+                             image_strides, load_channel, normals, plane_offsets, run, split_offset, sqrt_rn, store,
                              table_args, tiles, time_lookup)
 
 ORDERED, MAX_PHASE, SAMPLE_PHASE = 0, 1, 2   # values of the kernel's PHASE
@@ -209,12 +209,12 @@ def launch(x0, sigma_r, sigma_s, u, table, correlated, eps_T, eps_prime, seed, o
             *image_strides(x0), *image_strides(eps_t_arg), *image_strides(eps_p_arg), seed, *split_offset(offset))
     constants = dict(COMPUTE=TL_DTYPE[dtype], DENSE_PLANE=all(map(dense_plane, (x0, eps_t_arg, eps_p_arg))),
                      EPS_T_TENSOR=eps_T is not None, EPS_PRIME_TENSOR=eps_prime is not None,
-                     CORRELATED=bool(correlated), BLOCK=BLOCK, **LAUNCH)
+                     CORRELATED=bool(correlated), BLOCK=BLOCK)
     if ordered:
-        _training_sample_kernel[(2 * B * n_tiles,)](*args, PHASE=ORDERED, **constants)
+        run(_training_sample_kernel, (2 * B * n_tiles,), x0, *args, PHASE=ORDERED, **constants)
     else:
-        _training_sample_kernel[(B * n_tiles,)](*args, PHASE=MAX_PHASE, **constants)
-        _training_sample_kernel[(B * n_tiles,)](*args, PHASE=SAMPLE_PHASE, **constants)
+        run(_training_sample_kernel, (B * n_tiles,), x0, *args, PHASE=MAX_PHASE, **constants)
+        run(_training_sample_kernel, (B * n_tiles,), x0, *args, PHASE=SAMPLE_PHASE, **constants)
     return y, x_t, tau, target
 
 
