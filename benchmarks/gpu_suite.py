@@ -4,8 +4,8 @@
     python benchmarks/gpu_suite.py --out DIR --cpu-dry-run
 
 1. prints the device, torch, triton and driver;
-2. runs the tests that need CUDA (`pytest tests -k cuda`: tests named or marked cuda) in a subprocess with
-   a timeout, log in DIR/cuda_tests.log;
+2. runs the tests that need CUDA (`pytest tests -k cuda`: tests named, parametrised or marked cuda) in a
+   subprocess with a timeout, log in DIR/cuda_tests.log;
 3. measures the device-to-device copy bandwidth once (benchmarks/common.py);
 4. imports every benchmarks/bench_*.py that defines `gpu_cases(device)` and times each Case: fused, eager
    and compiled (torch.compile(reference); recorded empty when it fails) with common.gpu_median_ms, which
@@ -74,7 +74,8 @@ def print_device_info(dry_run: bool) -> None:
 
 
 def run_cuda_tests(out: Path, timeout: float) -> str:
-    command = [sys.executable, "-m", "pytest", "tests", "-q", "-x", "-p", "no:cacheprovider", "-k", "cuda"]
+    # --maxfail rather than -x: one early failure (tests run file by file) would hide every later op's result
+    command = [sys.executable, "-m", "pytest", "tests", "-q", "--maxfail=10", "-p", "no:cacheprovider", "-k", "cuda"]
     log = out / "cuda_tests.log"
     print(f"$ {' '.join(command[2:])}  (timeout {timeout:.0f} s, log {log})", flush=True)
     try:
@@ -87,7 +88,7 @@ def run_cuda_tests(out: Path, timeout: float) -> str:
     summary = next((line for line in reversed(text.splitlines()) if re.search(r"passed|failed|error|skipped", line)),
                    "no summary")
     print(f"CUDA tests: {status}: {summary}", flush=True)
-    return summary
+    return f"{status}: {summary}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -245,7 +246,7 @@ def main() -> int:
     rows_path.unlink(missing_ok=True)
     errors_path.unlink(missing_ok=True)
     print_device_info(args.cpu_dry_run)
-    run_cuda_tests(args.out, min(TEST_TIMEOUT_S, deadline - time.time()))
+    tests = run_cuda_tests(args.out, min(TEST_TIMEOUT_S, deadline - time.time()))
 
     if args.cpu_dry_run:
         copy_bw = cpu_copy_bandwidth_gb_per_s()
@@ -273,6 +274,7 @@ def main() -> int:
     print(f"{len(rows)} rows appended to {', '.join(map(str, targets))}; "
           f"{'errors in ' + str(errors_path) if errors_path.exists() else 'no errors'}; "
           f"{time.time() - started:.0f} s in all")
+    print(f"CUDA tests: {tests}")
     if not args.cpu_dry_run:
         print_targets(rows)
     print_table(rows, copy_bw)
