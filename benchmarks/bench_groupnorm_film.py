@@ -45,11 +45,16 @@ def eager(h, u, table, weight, bias):
 
 
 def compiled_reference():
-    config = torch._dynamo.config   # one graph per shape, dtype and pass (with and without autograd)
+    """torch.compile(reference) as a user gets it: static shapes for the first shape, then a dynamic-shape
+    graph that the later shapes share (per dtype and with or without autograd), which keeps the number of
+    compilations in the GPU suite down."""
+    config = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(config, name):
             setattr(config, name, max(getattr(config, name), 64))
-    return torch.compile(eager, dynamic=False)
+    # the bwd pass reruns a retained graph, which a backward with donated buffers refuses
+    torch._functorch.config.donated_buffer = False
+    return torch.compile(eager)
 
 
 def timed(forward, pass_: str, h, u, table, weight, bias, grad_out):
