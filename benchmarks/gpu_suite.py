@@ -183,9 +183,8 @@ def csv_rows(timings: list[dict], device: str, copy_bw: float) -> list[dict]:
         for impl, t in impls.items():
             ms = t["ms_median"]
             gb_per_s = t["bytes_moved"] / (ms * 1e-3) / 1e9
-            row = {"op": op, "impl": impl, "shape": shape, "dtype": dtype, "device": device,
-                   "ms_median": f"{ms:.5f}", "gb_per_s": f"{gb_per_s:.1f}", "pct_copy_bw": f"{100 * gb_per_s / copy_bw:.1f}",
-                   **versions}
+            row = {"op": op, "impl": impl, "shape": shape, "dtype": dtype, "device": device, "ms_median": f"{ms:.5f}",
+                   "gb_per_s": f"{gb_per_s:.1f}", "pct_copy_bw": f"{100 * gb_per_s / copy_bw:.1f}", **versions}
             for other, column in (("eager", "speedup_vs_eager"), ("compiled", "speedup_vs_compiled")):
                 if other != impl and other in impls:
                     row[column] = f"{impls[other]['ms_median'] / ms:.2f}"
@@ -197,7 +196,7 @@ def print_table(rows: list[dict], copy_bw: float) -> None:
     print(f"\ncopy bandwidth {copy_bw:.0f} GB/s (read + write)")
     header = ("op", "impl", "shape", "dtype", "ms_median", "gb_per_s", "pct_copy_bw", "speedup_vs_eager",
               "speedup_vs_compiled")
-    widths = [max(len(h), *(len(str(r.get(h, ""))) for r in rows)) for h in header] if rows else [len(h) for h in header]
+    widths = [max([len(h)] + [len(str(r.get(h, ""))) for r in rows]) for h in header]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     for r in rows:
         print("  ".join(str(r.get(h, "")).ljust(w) for h, w in zip(header, widths)))
@@ -215,9 +214,11 @@ def print_targets(rows: list[dict]) -> None:
         if row is None:
             print(f"target {op} {TARGETS['shape']} {TARGETS['dtype']}: not measured")
             continue
-        checks = [f"{column} {row.get(column) or '-'} ({'met' if row.get(column) and float(row[column]) >= goal else 'NOT met'}"
-                  f" >= {goal})" for column, goal in ((c, TARGETS[c]) for c in ("pct_copy_bw", "speedup_vs_eager",
-                                                                                   "speedup_vs_compiled"))]
+        checks = []
+        for column in ("pct_copy_bw", "speedup_vs_eager", "speedup_vs_compiled"):
+            value, goal = row.get(column), TARGETS[column]
+            verdict = "met" if value and float(value) >= goal else "NOT met"
+            checks.append(f"{column} {value or '-'} ({verdict}: >= {goal})")
         print(f"target {op} {TARGETS['shape']} {TARGETS['dtype']}: " + ", ".join(checks))
 
 
@@ -268,10 +269,12 @@ def main() -> int:
     timings = [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.exists() else []
     device = device_name(args.cpu_dry_run)
     rows = csv_rows(timings, device, copy_bw)
-    targets = [args.out / f"{slug(device)}.csv"] + ([] if args.cpu_dry_run else [common.RESULTS / f"{slug(device)}.csv"])
-    for path in targets:
+    csv_paths = [args.out / f"{slug(device)}.csv"]
+    if not args.cpu_dry_run:
+        csv_paths.append(common.RESULTS / f"{slug(device)}.csv")
+    for path in csv_paths:
         common.append_rows(path, rows)
-    print(f"{len(rows)} rows appended to {', '.join(map(str, targets))}; "
+    print(f"{len(rows)} rows appended to {', '.join(map(str, csv_paths))}; "
           f"{'errors in ' + str(errors_path) if errors_path.exists() else 'no errors'}; "
           f"{time.time() - started:.0f} s in all")
     print(f"CUDA tests: {tests}")

@@ -15,21 +15,19 @@ import triton
 import triton.language as tl
 
 from ._triton_common import (BLOCK, TL_DTYPE, compute_dtype, dense_plane, div_rn, gamma_lookup, image_strides,
-                             normals, plane_offsets, run, split_offset, sqrt_rn, store, tiles, time_map_strides)
+                             load_channel, normals, plane_offsets, run, split_offset, sqrt_rn, store, tiles,
+                             time_map_strides)
 
 
 @triton.jit
 def _load_channel(c, x_ptr, eps_ptr, z_ptr, b, mask, C, x_plane, e_plane, z_plane, x_sb, x_sc, e_sb, e_sc, z_sb, z_sc,
                   COMPUTE: tl.constexpr, Z_TENSOR: tl.constexpr):
     """x, eps_hat and z (when given) of channel c of one tile."""
-    mask = tl.where(c < C, mask, False)   # not `mask & (c < C)`: the interpreter turns that into int32
-    c = tl.cast(c, tl.int64)
-    x = tl.load(x_ptr + b * x_sb + c * x_sc + x_plane, mask=mask, other=0).to(COMPUTE)
-    eps = tl.load(eps_ptr + b * e_sb + c * e_sc + e_plane, mask=mask, other=0).to(COMPUTE)
+    x = load_channel(x_ptr, b * x_sb, x_sc, x_plane, mask, c, C, 0, COMPUTE)
+    eps = load_channel(eps_ptr, b * e_sb, e_sc, e_plane, mask, c, C, 0, COMPUTE)
+    z = x   # placeholder, not read
     if Z_TENSOR:
-        z = tl.load(z_ptr + b * z_sb + c * z_sc + z_plane, mask=mask, other=0).to(COMPUTE)
-    else:
-        z = x   # placeholder, not read
+        z = load_channel(z_ptr, b * z_sb, z_sc, z_plane, mask, c, C, 0, COMPUTE)
     return x, eps, z
 
 
@@ -48,7 +46,8 @@ def _step_channel(c, x, eps, z, x_new_ptr, x0_hat_ptr, b, tile_start, hw, mask, 
         if Z_TENSOR:
             x_new = x_new + z_scale * z
         if Z_DRAWN:
-            x_new = x_new + z_scale * normals(seed, tile_start, b * C + channel, offset_lo, offset_hi, BLOCK).to(COMPUTE)
+            drawn = normals(seed, tile_start, b * C + channel, offset_lo, offset_hi, BLOCK)
+            x_new = x_new + z_scale * drawn.to(COMPUTE)
         out = (b * C + channel) * HW + hw
         store(x_new_ptr + out, tl.where(finished, x, x_new), mask)
         if WRITE_X0_HAT:
@@ -61,8 +60,8 @@ def _reverse_step_kernel(x_ptr, eps_ptr, z_ptr, tau_ptr, delta_ptr, table_ptr, x
                          x_sb, x_sc, x_sh, x_sw, e_sb, e_sc, e_sh, e_sw, z_sb, z_sc, z_sh, z_sw, t_sb, t_sh, t_sw,
                          eta2: tl.float64, clamp_min: tl.float64, clamp_max: tl.float64,
                          seed, offset_lo, offset_hi,
-                         COMPUTE: tl.constexpr, DENSE_PLANE: tl.constexpr, Z_TENSOR: tl.constexpr, Z_DRAWN: tl.constexpr,
-                         CLAMP: tl.constexpr, WRITE_X0_HAT: tl.constexpr, BLOCK: tl.constexpr):
+                         COMPUTE: tl.constexpr, DENSE_PLANE: tl.constexpr, Z_TENSOR: tl.constexpr,
+                         Z_DRAWN: tl.constexpr, CLAMP: tl.constexpr, WRITE_X0_HAT: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // n_tiles).to(tl.int64)
     tile_start = (pid % n_tiles) * BLOCK

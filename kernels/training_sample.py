@@ -14,17 +14,17 @@ Ordered launch (the default): one launch whose programs take tickets from an ato
 names the phase, image and tile in the order max(0), max(1), sample(0), max(2), sample(1), ...,
 sample(B-1). A sample tile waits (spins) until every max tile of its image is done; those hold
 smaller tickets, so they are already running and never wait themselves: no deadlock whatever order
-the GPU starts programs in. An image's x0 is re-read one image of traffic after the max phase read
-it, so the second read mostly hits L2. Two-pass launch: the two phases as two launches
-(`ordered=False`); the second read of x0 then comes from DRAM.
+the GPU starts programs in. An image's x0 is re-read about one image of traffic after the max phase
+read it, so the second read can come from L2 rather than DRAM (the GPU suite measures this against the
+two-pass launch, `ordered=False`: the two phases as two launches, each reading all of x0).
 
 Bytes per element, float32, C = 3, noise drawn in the kernel: x0 4 read; y', x_t, target 12 + tau 4/3
 written = 17.33 B (bfloat16 data: 9.33 B; +2 x itemsize with explicit eps_T, eps' tensors). The
 two-pass launch moves 4 B more (x0 read twice from DRAM): 21.33 B.
 Roofline at 16x3x512x512 (12.6 M elements), float32: 218.1 MB -> 72.7 us on an H100 (~3.0 TB/s
 measured copy bandwidth), 50.7 us on an H200 (~4.3 TB/s); bfloat16: 117.4 MB -> 39.1 us / 27.3 us.
-Two-pass float32: 268.4 MB of DRAM traffic -> 89.5 us / 62.4 us, so at most 81% of copy bandwidth
-when counted against the 218.1 MB minimum.
+Two-pass float32: 268.4 MB of DRAM traffic -> 89.5 us / 62.4 us, at most 81% of copy bandwidth when
+counted against the 218.1 MB minimum.
 """
 import torch
 import triton
@@ -159,7 +159,8 @@ def _training_sample_kernel(x0_ptr, eps_t_ptr, eps_p_ptr, sigma_r_ptr, sigma_s_p
         has_target = g > 0
         target_scale = sqrt_rn(tl.where(has_target, g, 1.0))
 
-        # 4.-5. four channels at a time, loads before stores (x0 again, now from L1, and the given noise)
+        # 4.-5. four channels at a time, loads before stores (x0 again, which channel_max just brought into L1,
+        # and the given noise)
         a_plane = plane_offsets(hw, W, a_sh, a_sw, DENSE_PLANE)
         p_plane = plane_offsets(hw, W, p_sh, p_sw, DENSE_PLANE)
         for c in range(0, C, 4):
