@@ -2,7 +2,8 @@
 
 1. A sampling step (the raw op, as svnr_fast.sampling calls it, and the checked public function) and a
    training-sample step compile with fullgraph=True (no graph break), give the eager results, and do not
-   recompile for every new RNG offset.
+   recompile for every new RNG offset: on CPU with the reference and (interpreted) Triton backends, and
+   on a GPU with the Triton kernels.
 2. Without a GPU the interpreter runs the kernels, but the compiled (PTX) path differs from it (e.g. a
    variable must have one type across a runtime `if`). Run as a script, this file intercepts every kernel
    launch and compiles it ahead of time for sm_90 instead, so such errors surface on a CPU machine too.
@@ -14,11 +15,13 @@ import sys
 import pytest
 import torch
 
+from conftest import requires_cuda
 from svnr_fast import Schedule, ops
 from triton_devices import requires_interpreter
 
 TABLE = Schedule().table
-BACKENDS = ["reference", pytest.param("triton", marks=requires_interpreter)]
+BACKENDS = [("reference", "cpu"), pytest.param("triton", "cpu", marks=requires_interpreter),
+            pytest.param("triton", "cuda", marks=[requires_cuda, pytest.mark.cuda])]
 
 
 def raw_sampling_step(x, eps_hat, tau, delta, table, offset):
@@ -35,9 +38,9 @@ def training_step(x0, sigma_r, sigma_s, u, table, offset):
     return sample.x_t, sample.target, ops.gamma(sample.tau, table)
 
 
-@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("name, device", BACKENDS)
 @pytest.mark.parametrize("step", [raw_sampling_step, public_sampling_step, training_step])
-def test_fullgraph_compile_matches_eager(backend, name, step):
+def test_fullgraph_compile_matches_eager(backend, name, device, step):
     from torch._dynamo.testing import CompileCounterWithBackend
 
     backend(name)
@@ -47,7 +50,9 @@ def test_fullgraph_compile_matches_eager(backend, name, step):
         args = (x, torch.tensor([0.02, 0.1]), torch.tensor([0.1, 0.05]), torch.tensor([0.3, 0.8]), TABLE)
     else:
         args = (x, torch.randn_like(x), torch.rand(2, 1, 8, 8) * 50, torch.tensor([1.0, 2.0]), TABLE)
-    counter = CompileCounterWithBackend("inductor")
+    args = tuple(a.to(device) for a in args)
+    # on a GPU aot_eager (capture + fake kernels, no code generation) keeps the GPU suite's test time down
+    counter = CompileCounterWithBackend("inductor" if device == "cpu" else "aot_eager")
     compiled = torch.compile(step, fullgraph=True, backend=counter)
     for offset in range(4):
         for got, want in zip(compiled(*args, offset), step(*args, offset)):
