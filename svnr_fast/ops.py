@@ -30,13 +30,21 @@ def _image_like(x: Tensor) -> Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
+def _contiguous(result):
+    """The layout the fake kernels below declare: contiguous. The Triton kernels write it; the eager
+    reference keeps its inputs' layout (channels_last, transposed), which torch.compile must not see."""
+    if isinstance(result, Tensor):
+        return result.contiguous()
+    return tuple(t.contiguous() for t in result)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Schedule lookups
 # ---------------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("svnr::gamma", mutates_args=())
 def _gamma(tau: Tensor, table: Tensor) -> Tensor:
-    return _impl("gamma", tau.device)(tau.to(_checks.compute_dtype(tau.dtype)), table)
+    return _contiguous(_impl("gamma", tau.device)(tau.to(_checks.compute_dtype(tau.dtype)), table))
 
 
 @_gamma.register_fake
@@ -46,7 +54,7 @@ def _(tau, table):
 
 @torch.library.custom_op("svnr::time_from_variance", mutates_args=())
 def _time_from_variance(v: Tensor, table: Tensor) -> Tensor:
-    return _impl("time_from_variance", v.device)(v.to(_checks.compute_dtype(v.dtype)), table)
+    return _contiguous(_impl("time_from_variance", v.device)(v.to(_checks.compute_dtype(v.dtype)), table))
 
 
 @_time_from_variance.register_fake
@@ -56,7 +64,7 @@ def _(v, table):
 
 @torch.library.custom_op("svnr::time_map", mutates_args=())
 def _time_map(variance: Tensor, table: Tensor) -> Tensor:
-    return _impl("time_map", variance.device)(variance.to(_checks.compute_dtype(variance.dtype)), table)
+    return _contiguous(_impl("time_map", variance.device)(variance.to(_checks.compute_dtype(variance.dtype)), table))
 
 
 @_time_map.register_fake
@@ -101,8 +109,8 @@ def time_map(variance: Tensor, table: Tensor) -> Tensor:
 def _training_sample(x0: Tensor, sigma_r: Tensor, sigma_s: Tensor, u: Tensor, table: Tensor, correlated: bool,
                      eps_T: Optional[Tensor], eps_prime: Optional[Tensor], seed: int,
                      offset: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _impl("training_sample", x0.device)(x0, sigma_r, sigma_s, u, table, correlated, eps_T, eps_prime,
-                                               seed, offset)
+    return _contiguous(_impl("training_sample", x0.device)(x0, sigma_r, sigma_s, u, table, correlated, eps_T,
+                                                           eps_prime, seed, offset))
 
 
 @_training_sample.register_fake
@@ -129,8 +137,8 @@ def training_sample(x0: Tensor, sigma_r, sigma_s, u, table: Tensor, *, correlate
 def _reverse_step(x: Tensor, eps_hat: Tensor, tau: Tensor, delta: Tensor, table: Tensor, eta: float,
                   z: Optional[Tensor], clamp_min: Optional[float], clamp_max: Optional[float], seed: int,
                   offset: int, return_x0_hat: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return _impl("reverse_step", x.device)(x, eps_hat, tau, delta, table, eta, z, clamp_min, clamp_max, seed,
-                                           offset, return_x0_hat)
+    return _contiguous(_impl("reverse_step", x.device)(x, eps_hat, tau, delta, table, eta, z, clamp_min, clamp_max,
+                                                       seed, offset, return_x0_hat))
 
 
 @_reverse_step.register_fake

@@ -73,10 +73,13 @@ def test_half_precision_input_gives_float32_times(backend, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_opcheck(backend, device):
-    backend("triton")
+@pytest.mark.parametrize("name", ["triton", "reference"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck(backend, device, name, layout):
+    backend(name)
     gen = torch.Generator().manual_seed(4)
     tau, v = times((2, 3, 5, 7), TABLE, gen).to(device), variances((2, 3, 5, 7), TABLE, gen).to(device)
+    tau, v = as_layout(tau, layout), as_layout(v, layout)
     for op, args in ((torch.ops.svnr.gamma, (tau, TABLE.to(device))),
                      (torch.ops.svnr.time_from_variance, (v, TABLE.to(device))),
                      (torch.ops.svnr.time_map, (v, TABLE.to(device)))):

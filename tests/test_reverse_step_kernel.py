@@ -127,9 +127,12 @@ def test_eta_zero_neither_reads_nor_draws_noise(backend, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_opcheck(backend, device):
-    backend("triton")
+@pytest.mark.parametrize("name", ["triton", "reference"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck(backend, device, name, layout):
+    backend(name)
     x, eps_hat, z, tau, delta, table = step_inputs((2, 3, 5, 7), device)
+    x, eps_hat, z = (as_layout(t, layout) for t in (x, eps_hat, z))
     for z_arg, clamp_min, clamp_max, return_x0_hat in ((z, 0.0, 1.0, True), (None, None, None, False)):
         torch.library.opcheck(torch.ops.svnr.reverse_step, (x, eps_hat, tau, delta, table, 0.5, z_arg, clamp_min,
                                                             clamp_max, 3, 1, return_x0_hat))

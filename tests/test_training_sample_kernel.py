@@ -154,9 +154,12 @@ def test_in_kernel_noise_is_standard_normal_and_streams_are_independent(backend,
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_opcheck(backend, device):
-    backend("triton")
+@pytest.mark.parametrize("name", ["triton", "reference"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck(backend, device, name, layout):
+    backend(name)
     x0, eps_T, eps_prime, sigma_r, sigma_s, u, table = sample_inputs((2, 3, 5, 7), device)
+    x0, eps_T, eps_prime = (as_layout(t, layout) for t in (x0, eps_T, eps_prime))
     for noise in ((eps_T, eps_prime), (None, None)):
         for correlated in (True, False):
             torch.library.opcheck(torch.ops.svnr.training_sample,
