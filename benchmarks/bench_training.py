@@ -8,31 +8,13 @@ autocast); the eager column forces the reference for every svnr op. A compiled c
 whole training step (minutes on a CPU), so there is none; `bytes_moved` is 0 because a training step
 has no meaningful minimum traffic (its GB/s columns do not apply).
 """
-import os
-
 import pytest
 import torch
 
-from common import Case
-from svnr_fast import backends, data, training
+from common import Case, with_backend
+from svnr_fast import backends, training
 
 BATCH, CROP = 16, 64
-
-
-def with_backend(backend: str | None, fn):
-    """fn run with SVNR_FAST_BACKEND set to `backend` (None: automatic choice), restored afterwards."""
-    def run():
-        before = os.environ.get("SVNR_FAST_BACKEND")
-        os.environ.pop("SVNR_FAST_BACKEND", None)
-        if backend is not None:
-            os.environ["SVNR_FAST_BACKEND"] = backend
-        try:
-            return fn()
-        finally:
-            os.environ.pop("SVNR_FAST_BACKEND", None)
-            if before is not None:
-                os.environ["SVNR_FAST_BACKEND"] = before
-    return run
 
 
 def training_step(device: str, preset: str = "small", batch: int = BATCH, crop: int = CROP):

@@ -48,11 +48,14 @@ def copy_bandwidth_gb_per_s(device: str = "cuda", nbytes: int = 2 * 1024**3) -> 
 
 
 def git_sha() -> str:
+    """SVNR_GIT_SHA when set (copies of the tree without .git, such as a lent GPU machine's), else git's."""
+    if os.environ.get("SVNR_GIT_SHA"):
+        return os.environ["SVNR_GIT_SHA"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("SVNR_GIT_SHA", "")
+        return ""
 
 
 def versions() -> dict:
@@ -74,3 +77,18 @@ def append_rows(path: Path, rows: list[dict]) -> None:
             writer.writeheader()
         for row in rows:
             writer.writerow({k: row.get(k, "") for k in CSV_COLUMNS})
+
+
+def with_backend(backend: str | None, fn: Callable[[], object]) -> Callable[[], object]:
+    """fn run with SVNR_FAST_BACKEND set to `backend` (None: automatic choice), restored afterwards."""
+    def run():
+        before = os.environ.pop("SVNR_FAST_BACKEND", None)
+        if backend is not None:
+            os.environ["SVNR_FAST_BACKEND"] = backend
+        try:
+            return fn()
+        finally:
+            os.environ.pop("SVNR_FAST_BACKEND", None)
+            if before is not None:
+                os.environ["SVNR_FAST_BACKEND"] = before
+    return run

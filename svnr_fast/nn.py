@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import ops
+from . import _checks
 
 
 class GroupNormSpatialFiLM(nn.Module):
@@ -12,7 +12,8 @@ class GroupNormSpatialFiLM(nn.Module):
 
     Owns the GroupNorm parameters; `forward(h, u, table)` takes the feature map h (B, C, H, W), the
     warped time map u (B, 1, H, W) in knot units and the (K, 2C) [scale | shift] table of this block
-    (DESIGN.md §1.6). Served by the fused op `svnr::groupnorm_film`.
+    (DESIGN.md §1.6). Served by the fused op `svnr::groupnorm_film`. Only shapes are checked here:
+    a NaN check would synchronise with the GPU in every block of every step.
     """
 
     def __init__(self, channels: int, groups: int = 32, eps: float = 1e-5, act: str = "silu"):
@@ -24,7 +25,10 @@ class GroupNormSpatialFiLM(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, h: torch.Tensor, u: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        return ops.groupnorm_film(h, u, table, self.weight, self.bias, self.groups, self.eps, self.act)
+        _checks.groupnorm_film_args(h, u, table, self.weight, self.bias, self.groups, self.eps, self.act,
+                                    check_values=False)
+        return torch.ops.svnr.groupnorm_film(h, u, table, self.weight, self.bias, self.groups, float(self.eps),
+                                             self.act)[0]
 
     def extra_repr(self) -> str:
         return f"{self.channels}, groups={self.groups}, eps={self.eps}, act={self.act!r}"
