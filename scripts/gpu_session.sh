@@ -10,6 +10,7 @@ total=${2:-590}
 suite=${3:-300}
 start=$(date +%s)
 export PYTHONUNBUFFERED=1
+command -v nvcc > /dev/null || export PATH="/usr/local/cuda/bin:$PATH"
 
 if ! python3 -m pip install --no-build-isolation --no-deps -q -e . > /tmp/build.log 2>&1; then
     tail -40 /tmp/build.log; exit 1
