@@ -229,10 +229,30 @@ SVNR_HD FilmGrad<T> film_grad(T dout, T xhat, T w, T b, T scale, T shift) {
   return {dpre, dpre * n, dpre * (T(1) + scale)};
 }
 
+// a * b rounded once, never contracted with a following add into an FMA (nvcc contracts by default).
+SVNR_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+SVNR_HD double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 // GroupNorm input gradient: rstd * (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat)), dxhat = dn * w.
+// dxhat is rounded exactly as the reduction pass rounded it: where the two means cancel it (one-element
+// groups, where rstd = 1/sqrt(eps) amplifies any difference), an FMA's unrounded product would leave a
+// residue of one rounding error times rstd instead of 0.
 template <typename T>
 SVNR_HD T groupnorm_grad_input(T dn, T w, T xhat, T rstd, T mean_dxhat, T mean_dxhat_xhat) {
-  return rstd * (dn * w - mean_dxhat - xhat * mean_dxhat_xhat);
+  return rstd * (mul_rn(dn, w) - mean_dxhat - mul_rn(xhat, mean_dxhat_xhat));
 }
 
 // ---------------------------------------------------------------------------------------------------

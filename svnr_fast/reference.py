@@ -253,9 +253,9 @@ def _groupnorm_film(h, u, table, gn_weight, gn_bias, groups, eps, act):
     """
     dtype = _checks.compute_dtype(h.dtype)
     B, C, H, W = h.shape
-    # F.group_norm, also returning the statistics
-    normed, mean, rstd = torch.native_group_norm(h.to(dtype), gn_weight.to(dtype), gn_bias.to(dtype), B, C,
-                                                 H * W, groups, eps)
+    # F.group_norm, also returning the statistics (its CUDA kernel takes NCHW-contiguous input only)
+    normed, mean, rstd = torch.native_group_norm(h.to(dtype).contiguous(), gn_weight.to(dtype), gn_bias.to(dtype),
+                                                 B, C, H * W, groups, eps)
     film = lerp_table(u.detach(), table.to(dtype))
     scale, shift = film[:, :C], film[:, C:]
     out = normed * (1 + scale) + shift
