@@ -158,6 +158,17 @@ def _training_sample(x0, sigma_r, sigma_s, u, table, correlated, eps_T, eps_prim
     g_star = _gamma(tau_star, table)
     y = x + g_star.sqrt() * eps_T
 
+    x_t, tau, target = bridge_sample(x, y, tau_star, u, table, correlated, eps_prime)
+    return y.to(x0.dtype), x_t.to(x0.dtype), tau, target.to(x0.dtype)
+
+
+def bridge_sample(x0: torch.Tensor, y: torch.Tensor, tau_star: torch.Tensor, u: torch.Tensor, table: torch.Tensor,
+                  correlated: bool, eps_prime: torch.Tensor):
+    """Steps 2-5 of the training sample: x_t between x0 and the condition y' (at tau*), and its target.
+
+    All tensors in one compute dtype; u is (B, 1, 1, 1). Returns (x_t, tau, target).
+    """
+    g_star = _gamma(tau_star, table)
     # 2. every pixel steps back from tau* by the same amount t0, as the sampler moves
     t0 = u * tau_star.amax(dim=(1, 2, 3), keepdim=True)
     tau = (tau_star - t0).clamp_min(0)
@@ -166,13 +177,13 @@ def _training_sample(x0, sigma_r, sigma_s, u, table, correlated, eps_T, eps_prim
     # 3.-4. the Brownian bridge between x0 (time 0) and y' (time tau*), or independent noise (ablation)
     if correlated:
         r = torch.where(g_star > 0, g / torch.where(g_star > 0, g_star, 1), 0)
-        x_t = x + r * (y - x) + (g * (1 - r)).clamp_min(0).sqrt() * eps_prime
+        x_t = x0 + r * (y - x0) + (g * (1 - r)).clamp_min(0).sqrt() * eps_prime
     else:
-        x_t = x + g.sqrt() * eps_prime
+        x_t = x0 + g.sqrt() * eps_prime
 
     # 5. the epsilon target; pixels at gamma(tau) = 0 have no noise to predict and get zero loss weight
-    target = torch.where(g > 0, (x_t - x) / torch.where(g > 0, g, 1).sqrt(), 0)
-    return y.to(x0.dtype), x_t.to(x0.dtype), tau, target.to(x0.dtype)
+    target = torch.where(g > 0, (x_t - x0) / torch.where(g > 0, g, 1).sqrt(), 0)
+    return x_t, tau, target
 
 
 # ---------------------------------------------------------------------------------------------------

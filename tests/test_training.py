@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from svnr_fast import data, imageio, models, train, training
+from svnr_fast import PoissonGaussian, Schedule, data, imageio, models, reference, train, training
 from svnr_fast.models import CheckpointError
 from svnr_fast.training import TrainConfig
 
@@ -240,3 +240,48 @@ def test_two_process_ddp_keeps_the_replicas_identical(photo_folder, tmp_path):
     checkpoint = _tensors(tmp_path / "run" / "checkpoint.safetensors")
     assert "rng.0.torch" in checkpoint and "rng.1.torch" in checkpoint
     shutil.rmtree(tmp_path / "run")
+
+
+def test_observed_input_is_what_inference_builds():
+    """The training condition of --time-map observed is denoise()'s top-up of the same noisy photo."""
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.rand(2, 3, 12, 10, generator=gen)
+    sigma_r, sigma_s = torch.tensor([0.02, 0.1]), torch.tensor([0.2, 0.05])
+    eps_y, z = torch.randn(2, *x0.shape, generator=gen)
+    table = Schedule().table
+    y_prime, tau_star = training.observed_input(x0, sigma_r, sigma_s, table, eps_y, z)
+    y = x0 + (sigma_r.view(2, 1, 1, 1) ** 2 + sigma_s.view(2, 1, 1, 1) ** 2 * x0).sqrt() * eps_y
+    variance = PoissonGaussian(sigma_r, sigma_s).variance(y.clamp(0, 1))
+    expected_y, expected_tau = reference.top_up(y, variance, table, z=z)
+    torch.testing.assert_close(y_prime, expected_y, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(tau_star, expected_tau, rtol=1e-6, atol=1e-5)
+
+
+def test_observed_time_map_sample_is_a_bridge_to_the_observed_condition():
+    config = tiny_config(time_map="observed")
+    model = models.SVNRUNet(config.model_config())
+    x0 = next(iter(smooth_images(4, 16, 16)))[None].expand(4, -1, -1, -1).contiguous()
+    sample = training.make_sample(model, x0, config, step=0, rank=0)
+    g = model.gamma(sample.tau)
+    torch.testing.assert_close(sample.x_t, x0 + g.sqrt() * sample.eps, rtol=1e-5, atol=1e-5)
+    # the time map follows the noisy observation, so it is no longer a function of the clean image alone
+    again = training.make_sample(model, x0, config, step=1, rank=0)
+    assert not torch.equal(sample.condition, again.condition)
+    with pytest.raises(ValueError, match="time_map='observed' applies to the svnr schemes"):
+        tiny_config(time_map="observed", scheme="baseline")
+    with pytest.raises(ValueError, match="time_map must be one of"):
+        tiny_config(time_map="clean")
+
+
+def test_init_starts_from_a_model_file(tmp_path):
+    source = models.SVNRUNet(models.preset("tiny"))
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.5)
+    models.save_model(source, tmp_path / "init.safetensors")
+    state = training.new_state(tiny_config(init=str(tmp_path / "init.safetensors")), "cpu")
+    for a, b in zip(state.model.state_dict().values(), source.state_dict().values()):
+        assert torch.equal(a, b)
+    models.save_model(models.SVNRUNet(models.preset("small")), tmp_path / "small.safetensors")
+    with pytest.raises(models.CheckpointError, match="another architecture"):
+        training.new_state(tiny_config(init=str(tmp_path / "small.safetensors")), "cpu")
