@@ -83,24 +83,9 @@ constexpr std::int64_t kSumBlock = 2048;
 // Pixel block of the NHWC tasks.
 constexpr std::int64_t kPixelBlock = 256;
 
-template <typename P>
-P* as(std::uintptr_t address) { return reinterpret_cast<P*>(address); }
-
 template <typename Fn>
 void dispatch(int dtype, bool silu, Fn&& fn) {
-  auto with_act = [&](auto storage) {
-    if (silu)
-      fn(storage, std::true_type{});
-    else
-      fn(storage, std::false_type{});
-  };
-  switch (dtype) {
-    case kFloat32: return with_act(float{});
-    case kFloat64: return with_act(double{});
-    case kBFloat16: return with_act(BFloat16{});
-    case kFloat16: return with_act(Float16{});
-    default: throw std::invalid_argument("groupnorm_film: unknown dtype code " + std::to_string(dtype));
-  }
+  dispatch_storage<BFloat16, Float16>(dtype, silu, std::forward<Fn>(fn));
 }
 
 int thread_count(int requested) { return requested < 1 ? 1 : requested; }

@@ -602,26 +602,11 @@ __global__ void backward_apply_nhwc(Params<S> p, int64_t packs) {
 // Host side
 // ---------------------------------------------------------------------------------------------------
 
-template <typename P>
-P* as(std::uintptr_t address) { return reinterpret_cast<P*>(address); }
-
 bool aligned16(std::uintptr_t address) { return address % 16 == 0; }
 
 template <typename Fn>
 void dispatch(int dtype, bool silu, Fn&& fn) {
-  auto with_act = [&](auto storage) {
-    if (silu)
-      fn(storage, std::true_type{});
-    else
-      fn(storage, std::false_type{});
-  };
-  switch (dtype) {
-    case kFloat32: return with_act(float{});
-    case kFloat64: return with_act(double{});
-    case kBFloat16: return with_act(__nv_bfloat16{});
-    case kFloat16: return with_act(__half{});
-    default: throw std::invalid_argument("groupnorm_film: unknown dtype code " + std::to_string(dtype));
-  }
+  dispatch_storage<__nv_bfloat16, __half>(dtype, silu, std::forward<Fn>(fn));
 }
 
 // Calls fn(std::integral_constant<int, VEC>) with VEC = 16 bytes of S when `vectorise`, else 1.

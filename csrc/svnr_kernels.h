@@ -5,6 +5,10 @@
 #pragma once
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <utility>
 
 namespace svnr {
 
@@ -21,6 +25,28 @@ int cuda_driver_version();
 // Storage dtype of h, out, grad_out and grad_h. Every other tensor (u, table, weight, bias, mean, rstd and
 // the gradients of table/weight/bias) is in the compute dtype: float64 for float64 data, else float32.
 enum DTypeCode : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
+
+template <typename P>
+P* as(std::uintptr_t address) { return reinterpret_cast<P*>(address); }
+
+// Calls fn(storage value, std::bool_constant<silu>) with the storage type of `dtype`; the 16-bit types
+// are the CPU's or CUDA's own (BFloat16T, Float16T).
+template <typename BFloat16T, typename Float16T, typename Fn>
+void dispatch_storage(int dtype, bool silu, Fn&& fn) {
+  auto with_act = [&](auto storage) {
+    if (silu)
+      fn(storage, std::true_type{});
+    else
+      fn(storage, std::false_type{});
+  };
+  switch (dtype) {
+    case kFloat32: return with_act(float{});
+    case kFloat64: return with_act(double{});
+    case kBFloat16: return with_act(BFloat16T{});
+    case kFloat16: return with_act(Float16T{});
+    default: throw std::invalid_argument("groupnorm_film: unknown dtype code " + std::to_string(dtype));
+  }
+}
 
 struct GroupNormFilmShape {
   std::int64_t batch;

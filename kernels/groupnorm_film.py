@@ -82,74 +82,47 @@ def _cast_grads(grad_h, grad_table, grad_weight, grad_bias, table, gn_weight, gn
     return grad_h, grad_table.to(table.dtype), grad_weight.to(gn_weight.dtype), grad_bias.to(gn_bias.dtype)
 
 
-# ---------------------------------------------------------------------------------------------------
-# CPU
-# ---------------------------------------------------------------------------------------------------
 
-def groupnorm_film_cpu(h, u, table, gn_weight, gn_bias, groups, eps, act):
+def _launch_tail(ext, p: _Prepared) -> tuple[str, tuple, object]:
+    """(kernel suffix, the arguments after the common ones, what must stay alive during the launch).
+
+    CPU: the thread count torch uses. CUDA: a workspace, the device index and torch's current stream;
+    temporaries freed after the launch (the workspace, converted inputs) are safe, since the caching
+    allocator hands their memory only to work queued later on the same stream.
+    """
+    if not p.h.is_cuda:
+        return "cpu", (torch.get_num_threads(),), None
+    workspace = torch.empty(ext.groupnorm_film_cuda_workspace_bytes(*p.shape), dtype=torch.uint8,
+                            device=p.h.device)
+    stream = torch.cuda.current_stream(p.h.device).cuda_stream
+    return "cuda", (workspace.data_ptr(), p.h.device.index, stream), workspace
+
+
+def groupnorm_film(h, u, table, gn_weight, gn_bias, groups, eps, act):
+    """The fused forward on h's device (the C++ kernel for CPU tensors, the CUDA kernel for CUDA ones)."""
     if h.numel() == 0:   # nothing to compute; the reference gives the empty results their exact form
         return reference._groupnorm_film(h, u, table, gn_weight, gn_bias, groups, eps, act)
     ext = _extension()
     p = _prepare(h, u, table, gn_weight, gn_bias, groups)
     out, mean, rstd = torch.empty_like(p.h), _statistics(p.h, groups), _statistics(p.h, groups)
-    ext.groupnorm_film_forward_cpu(
+    kind, tail, _alive = _launch_tail(ext, p)
+    getattr(ext, f"groupnorm_film_forward_{kind}")(
         *p.shape, p.h.data_ptr(), p.u.data_ptr(), p.table.data_ptr(), p.weight.data_ptr(), p.bias.data_ptr(),
-        out.data_ptr(), mean.data_ptr(), rstd.data_ptr(), float(eps), act == "silu", torch.get_num_threads())
+        out.data_ptr(), mean.data_ptr(), rstd.data_ptr(), float(eps), act == "silu", *tail)
     return out, mean, rstd
 
 
-def groupnorm_film_backward_cpu(grad_out, h, u, table, gn_weight, gn_bias, mean, rstd, groups, act):
+def groupnorm_film_backward(grad_out, h, u, table, gn_weight, gn_bias, mean, rstd, groups, act):
+    """The fused backward on h's device, from the statistics the forward saved."""
     if h.numel() == 0:
         return reference._groupnorm_film_backward(grad_out, h, u, table, gn_weight, gn_bias, mean, rstd, groups,
                                                   act)
     ext = _extension()
     p = _prepare(h, u, table, gn_weight, gn_bias, groups)
     grad_out, mean, rstd, grad_h, grad_table, grad_weight, grad_bias = _backward_outputs(p, grad_out, mean, rstd)
-    ext.groupnorm_film_backward_cpu(
+    kind, tail, _alive = _launch_tail(ext, p)
+    getattr(ext, f"groupnorm_film_backward_{kind}")(
         *p.shape, grad_out.data_ptr(), p.h.data_ptr(), p.u.data_ptr(), p.table.data_ptr(), p.weight.data_ptr(),
         p.bias.data_ptr(), mean.data_ptr(), rstd.data_ptr(), grad_h.data_ptr(), grad_table.data_ptr(),
-        grad_weight.data_ptr(), grad_bias.data_ptr(), act == "silu", torch.get_num_threads())
-    return _cast_grads(grad_h, grad_table, grad_weight, grad_bias, table, gn_weight, gn_bias)
-
-
-# ---------------------------------------------------------------------------------------------------
-# CUDA
-# ---------------------------------------------------------------------------------------------------
-
-def _cuda_launch_args(ext, p: _Prepared):
-    """(workspace, device index, stream handle) for a launch on h's device and torch's current stream.
-
-    Temporaries freed after the launch (the workspace, converted inputs) are safe: the caching allocator
-    hands their memory only to work queued later on the same stream."""
-    workspace = torch.empty(ext.groupnorm_film_cuda_workspace_bytes(*p.shape), dtype=torch.uint8,
-                            device=p.h.device)
-    return workspace, p.h.device.index, torch.cuda.current_stream(p.h.device).cuda_stream
-
-
-def groupnorm_film_cuda(h, u, table, gn_weight, gn_bias, groups, eps, act):
-    if h.numel() == 0:
-        return reference._groupnorm_film(h, u, table, gn_weight, gn_bias, groups, eps, act)
-    ext = _extension()
-    p = _prepare(h, u, table, gn_weight, gn_bias, groups)
-    out, mean, rstd = torch.empty_like(p.h), _statistics(p.h, groups), _statistics(p.h, groups)
-    workspace, device, stream = _cuda_launch_args(ext, p)
-    ext.groupnorm_film_forward_cuda(
-        *p.shape, p.h.data_ptr(), p.u.data_ptr(), p.table.data_ptr(), p.weight.data_ptr(), p.bias.data_ptr(),
-        out.data_ptr(), mean.data_ptr(), rstd.data_ptr(), float(eps), act == "silu", workspace.data_ptr(), device,
-        stream)
-    return out, mean, rstd
-
-
-def groupnorm_film_backward_cuda(grad_out, h, u, table, gn_weight, gn_bias, mean, rstd, groups, act):
-    if h.numel() == 0:
-        return reference._groupnorm_film_backward(grad_out, h, u, table, gn_weight, gn_bias, mean, rstd, groups,
-                                                  act)
-    ext = _extension()
-    p = _prepare(h, u, table, gn_weight, gn_bias, groups)
-    grad_out, mean, rstd, grad_h, grad_table, grad_weight, grad_bias = _backward_outputs(p, grad_out, mean, rstd)
-    workspace, device, stream = _cuda_launch_args(ext, p)
-    ext.groupnorm_film_backward_cuda(
-        *p.shape, grad_out.data_ptr(), p.h.data_ptr(), p.u.data_ptr(), p.table.data_ptr(), p.weight.data_ptr(),
-        p.bias.data_ptr(), mean.data_ptr(), rstd.data_ptr(), grad_h.data_ptr(), grad_table.data_ptr(),
-        grad_weight.data_ptr(), grad_bias.data_ptr(), act == "silu", workspace.data_ptr(), device, stream)
+        grad_weight.data_ptr(), grad_bias.data_ptr(), act == "silu", *tail)
     return _cast_grads(grad_h, grad_table, grad_weight, grad_bias, table, gn_weight, gn_bias)

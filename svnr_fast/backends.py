@@ -28,10 +28,10 @@ FAST = {
     "time_map": {"triton": ("svnr_fast.kernels.lookup", "time_map")},
     "training_sample": {"triton": ("svnr_fast.kernels.training_sample", "training_sample")},
     "reverse_step": {"triton": ("svnr_fast.kernels.reverse_step", "reverse_step")},
-    "groupnorm_film": {"cpp": ("svnr_fast.kernels.groupnorm_film", "groupnorm_film_cpu"),
-                       "cuda": ("svnr_fast.kernels.groupnorm_film", "groupnorm_film_cuda")},
-    "groupnorm_film_backward": {"cpp": ("svnr_fast.kernels.groupnorm_film", "groupnorm_film_backward_cpu"),
-                                "cuda": ("svnr_fast.kernels.groupnorm_film", "groupnorm_film_backward_cuda")},
+    "groupnorm_film": {"cpp": ("svnr_fast.kernels.groupnorm_film", "groupnorm_film"),
+                       "cuda": ("svnr_fast.kernels.groupnorm_film", "groupnorm_film")},
+    "groupnorm_film_backward": {"cpp": ("svnr_fast.kernels.groupnorm_film", "groupnorm_film_backward"),
+                                "cuda": ("svnr_fast.kernels.groupnorm_film", "groupnorm_film_backward")},
 }
 REFERENCE = {
     "gamma": "_gamma", "time_from_variance": "_time_from_variance", "time_map": "_time_map",
