@@ -1,8 +1,8 @@
 """training_sample (DESIGN.md §1.4): the fused Triton op vs the eager reference vs torch.compile(reference).
 
 `training_sample`: the training step's call, correlated, eps_T and eps' drawn in the kernel (the baselines
-draw them with torch.randn, see triton_cases.py), the ordered single launch. `training_sample_two_pass`:
-the kernel's two-launch variant (fused column only differs). `training_sample_given_noise`: all three
+draw them with torch.randn, see triton_cases.py), the two-pass launch. `training_sample_ordered`: the
+kernel's ordered single-launch variant (fused column only differs). `training_sample_given_noise`: all three
 read the same eps_T and eps' tensors.
 bytes_moved: x0 read, y', x_t, target written (data dtype), tau written (float32 per pixel), plus eps_T and
 eps' read when given; see kernels/training_sample.py for the roofline.
@@ -38,7 +38,7 @@ def reference_drawing_noise(x0, sigma_r, sigma_s, u, table):
 
 
 def case(shape, dtype, device, *, variant: str = "") -> Case:
-    """variant: "" (the op), "two_pass" or "given_noise"."""
+    """variant: "" (the op), "ordered" or "given_noise"."""
     x0, sigma_r, sigma_s, u, table, eps_T, eps_prime = inputs(shape, dtype, device)
     n, pixels = elements(shape)
     given = variant == "given_noise"
@@ -47,8 +47,8 @@ def case(shape, dtype, device, *, variant: str = "") -> Case:
     args = (x0, sigma_r, sigma_s, u, table, True, *noise, 0, 0)
     reference_fn, reference_args = ((reference._training_sample, args) if given else
                                     (reference_drawing_noise, (x0, sigma_r, sigma_s, u, table)))
-    if variant == "two_pass":
-        fused, compiled_fn = (lambda: kernel.launch(*args, ordered=False)), None
+    if variant == "ordered":
+        fused, compiled_fn = (lambda: kernel.launch(*args, ordered=True)), None
     else:
         compiled = compile_reference(reference_fn)
         fused, compiled_fn = (lambda: torch.ops.svnr.training_sample(*args)), (lambda: compiled(*reference_args))
@@ -62,7 +62,7 @@ def gpu_cases(device: str):
     for shape in sizes(device):
         for dtype in GPU_DTYPES:
             yield case(shape, dtype, device)
-    for variant in ("two_pass", "given_noise"):
+    for variant in ("ordered", "given_noise"):
         for dtype in GPU_DTYPES:
             yield case(sizes(device)[0], dtype, device, variant=variant)
 

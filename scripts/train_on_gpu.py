@@ -37,7 +37,7 @@ for a, b in zip(fused, ref):
 x_new, tau_new = ops.reverse_step(x0, eps[0], fused.tau, 1.0, table, z=eps[1])
 x_ref, tau_ref = reference.reverse_step(x0, eps[0], fused.tau, 1.0, table, z=eps[1])
 assert (x_new - x_ref).abs().max() <= 1e-5 and torch.equal(tau_new, tau_ref)
-ops.training_sample(*args, seed=1)          # the in-kernel noise path (the ordered launch) must finish
+ops.training_sample(*args, seed=1)          # the in-kernel noise path must finish
 torch.cuda.synchronize()
 print("fused CUDA ops agree with the reference")
 """
