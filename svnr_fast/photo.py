@@ -73,7 +73,9 @@ def denoise_photo(pixels: torch.Tensor, noise: tuple[float, float] | None, model
 
 def add_noise_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="network evaluations (default: ceil(max tau*), the paper)")
-    parser.add_argument("--eta", type=float, default=1.0, help="1 = posterior sampling (the paper), 0 = deterministic")
+    parser.add_argument("--eta", type=float, default=0.0,
+                        help="0 = deterministic (the default: the cleaner result with the bundled model), "
+                             "1 = posterior sampling (the paper)")
     parser.add_argument("--tile", type=int, default=512, help="process larger photos in overlapping tiles of this size")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--seed", type=int, default=0)
