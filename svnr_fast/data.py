@@ -7,6 +7,7 @@ Images are decoded once per worker process and kept in a byte-limited cache.
 """
 from __future__ import annotations
 
+import signal
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -103,11 +104,19 @@ class RandomCropBatches(torch.utils.data.Dataset):
         return batch
 
 
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """A SIGTERM or SIGINT sent to the whole process group (a scheduler, a terminal) would kill the workers
+    and crash the trainer before it could write its checkpoint; the trainer stops them itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def batch_loader(dataset: RandomCropBatches, start: int, stop: int, workers: int = 0, pin_memory: bool = False):
     """The batches of steps [start, stop) in order, decoded by `workers` processes (0: in this one)."""
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=range(start, stop), num_workers=workers, pin_memory=pin_memory,
-        prefetch_factor=4 if workers else None, generator=torch.Generator())   # leaves the global RNG alone
+        prefetch_factor=4 if workers else None, generator=torch.Generator(),   # leaves the global RNG alone
+        worker_init_fn=_leave_stop_signals_to_the_trainer if workers else None)
 
 
 def heldout_crops(files, size: int = 256) -> list[torch.Tensor]:

@@ -3,7 +3,11 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -285,3 +289,26 @@ def test_init_starts_from_a_model_file(tmp_path):
     models.save_model(models.SVNRUNet(models.preset("small")), tmp_path / "small.safetensors")
     with pytest.raises(models.CheckpointError, match="another architecture"):
         training.new_state(tiny_config(init=str(tmp_path / "small.safetensors")), "cpu")
+
+
+def test_sigterm_to_the_process_group_stops_with_a_checkpoint(photo_folder, tmp_path):
+    """A scheduler's SIGTERM reaches the data workers too; the run must still end cleanly."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "svnr_fast.cli", "train", "--data", str(photo_folder), "--out", str(out),
+               "--preset", "tiny", "--steps", "100000", "--batch-size", "2", "--crop", "16", "--log-every", "2",
+               "--eval-every", "0", "--checkpoint-every", "100000", "--workers", "1", "--no-progress",
+               "--device", "cpu"]
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "log.jsonl").exists() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        assert (out / "log.jsonl").exists(), "training did not start"
+        os.killpg(process.pid, signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, stderr.decode()[-2000:]
+    assert (out / "checkpoint.safetensors").is_file()
