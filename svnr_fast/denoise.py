@@ -98,7 +98,8 @@ def denoise(y: Tensor, noise: NoiseSpec = "auto", model: Optional[Denoiser] = No
     if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 16):
         raise ValueError(f"tile must be None or an int >= 16 (pixels), got {tile!r}")
     if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 1 or (tile and overlap >= tile // 2):
-        raise ValueError(f"overlap must be an int in [1, tile / 2), got {overlap!r}")
+        raise ValueError(f"overlap must be an int in [1, tile / 2) (tile={tile!r}), got {overlap!r}; "
+                         "pass a smaller overlap or a larger tile")
     model = default_model(batch.device) if model is None else model
     table = model.variance_table.to(batch.device)
 
