@@ -18,3 +18,14 @@ def backend(monkeypatch):
     def force(name: str) -> None:
         monkeypatch.setenv("SVNR_FAST_BACKEND", name)
     return force
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-model tests (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    they gain nothing from threads, and on a loaded 2-core machine OpenMP threads spin against each other
+    (a tiny training step: 20 ms with one thread, over a second with two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -21,14 +21,7 @@ LEVELS = ["0.02,0.05", "0.05,0.1"]
 METHODS = ["noisy", "svnr", "svnr-1", "svnr-2", "x0hat", "baseline-3", "ablation", "bm3d", "nlm", "wavelet"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on 32x32 photos gain nothing from threads, and on a shared 2-core machine a second thread
-    that waits for a busy core makes every convolution ten times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def photo(name: str) -> np.ndarray:

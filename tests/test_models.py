@@ -8,14 +8,7 @@ from svnr_fast import backends, models
 from svnr_fast.models import CheckpointError, SVNRUNet, UNetConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a loaded 2-core machine OpenMP threads spin against
-    each other (a tiny training step: 20 ms with one thread, over a second with two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**overrides) -> SVNRUNet:
