@@ -117,9 +117,11 @@ def _bounds(name: str, value: torch.Tensor, low: float | None, high: float | Non
 
 
 def scalar(name: str, value, *, low: float | None = None, high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
+    if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a finite float, got {value!r}")
     value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
     _bounds(name, torch.tensor([value], dtype=torch.float64), low, high)
     return value
 

@@ -79,7 +79,8 @@ def blend_ramp(length: int, start: int, size: int, overlap: int, device) -> Tens
 
 @torch.inference_mode()
 def denoise(y: Tensor, noise: NoiseSpec = "auto", model: Optional[Denoiser] = None, steps: Optional[int] = None,
-            eta: float = 1.0, tile: Optional[int] = None, seed: int = 0, overlap: int = 32, tile_batch: int = 4,
+            eta: float = 1.0, tile: Optional[int] = None, seed: int = 0, overlap: Optional[int] = None,
+            tile_batch: int = 4,
             clamp=(0.0, 1.0), progress: Optional[Callable[[int, int], None]] = None) -> Tensor:
     """Denoises y, (C, H, W) or (B, C, H, W) in the signal domain [0, 1] (plus noise), on y's device.
 
@@ -87,7 +88,7 @@ def denoise(y: Tensor, noise: NoiseSpec = "auto", model: Optional[Denoiser] = No
     PoissonGaussian. model: a denoiser `(y', x, tau) -> eps_hat` with a `variance_table` buffer, such
     as svnr_fast.models.SVNRUNet; None loads the bundled model. steps: None = ceil(max tau*), the
     paper. tile: process photos larger than tile x tile pixels in overlapping tiles (`overlap` pixels
-    shared, `tile_batch` tiles per network call). clamp bounds x0_hat at every step (None: no bound).
+    shared, default min(32, tile / 4); `tile_batch` tiles per network call). clamp bounds x0_hat at every step (None: no bound).
     progress(done, total) is called after every network evaluation.
     """
     single = y.dim() == 3
@@ -97,6 +98,8 @@ def denoise(y: Tensor, noise: NoiseSpec = "auto", model: Optional[Denoiser] = No
     _checks.scalar("eta", eta, low=0.0, high=1.0)
     if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 16):
         raise ValueError(f"tile must be None or an int >= 16 (pixels), got {tile!r}")
+    if overlap is None:
+        overlap = min(32, tile // 4) if tile else 32
     if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 1 or (tile and overlap >= tile // 2):
         raise ValueError(f"overlap must be an int in [1, tile / 2) (tile={tile!r}), got {overlap!r}; "
                          "pass a smaller overlap or a larger tile")

@@ -18,8 +18,8 @@ class GroupNormSpatialFiLM(nn.Module):
 
     def __init__(self, channels: int, groups: int = 32, eps: float = 1e-5, act: str = "silu"):
         super().__init__()
-        if channels % groups:
-            raise ValueError(f"groups ({groups}) must divide channels ({channels})")
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or channels % groups:
+            raise ValueError(f"groups must be a positive int dividing channels ({channels}), got {groups!r}")
         self.channels, self.groups, self.eps, self.act = channels, groups, eps, act
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels))

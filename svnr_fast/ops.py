@@ -77,28 +77,27 @@ def _lookup_table(table: Tensor, dtype: torch.dtype) -> Tensor:
     return table.to(_checks.compute_dtype(dtype))
 
 
+def _checked_lookup(name: str, value: Tensor, table: Tensor, ndim: Optional[int] = None) -> Tensor:
+    """Checks a lookup's input and table; returns the table in the input's compute dtype."""
+    _checks.tensor(name, value, ndim=ndim)
+    _checks.table(table, value.device)
+    _checks.finite(name, value)
+    return _lookup_table(table, value.dtype)
+
+
 def gamma(tau: Tensor, table: Tensor) -> Tensor:
     """gamma(tau): piecewise-linear interpolation of the variance table (any shape)."""
-    _checks.tensor("tau", tau)
-    _checks.table(table, tau.device)
-    _checks.finite("tau", tau)
-    return torch.ops.svnr.gamma(tau, _lookup_table(table, tau.dtype))
+    return torch.ops.svnr.gamma(tau, _checked_lookup("tau", tau, table))
 
 
 def time_from_variance(v: Tensor, table: Tensor) -> Tensor:
     """tau(v): the exact inverse of gamma (0 below table[0], T above table[-1])."""
-    _checks.tensor("v", v)
-    _checks.table(table, v.device)
-    _checks.finite("v", v)
-    return torch.ops.svnr.time_from_variance(v, _lookup_table(table, v.dtype))
+    return torch.ops.svnr.time_from_variance(v, _checked_lookup("v", v, table))
 
 
 def time_map(variance: Tensor, table: Tensor) -> Tensor:
     """tau*(B, 1, H, W) = tau(max over channels of the variance map)."""
-    _checks.tensor("variance", variance, ndim=4)
-    _checks.table(table, variance.device)
-    _checks.finite("variance", variance)
-    return torch.ops.svnr.time_map(variance, _lookup_table(table, variance.dtype))
+    return torch.ops.svnr.time_map(variance, _checked_lookup("variance", variance, table, ndim=4))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -81,7 +81,8 @@ def add_noise_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", type=Path, default=None, help="a model file (default: the bundled model)")
     parser.add_argument("--linear", action="store_true",
-                        help="denoise linear-light values (sRGB decoded first, encoded after)")
+                        help="denoise linear-light values (sRGB decoded first, encoded after); --sigma-r and "
+                             "--sigma-s then describe the noise of the linear values")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -135,7 +136,8 @@ def add_denoise_parser(sub) -> None:
                             description="Denoise a photo with SVNR. Noise parameters are given or estimated.")
     parser.add_argument("input", type=Path)
     parser.add_argument("-o", "--output", type=Path, required=True)
-    parser.add_argument("--sigma-r", type=float, default=None, help="read-noise std (signal units, 0..1)")
+    parser.add_argument("--sigma-r", type=float, default=None,
+                        help="read-noise std in the units of the pixel values (0..1; linear light with --linear)")
     parser.add_argument("--sigma-s", type=float, default=None, help="shot-noise std factor: var = r^2 + s^2 x")
     parser.add_argument("--noise", choices=["auto"], default=None,
                         help="estimate the noise from the photo (the default when no sigma is given)")

@@ -79,6 +79,7 @@ def test_bad_training_sample_arguments(impl, kwargs, message):
     ({"tau": torch.zeros(2, 1, 4, 5, device="meta")}, "tau is on meta but x is on cpu"),
     ({"delta": -1.0}, "delta must be >= 0"),
     ({"eta": 1.5}, r"eta must lie in \[0.0, 1.0\]"),
+    ({"eta": float("nan")}, "eta must be finite"),
     ({"clamp": (1.0, 0.0)}, "clamp must satisfy low < high"),
     ({"clamp": 1.0}, "clamp must be None or a pair"),
     ({"z": torch.randn(1, 3, 4, 5)}, "z must have the shape of x"),
@@ -117,3 +118,10 @@ def test_lookups_reject_bad_values(impl):
         impl.time_map(torch.rand(3, 4, 5), TABLE)
     with pytest.raises(TypeError, match="tau must be a torch.Tensor"):
         impl.gamma([1.0, 2.0], TABLE)
+
+
+def test_groupnorm_module_rejects_bad_groups():
+    from svnr_fast.nn import GroupNormSpatialFiLM
+    for groups in (0, 5, 2.0):
+        with pytest.raises(ValueError, match="groups must be a positive int dividing channels"):
+            GroupNormSpatialFiLM(8, groups=groups)

@@ -66,6 +66,7 @@ def test_batch_and_auto_noise():
     ({"noise": (0.1, -0.1)}, ValueError, "sigma_s must be >= 0"),
     ({"tile": 8}, ValueError, "tile must be None or an int >= 16"),
     ({"tile": 32, "overlap": 16}, ValueError, "overlap must be an int"),
+    ({"tile": 64, "overlap": 0}, ValueError, "overlap must be an int"),
     ({"eta": 2.0}, ValueError, "eta must lie in"),
     ({"steps": 0}, ValueError, "steps must be a positive int"),
 ])
@@ -81,3 +82,9 @@ def test_nan_photo_is_refused():
     y[0, 3, 3] = float("nan")
     with pytest.raises(ValueError, match="y contains NaN"):
         denoise(y, (0.05, 0.1), model=PixelwiseDenoiser())
+
+
+def test_every_tile_size_has_a_default_overlap():
+    y = noisy_photo(shape=(3, 40, 40))
+    for tile in (16, 24, 64):
+        assert denoise(y, (0.05, 0.1), model=PixelwiseDenoiser(), steps=1, tile=tile).shape == y.shape

@@ -113,6 +113,6 @@ def test_ops_match_reference_on_cpu():
                                          TABLE, seed=11, offset=2)
     got = ops.training_sample(x0, torch.tensor([0.01, 0.05, 0.2]), 0.1, torch.tensor([0.0, 0.5, 1.0]), TABLE,
                               seed=11, offset=2)
-    for a, b in zip(got, expected):
+    for a, b in zip(got, expected):      # on CPU the op is served by the reference with the same noise stream
         assert a.shape == b.shape and a.dtype == b.dtype
-    torch.testing.assert_close(got.tau, expected.tau, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
