@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # One lent-GPU session: build the extension with its CUDA kernels, run the GPU suite (CUDA tests, then
-# every kernel and the end-to-end denoiser against eager and compiled references), then train the
-# bundled model for whatever time is left. Everything worth keeping lands in OUT.
-#   bash scripts/gpu_session.sh OUT TOTAL_SECONDS SUITE_SECONDS
+# every kernel and the end-to-end denoiser against eager and compiled references), then train for
+# whatever time is left. Everything worth keeping lands in OUT.
+#   bash scripts/gpu_session.sh OUT TOTAL_SECONDS SUITE_SECONDS [bundle | comparison STEPS]
+# bundle (default): train the `small` model for the time left (scripts/train_on_gpu.py).
+# comparison STEPS: train svnr, the no-correlation ablation and the baseline for STEPS steps each and
+#   evaluate them (scripts/train_comparison.py; issue 7). On an H200 the small preset at batch 64 ran
+#   ~20 it/s, and each run starts in ~40 s; the 1000-step baseline evaluation takes about a minute.
+# SUITE_SECONDS 0 skips the suite (e.g. a second call on a warm machine).
 # (data/photos must be there: python scripts/make_dataset.py --out data/photos)
 set -uo pipefail
-out=${1:?usage: gpu_session.sh OUT TOTAL_SECONDS SUITE_SECONDS}
+out=${1:?usage: gpu_session.sh OUT TOTAL_SECONDS SUITE_SECONDS [bundle | comparison STEPS]}
 total=${2:-590}
 suite=${3:-300}
+phase=${4:-bundle}
 start=$(date +%s)
 export PYTHONUNBUFFERED=1
 command -v nvcc > /dev/null || export PATH="/usr/local/cuda/bin:$PATH"
@@ -16,14 +22,31 @@ if ! python3 -m pip install --no-build-isolation --no-deps -q -e . > /tmp/build.
     tail -40 /tmp/build.log; exit 1
 fi
 python3 -m svnr_fast.info
-python3 benchmarks/gpu_suite.py --out "$out" --budget-s "$suite"
-rm -f "$out/timings.jsonl"     # the CSV holds the same timings
+if [ "$suite" -gt 0 ]; then
+    python3 benchmarks/gpu_suite.py --out "$out" --budget-s "$suite"
+    rm -f "$out/timings.jsonl"     # the CSV holds the same timings
+fi
 
 left=$(( total - ($(date +%s) - start) - 20 ))
-echo "== training the bundled model for ${left} s"
-if [ "$left" -gt 90 ]; then
-    python3 scripts/train_on_gpu.py --seconds "$left" --out runs/bundled -- \
-        --data data/photos --preset small --batch-size 64 --workers 6 --eval-every 1000 --checkpoint-every 2000
-    cp runs/bundled/best.safetensors runs/bundled/log.jsonl "$out/" 2>/dev/null
-fi
+train_args=(--data data/photos --preset small --batch-size 64 --workers 6 --checkpoint-every 500)
+case "$phase" in
+bundle)
+    echo "== training the bundled model for ${left} s"
+    if [ "$left" -gt 90 ]; then
+        python3 scripts/train_on_gpu.py --seconds "$left" --out runs/bundled -- "${train_args[@]}" \
+            --time-map observed --eval-every 1000
+        cp runs/bundled/best.safetensors runs/bundled/log.jsonl "$out/" 2>/dev/null
+    fi ;;
+comparison)
+    steps=${5:?comparison needs STEPS}
+    echo "== comparison: 3 models x ${steps} steps, then svnr eval (${left} s left)"
+    python3 scripts/train_comparison.py --out runs/comparison --steps "$steps" --device cuda \
+        --max-minutes "$(( left / 4 / 60 + 1 ))" --eval-out "$out/comparison" -- "${train_args[@]}" \
+        --warmup-steps 200 --eval-every 0
+    for name in svnr ablation baseline; do
+        mkdir -p "$out/comparison/$name"
+        cp runs/comparison/$name/model.safetensors runs/comparison/$name/log.jsonl "$out/comparison/$name/" 2>/dev/null
+    done ;;
+*) echo "unknown phase $phase (bundle | comparison STEPS)"; exit 2 ;;
+esac
 echo "== session done in $(( $(date +%s) - start )) s"
