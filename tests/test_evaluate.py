@@ -166,6 +166,18 @@ def test_anscombe_stabilises_and_the_unbiased_inverse_undoes_the_mean(sigma_r, s
         assert abs(evaluate.inverse_anscombe(mean, sigma_r, sigma_s, unbiased=False)[0] - x) > 5e-4
 
 
+@pytest.mark.parametrize("name", ["nlm", "wavelet"])
+def test_classical_denoisers_remove_most_of_the_noise(name):
+    if evaluate.classical_unavailable(name):
+        pytest.skip(evaluate.classical_unavailable(name))
+    clean = photo("astronaut")[100:196, 150:246].astype(np.float64) / 255
+    noisy = PoissonGaussian(0.05, 0.1).sample(torch.from_numpy(clean).permute(2, 0, 1)[None],
+                                               torch.Generator().manual_seed(0))[0].permute(1, 2, 0).numpy()
+    denoised = evaluate.classical_denoise(name, noisy, 0.05, 0.1)
+    gain = evaluate.image_metrics(denoised, clean)["psnr"] - evaluate.image_metrics(noisy, clean)["psnr"]
+    assert gain > 5.0
+
+
 def test_bm3d_runs_on_the_stabilised_photo_when_the_package_imports(monkeypatch):
     calls = []
 
