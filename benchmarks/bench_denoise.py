@@ -4,7 +4,10 @@ The `small` preset (the bundled model's architecture; the bundled weights when t
 weights otherwise: the time does not depend on them), `STEPS` network evaluations, eta = 1. `fused`
 uses whatever serves each op here (C++ or CUDA groupnorm_film, Triton reverse_step on a GPU); `eager`
 forces the reference for every svnr op (SVNR_FAST_BACKEND=reference). On a GPU the network runs in
-float32 and the denoiser is timed as a whole (`bytes_moved` is 0: GB/s does not apply).
+float32 and the denoiser is timed as a whole (`bytes_moved` is 0: GB/s does not apply), and
+`fused-cudagraph` is the fused run with the sampling loop replayed from a CUDA graph captured on the first
+(untimed) call and kept across calls (denoise(..., cuda_graph=SamplerGraphs())): the same steps without
+the host's per-kernel work.
 """
 import pytest
 import torch
@@ -12,6 +15,7 @@ import torch
 from common import Case, with_backend
 from svnr_fast.denoise import BUNDLED_MODEL, denoise
 from svnr_fast.models import SVNRUNet, load_model, preset
+from svnr_fast.sampling import SamplerGraphs
 
 STEPS = 25
 NOISE = (0.05, 0.10)
@@ -32,22 +36,25 @@ def photo(size: int, device: str) -> torch.Tensor:
     return noisy.to(device)
 
 
-def denoiser(size: int, device: str, model):
+def denoiser(size: int, device: str, model, cuda_graph=False):
     y = photo(size, device)
     synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def run():
-        denoise(y, NOISE, model=model, steps=STEPS, eta=1.0)
+        denoise(y, NOISE, model=model, steps=STEPS, eta=1.0, cuda_graph=cuda_graph)
         synchronize()
     return run
 
 
 def gpu_cases(device: str):
     model = small_model(device)
-    for size in ((256, 512, 1024) if device.startswith("cuda") else (32,)):
+    on_gpu = device.startswith("cuda")
+    for size in ((256, 512, 1024) if on_gpu else (32,)):
         run = denoiser(size, device, model)
+        graphed = with_backend(None, denoiser(size, device, model, SamplerGraphs())) if on_gpu else None
         yield Case(op=f"denoise_small_{STEPS}steps", shape=f"1x3x{size}x{size}", dtype="float32", bytes_moved=0,
-                   fused=with_backend(None, run), eager=with_backend("reference", run), compiled=None)
+                   fused=with_backend(None, run), eager=with_backend("reference", run), compiled=None,
+                   fused_cudagraph=graphed)
 
 
 @pytest.mark.parametrize("impl", ["eager", "fused"])

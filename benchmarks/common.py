@@ -2,6 +2,12 @@
 
 Each `benchmarks/bench_<op>.py` defines `gpu_cases(device) -> Iterable[Case]`, which
 `benchmarks/gpu_suite.py` times on a GPU, and pytest-benchmark tests for `pytest benchmarks/ --benchmark-only`.
+
+On a GPU the suite also times the fused column inside a CUDA graph (impl `fused-cudagraph`): the device
+time of the kernels without the host side of a call (Python, op dispatch, argument handling, the Triton
+launcher), which dominates small sizes. For the ops named in CUDA_GRAPH_OPS it captures CUDA_GRAPH_CALLS
+back-to-back calls of `Case.fused` (cuda_graph_median_ms); a Case whose work is a whole pipeline gives its
+own graph-replaying callable as `Case.fused_cudagraph` instead.
 """
 from __future__ import annotations
 
@@ -27,6 +33,17 @@ class Case(NamedTuple):
     fused: Callable[[], object]
     eager: Callable[[], object]
     compiled: Callable[[], object] | None   # torch.compile(reference); None where it does not apply
+    # a whole run of `fused` replayed from a CUDA graph captured once (for pipelines such as denoising)
+    fused_cudagraph: Callable[[], object] | None = None
+
+
+# Cases (by op) whose `fused` call can be captured in a CUDA graph as it is: no host synchronisation, the
+# Triton kernels take the RNG seed and offset as plain ints (baked into the graph, as a replay of fixed
+# inputs wants), groupnorm_film's forward runs on torch's current stream. Named here, not in each Case,
+# so that bench_groupnorm_film.py needs no change; its bwd passes (autograd.grad) are left out.
+CUDA_GRAPH_OPS = frozenset({"reverse_step", "reverse_step_given_z", "training_sample", "training_sample_ordered",
+                            "training_sample_given_noise", "groupnorm_film_fwd"})
+CUDA_GRAPH_CALLS = 20
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -36,6 +53,30 @@ def dtype_name(dtype: torch.dtype) -> str:
 def gpu_median_ms(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 200) -> float:
     import triton.testing
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def cuda_graph_median_ms(fn: Callable[[], object], calls: int = CUDA_GRAPH_CALLS) -> float:
+    """Median time of one call of `fn` inside a CUDA graph of `calls` back-to-back calls on the same inputs.
+
+    Replays are timed as gpu_median_ms times any function (L2 flushed before each replay, not between
+    the calls inside it: at sizes much larger than L2 the streaming access order leaves nothing for the
+    next call to hit; at sizes that fit in L2 the later calls do hit it). Warm-up on a side stream first,
+    as torch.cuda.graph requires: lazy initialisation and kernel compilation must not happen in a capture.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+        return gpu_median_ms(graph.replay) / calls
+    finally:
+        graph.reset()   # give its memory pool back before the next case allocates
 
 
 def copy_bandwidth_gb_per_s(device: str = "cuda", nbytes: int = 2 * 1024**3) -> float:

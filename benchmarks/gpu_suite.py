@@ -7,16 +7,19 @@
 2. runs the tests that need CUDA (`pytest tests -k cuda`: tests named, parametrised or marked cuda) in a
    subprocess with a timeout, log in DIR/cuda_tests.log;
 3. measures the device-to-device copy bandwidth once (benchmarks/common.py);
-4. imports every benchmarks/bench_*.py that defines `gpu_cases(device)` and times each Case: fused, eager
-   and compiled (torch.compile(reference); recorded empty when it fails) with common.gpu_median_ms, which
-   flushes L2 before every timed run, so repeated inputs do not flatter the figures. Each module runs in
-   its own worker process with a deadline: a crash, a hang or a failing case costs only its own rows
-   (errors go to DIR/errors.log);
+4. imports every benchmarks/bench_*.py that defines `gpu_cases(device)` and times each Case: fused,
+   fused-cudagraph, eager and compiled (torch.compile(reference); recorded empty when it fails) with
+   common.gpu_median_ms, which flushes L2 before every timed run, so repeated inputs do not flatter the
+   figures. fused-cudagraph is the fused column without its host overhead: common.CUDA_GRAPH_OPS captured
+   in a CUDA graph of back-to-back calls (common.cuda_graph_median_ms), or the Case's own graph replay
+   (Case.fused_cudagraph). Each module runs in its own worker process with a deadline: a crash, a hang,
+   a failing case or a failing capture costs only its own rows (errors go to DIR/errors.log);
 5. appends rows with common.CSV_COLUMNS to DIR/<device>.csv and benchmarks/results/<device>.csv, and
    prints a compact table last.
 
 --cpu-dry-run runs the same steps on the CPU with tiny sizes and a wall-clock timer, without the fused
-column (the Triton interpreter is no performance path), and writes its CSV to DIR only.
+columns (the Triton interpreter is no performance path; CUDA graphs need a GPU), and writes its CSV to DIR
+only.
 """
 from __future__ import annotations
 
@@ -111,11 +114,28 @@ def cpu_copy_bandwidth_gb_per_s(nbytes: int = 256 * 1024**2) -> float:
     return 2 * nbytes / (cpu_median_ms(lambda: dst.copy_(src)) * 1e-3) / 1e9
 
 
+GRAPH_IMPL = "fused-cudagraph"
+
+
+def timer(case, impl: str, median_ms):
+    """A function that times column `impl` of `case` in ms, or None where the case has no such column."""
+    if impl != GRAPH_IMPL:
+        fn = getattr(case, impl)
+        return None if fn is None else (lambda: median_ms(fn))
+    if case.fused_cudagraph is not None:
+        return lambda: median_ms(case.fused_cudagraph)
+    if case.op in common.CUDA_GRAPH_OPS and case.fused is not None:
+        return lambda: common.cuda_graph_median_ms(case.fused)
+    return None
+
+
 def time_module(module_name: str, device: str, deadline: float, rows_path: Path, errors_path: Path) -> None:
     """Time every Case of one module; one JSON line per timing appended to rows_path as soon as it exists."""
     dry_run = device == "cpu"
     median_ms = cpu_median_ms if dry_run else common.gpu_median_ms
-    impls = ("eager", "compiled") if dry_run else ("fused", "eager", "compiled")
+    # the graph column right after the fused one: it reuses the fused column's compiled kernels, and a
+    # capture that goes wrong comes after the fused row of its case is safely written
+    impls = ("eager", "compiled") if dry_run else ("fused", GRAPH_IMPL, "eager", "compiled")
     compiled_cutoff = DRY_RUN_COMPILED_CUTOFF_S if dry_run else COMPILED_CUTOFF_S
 
     def error(where: str) -> None:
@@ -132,8 +152,8 @@ def time_module(module_name: str, device: str, deadline: float, rows_path: Path,
             except StopIteration:
                 break
             for impl in impls:
-                fn = getattr(case, impl)
-                if fn is None:
+                timing = timer(case, impl, median_ms)
+                if timing is None:
                     continue
                 if impl == "compiled" and deadline - time.time() < compiled_cutoff:
                     print(f"  {case.op} {case.shape} {case.dtype}: compiled skipped (time budget)", flush=True)
@@ -141,9 +161,13 @@ def time_module(module_name: str, device: str, deadline: float, rows_path: Path,
                 where = f"{module_name} {case.op} {case.shape} {case.dtype} {impl}"
                 try:
                     started = time.time()
-                    ms = median_ms(fn)
+                    ms = timing()
                 except Exception:
                     error(where)
+                    if impl == GRAPH_IMPL:
+                        # a failed capture normally leaves the device usable; if it did not, stop this
+                        # worker here (the error names it) rather than fail every later case
+                        torch.cuda.synchronize()
                     continue
                 with rows_path.open("a") as f:
                     f.write(json.dumps({"op": case.op, "impl": impl, "shape": case.shape, "dtype": case.dtype,
@@ -187,8 +211,10 @@ def csv_rows(timings: list[dict], device: str, copy_bw: float) -> list[dict]:
             if t["bytes_moved"]:      # 0: a whole step or pipeline, where GB/s does not apply
                 gb_per_s = t["bytes_moved"] / (ms * 1e-3) / 1e9
                 row.update(gb_per_s=f"{gb_per_s:.1f}", pct_copy_bw=f"{100 * gb_per_s / copy_bw:.1f}")
+            # a graph row has no speedups: its baselines were timed with their host overhead, it without;
+            # compare it with the fused row of its case
             for other, column in (("eager", "speedup_vs_eager"), ("compiled", "speedup_vs_compiled")):
-                if other != impl and other in impls:
+                if impl != GRAPH_IMPL and other != impl and other in impls:
                     row[column] = f"{impls[other]['ms_median'] / ms:.2f}"
             rows.append(row)
     return rows
@@ -210,9 +236,12 @@ TARGETS = {"shape": "16x3x512x512", "dtype": "float32", "ops": ("reverse_step", 
 
 
 def print_targets(rows: list[dict]) -> None:
+    def row_of(op: str, impl: str):
+        return next((r for r in rows if r["op"] == op and r["impl"] == impl and r["shape"] == TARGETS["shape"]
+                     and r["dtype"] == TARGETS["dtype"]), None)
+
     for op in TARGETS["ops"]:
-        row = next((r for r in rows if r["op"] == op and r["impl"] == "fused" and r["shape"] == TARGETS["shape"]
-                    and r["dtype"] == TARGETS["dtype"]), None)
+        row = row_of(op, "fused")
         if row is None:
             print(f"target {op} {TARGETS['shape']} {TARGETS['dtype']}: not measured")
             continue
@@ -221,6 +250,10 @@ def print_targets(rows: list[dict]) -> None:
             value, goal = row.get(column), TARGETS[column]
             verdict = "met" if value and float(value) >= goal else "NOT met"
             checks.append(f"{column} {value or '-'} ({verdict}: >= {goal})")
+        graphed = row_of(op, GRAPH_IMPL)
+        if graphed is not None:
+            checks.append(f"kernel alone ({GRAPH_IMPL}) {graphed['ms_median']} ms = {graphed.get('pct_copy_bw') or '-'}% "
+                          "of copy bandwidth")
         print(f"target {op} {TARGETS['shape']} {TARGETS['dtype']}: " + ", ".join(checks))
 
 

@@ -9,6 +9,7 @@
 Large photos are processed in overlapping tiles. The time map, the step plan and the top-up are computed
 on the whole photo, so every tile walks the same per-pixel times; tiles are blended with raised-cosine
 ramps over their overlaps, so no seam shows.
+On a GPU, `cuda_graph` replays the sampling loop from CUDA graphs (svnr_fast.sampling.SamplerGraphs).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from . import _checks, reference
 from .noise_estimation import estimate_noise
-from .sampling import Denoiser, default_steps, sample
+from .sampling import Denoiser, SamplerGraphs, default_steps, sample
 from .schedule import PoissonGaussian
 
 NoiseSpec = Union[str, PoissonGaussian, Sequence[float]]
@@ -80,8 +81,8 @@ def blend_ramp(length: int, start: int, size: int, overlap: int, device) -> Tens
 @torch.inference_mode()
 def denoise(y: Tensor, noise: NoiseSpec = "auto", model: Optional[Denoiser] = None, steps: Optional[int] = None,
             eta: float = 1.0, tile: Optional[int] = None, seed: int = 0, overlap: Optional[int] = None,
-            tile_batch: int = 4,
-            clamp=(0.0, 1.0), progress: Optional[Callable[[int, int], None]] = None) -> Tensor:
+            tile_batch: int = 4, clamp=(0.0, 1.0), progress: Optional[Callable[[int, int], None]] = None,
+            cuda_graph: Union[bool, SamplerGraphs] = False) -> Tensor:
     """Denoises y, (C, H, W) or (B, C, H, W) in the signal domain [0, 1] (plus noise), on y's device.
 
     noise: "auto" (estimated per image), (sigma_r, sigma_s) (floats or per-image tensors) or a
@@ -89,7 +90,13 @@ def denoise(y: Tensor, noise: NoiseSpec = "auto", model: Optional[Denoiser] = No
     as svnr_fast.models.SVNRUNet; None loads the bundled model. steps: None = ceil(max tau*), the
     paper. tile: process photos larger than tile x tile pixels in overlapping tiles (`overlap` pixels
     shared, default min(32, tile / 4); `tile_batch` tiles per network call). clamp bounds x0_hat at every step (None: no bound).
-    progress(done, total) is called after every network evaluation.
+    progress(done, total) is called after every network evaluation (with cuda_graph: after every tile
+    group's or photo's steps, which replay at once).
+    cuda_graph (CUDA only): True captures the sampling loop once per kind of tile group and replays it for
+    every tile group and photo of that kind; a SamplerGraphs keeps the graphs across calls too. Tile groups
+    of one shape share a graph when eta = 0; with eta > 0 each group draws its own noise (its seed is baked
+    into its graph), so they share one across the photos of a batch and across calls only. Results are
+    those of cuda_graph=False.
     """
     single = y.dim() == 3
     batch = y[None] if single else y
@@ -119,6 +126,7 @@ def denoise(y: Tensor, noise: NoiseSpec = "auto", model: Optional[Denoiser] = No
         windows = [(r, c, th, tw) for r in tile_starts(H, th, overlap) for c in tile_starts(W, tw, overlap)]
     total = steps * len(batch) * math.ceil(len(windows) / tile_batch)
     done = 0
+    graphs = SamplerGraphs() if cuda_graph is True else cuda_graph
 
     def counted(condition, x, tau):
         nonlocal done
@@ -128,11 +136,23 @@ def denoise(y: Tensor, noise: NoiseSpec = "auto", model: Optional[Denoiser] = No
             progress(done, total)
         return eps_hat
 
+    def sampled(y_start: Tensor, tau_start: Tensor, seed: int, tau_max: Tensor) -> Tensor:
+        nonlocal done
+        if graphs is False:
+            return sample(counted, y_start, y_start, tau_start, table, steps=steps, eta=eta, clamp=clamp, seed=seed,
+                          tau_max=tau_max)
+        # the graph is keyed by the model itself: a wrapper made per call would capture every call anew
+        result = sample(model, y_start, y_start, tau_start, table, steps=steps, eta=eta, clamp=clamp, seed=seed,
+                        tau_max=tau_max, cuda_graph=graphs)
+        done += steps
+        if progress is not None:
+            progress(done, total)
+        return result
+
     out = torch.empty_like(batch)
     for b in range(len(batch)):
         if len(windows) == 1:
-            out[b:b + 1] = sample(counted, y_prime[b:b + 1], y_prime[b:b + 1], tau_star[b:b + 1], table, steps=steps,
-                                  eta=eta, clamp=clamp, seed=seed, tau_max=tau_max[b:b + 1]).to(batch.dtype)
+            out[b:b + 1] = sampled(y_prime[b:b + 1], tau_star[b:b + 1], seed, tau_max[b:b + 1]).to(batch.dtype)
             continue
         accumulated = torch.zeros(batch.shape[1:], dtype=torch.float32, device=batch.device)
         weights = torch.zeros((1, H, W), dtype=torch.float32, device=batch.device)
@@ -141,8 +161,7 @@ def denoise(y: Tensor, noise: NoiseSpec = "auto", model: Optional[Denoiser] = No
             crops = [(slice(r, r + th), slice(c, c + tw)) for r, c, th, tw in group]
             y_tiles = torch.stack([y_prime[b][:, rows, cols] for rows, cols in crops])
             tau_tiles = torch.stack([tau_star[b][:, rows, cols] for rows, cols in crops])
-            tiles = sample(counted, y_tiles, y_tiles, tau_tiles, table, steps=steps, eta=eta, clamp=clamp,
-                           seed=seed + 1 + first, tau_max=tau_max[b].expand(len(group)))
+            tiles = sampled(y_tiles, tau_tiles, seed + 1 + first, tau_max[b].expand(len(group)))
             for tile_out, (r, c, th, tw), (rows, cols) in zip(tiles, group, crops):
                 weight = (blend_ramp(th, r, H, overlap, batch.device)[:, None]
                           * blend_ramp(tw, c, W, overlap, batch.device)[None, :])

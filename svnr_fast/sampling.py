@@ -6,15 +6,16 @@ A *denoiser* is any callable `(condition, x, tau) -> eps_hat` with `condition` a
 
 The loop has a fixed length and calls the raw op `torch.ops.svnr.reverse_step` on arguments validated
 once before it: no `.item()`, `.any()` or other host synchronisation inside, so on a GPU it runs ahead
-of the host and can be captured in a CUDA graph.
+of the host, and `sample(..., cuda_graph=...)` captures it whole in a CUDA graph (SamplerGraphs).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -50,28 +51,143 @@ def plan_steps(tau_start: Tensor, steps: int | None, tau_max: Tensor | None = No
 
 def sample(denoiser: Denoiser, condition: Tensor, x: Tensor, tau: Tensor, table: Tensor, *, steps: int | None = None,
            eta: float = 1.0, clamp=None, seed: int = 0, callback: Optional[StepCallback] = None,
-           tau_max: Optional[Tensor] = None) -> Tensor:
+           tau_max: Optional[Tensor] = None, cuda_graph: Union[bool, "SamplerGraphs"] = False) -> Tensor:
     """Runs the reverse process from (x, tau) to time 0 in `steps` equal per-image steps.
 
     SVNR: `condition = x = y'` (the topped-up observation) and `tau = tau*`. The conventional baseline:
     `condition = y`, `x = 0.5 + sqrt(gamma(T)) z` and `tau = T` everywhere. `callback(i, x, tau, x0_hat)`
     sees every step (it receives x0_hat, which costs one extra write per step). `tau_max` (B,) plans the
     steps from a larger time than tau's own maximum, so that tiles of one photo all take the photo's steps.
+    `cuda_graph` (CUDA tensors only): True captures the whole loop in a CUDA graph and replays it; a
+    SamplerGraphs keeps the graphs for later calls of the same kind, which is where capturing pays (see
+    there). The result is the one the uncaptured loop gives.
     """
     _checks.reverse_step_args(x, x, tau, 0.0, table, eta, None, clamp, seed, 0)   # validate once, not per step
     _checks.same_shape("x", x, condition=condition)
     plan = plan_steps(tau, steps, tau_max)
     low, high = _checks.clamp_range(clamp) or (None, None)
     table = table.to(_checks.compute_dtype(x.dtype))
+    if cuda_graph is False:
+        return _loop(denoiser, condition, x, tau, table, plan, float(eta), low, high, seed, callback)
+    if cuda_graph is not True and not isinstance(cuda_graph, SamplerGraphs):
+        raise TypeError(f"cuda_graph must be a bool or a SamplerGraphs, got {type(cuda_graph).__name__}")
+    if callback is not None:
+        raise ValueError("a callback cannot run inside a CUDA graph (the steps replay without Python); "
+                         "pass cuda_graph=False to see every step")
+    graphs = SamplerGraphs() if cuda_graph is True else cuda_graph
+    return graphs.run(denoiser, condition, x, tau, table, plan, float(eta), low, high, seed)
+
+
+def _loop(denoiser: Denoiser, condition: Tensor, x: Tensor, tau: Tensor, table: Tensor, plan: StepPlan, eta: float,
+          low: float | None, high: float | None, seed: int, callback: Optional[StepCallback] = None,
+          steps: int | None = None) -> Tensor:
+    """The sampling loop on checked arguments (the first `steps` steps of the plan; default all of them)."""
     want_x0_hat = callback is not None
-    for i in range(plan.steps):
+    for i in range(plan.steps if steps is None else steps):
         eps_hat = denoiser(condition, x, tau)
         delta = plan.last_delta if i == plan.steps - 1 else plan.delta
-        x, tau, x0_hat = torch.ops.svnr.reverse_step(x, eps_hat, tau, delta, table, float(eta), None, low, high,
-                                                     seed, i, want_x0_hat)
+        x, tau, x0_hat = torch.ops.svnr.reverse_step(x, eps_hat, tau, delta, table, eta, None, low, high, seed, i,
+                                                     want_x0_hat)
         if callback is not None:
             callback(i, x, tau, x0_hat)
     return x
+
+
+def _layout(t: Tensor) -> tuple:
+    return tuple(t.shape), t.stride(), t.dtype, t.device
+
+
+def _state(denoiser) -> tuple:
+    """Where a module denoiser's parameters and buffers live and their version counters: any change
+    (an optimizer step, load_state_dict, .to(), train/eval) changes this."""
+    if not isinstance(denoiser, torch.nn.Module):
+        return ()
+    tensors = itertools.chain(denoiser.parameters(), denoiser.buffers())
+    return (denoiser.training, *((t.data_ptr(), t._version) for t in tensors))
+
+
+class _CapturedLoop:
+    """One sampling loop captured in a CUDA graph, with the static buffers it reads and the result it writes."""
+
+    def __init__(self, denoiser: Denoiser, condition: Tensor, x: Tensor, tau: Tensor, table: Tensor, plan: StepPlan,
+                 eta: float, low: float | None, high: float | None, seed: int):
+        self.denoiser, self.state = denoiser, _state(denoiser)
+        with torch.inference_mode(False):   # plain tensors, so later calls outside inference mode can copy into them
+            self.inputs = [t.clone() for t in (condition, x, tau, plan.delta, plan.last_delta, table)]
+        condition, x, tau, delta, last_delta, table = self.inputs
+        static_plan = StepPlan(plan.steps, delta, last_delta)
+        device = x.device
+        with torch.cuda.device(device), torch.no_grad():
+            # one eager step on a side stream first (torch.cuda.graph's rule): lazy initialisation and kernel
+            # compilation must not happen while capturing
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                _loop(denoiser, condition, x, tau, table, static_plan, eta, low, high, seed, steps=1)
+            torch.cuda.current_stream().wait_stream(side)
+            # SVNRUNet caches its time tables on the first call: dropping that cache makes the capture compute
+            # them into the graph's own memory, which every replay rewrites, instead of reading the warm-up's
+            invalidate = getattr(denoiser, "invalidate_time_tables", None)
+            if invalidate is not None:
+                invalidate()
+            self.graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(self.graph):
+                    self.out = _loop(denoiser, condition, x, tau, table, static_plan, eta, low, high, seed)
+            except RuntimeError as err:
+                raise RuntimeError(f"capturing the sampling loop in a CUDA graph failed: {err}. The denoiser must "
+                                   "not synchronise with the host (.item(), .cpu(), value checks, data-dependent "
+                                   "shapes); pass cuda_graph=False to sample without a graph") from err
+
+    def replay(self, condition: Tensor, x: Tensor, tau: Tensor, table: Tensor, plan: StepPlan) -> Tensor:
+        for static, value in zip(self.inputs, (condition, x, tau, plan.delta, plan.last_delta, table)):
+            static.copy_(value)
+        self.graph.replay()
+        return self.out.clone()
+
+
+class SamplerGraphs:
+    """CUDA graphs of the sampling loop: each captured on first use, then replayed by every later call of its kind.
+
+    `sample(..., cuda_graph=graphs)` and `svnr_fast.denoise(..., cuda_graph=graphs)` capture the whole
+    loop, every denoiser evaluation and reverse step, once per kind of call: the denoiser, the shapes,
+    dtypes and layouts of the inputs, the table length, the step count, eta, clamp and, when eta > 0, the
+    seed (the kernels take the seed and the per-step offsets as plain ints, which the graph bakes in;
+    eta = 0 draws no noise). A replay runs the steps without Python, dispatch or launches in between.
+    The inputs, the per-image step sizes and the table are copied into the graph's own buffers on every
+    call, so photos of one size share a graph whatever their noise. Capturing costs about one uncaptured
+    run, so a graph pays when it is replayed: many photos or tiles of one size, repeated calls.
+
+    A replay reads the memory the capture saw. The denoiser's own tensors are safe when it is a module:
+    its parameters and buffers (where they live, their version counters, train/eval) are compared before
+    every replay, and a change captures again. Any other tensor a denoiser reads (a closure's tensors, a
+    cache it fills on its first call) must stay where it was while these graphs are used; SVNRUNet's
+    cached time tables are handled. Each graph keeps a private memory pool, about one network evaluation's
+    activations: `clear()` frees them all.
+    """
+
+    def __init__(self):
+        self._loops: dict[tuple, _CapturedLoop] = {}
+
+    def __len__(self) -> int:
+        return len(self._loops)
+
+    def clear(self) -> None:
+        self._loops.clear()
+
+    def run(self, denoiser: Denoiser, condition: Tensor, x: Tensor, tau: Tensor, table: Tensor, plan: StepPlan,
+            eta: float, low: float | None, high: float | None, seed: int) -> Tensor:
+        """sample() on checked arguments, through the graph of this kind of call (captured first if needed)."""
+        if x.device.type != "cuda":
+            raise ValueError(f"cuda_graph needs CUDA tensors, but x is on {x.device}; pass cuda_graph=False "
+                             "(on the CPU there is no graph to capture)")
+        key = (id(denoiser), _layout(condition), _layout(x), _layout(tau), _layout(table), plan.steps, eta, low, high,
+               seed if eta > 0 else None)
+        loop = self._loops.get(key)
+        if loop is None or loop.state != _state(denoiser):
+            self._loops.pop(key, None)   # free the old graph's memory before capturing its successor
+            loop = self._loops[key] = _CapturedLoop(denoiser, condition, x, tau, table, plan, eta, low, high, seed)
+        return loop.replay(condition, x, tau, table, plan)
 
 
 def sample_svnr(denoiser: Denoiser, y_prime: Tensor, tau_star: Tensor, table: Tensor, **kwargs) -> Tensor:

@@ -2,8 +2,10 @@
 import pytest
 import torch
 
+from conftest import requires_cuda
 from svnr_fast import PoissonGaussian, Schedule, reference
 from svnr_fast.denoise import blend_ramp, denoise, tile_starts
+from svnr_fast.sampling import SamplerGraphs
 
 
 class PixelwiseDenoiser(torch.nn.Module):
@@ -16,7 +18,7 @@ class PixelwiseDenoiser(torch.nn.Module):
 
     def forward(self, condition, x, tau):
         self.calls += 1
-        g = reference.gamma(tau, self.variance_table)
+        g = torch.ops.svnr.gamma(tau, self.variance_table)   # the raw op: no value checks, so CUDA graphs can hold it
         return (x - 0.8 * condition - 0.1) / (g + 1e-2).sqrt()
 
 
@@ -88,3 +90,19 @@ def test_every_tile_size_has_a_default_overlap():
     y = noisy_photo(shape=(3, 40, 40))
     for tile in (16, 24, 64):
         assert denoise(y, (0.05, 0.1), model=PixelwiseDenoiser(), steps=1, tile=tile).shape == y.shape
+
+
+@requires_cuda
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_cuda_graph_gives_the_uncaptured_result(eta):
+    y = torch.stack([noisy_photo(seed=1), noisy_photo(seed=2)]).cuda()
+    model = PixelwiseDenoiser().cuda()
+    expected = denoise(y, (0.05, 0.1), model=model, steps=3, eta=eta, tile=32, overlap=8, tile_batch=5)
+    graphs = SamplerGraphs()
+    seen = []
+    got = denoise(y, (0.05, 0.1), model=model, steps=3, eta=eta, tile=32, overlap=8, tile_batch=5, cuda_graph=graphs,
+                  progress=lambda done, total: seen.append((done, total)))
+    assert torch.equal(got, expected)
+    # 3 x 4 tiles of a 70 x 90 photo in groups of 5, 5, 2: two shapes; with eta > 0 each group keeps its own seed
+    assert len(graphs) == (2 if eta == 0 else 3)
+    assert seen == [(3 * (i + 1), 2 * 3 * 3) for i in range(2 * 3)]   # each photo's 3 groups of 3 steps

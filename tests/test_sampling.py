@@ -4,8 +4,10 @@ import math
 import pytest
 import torch
 
+from conftest import requires_cuda
 from svnr_fast import PoissonGaussian, Schedule, reference
-from svnr_fast.sampling import SVNRScheduler, default_steps, plan_steps, sample_baseline, sample_svnr
+from svnr_fast.sampling import (SamplerGraphs, SVNRScheduler, default_steps, plan_steps, sample_baseline,
+                                sample_svnr)
 
 TABLE = Schedule().table
 
@@ -115,3 +117,83 @@ def test_bad_step_counts_are_refused():
         sample_svnr(oracle(y_prime), y_prime, tau_star, TABLE, steps=0)
     with pytest.raises(RuntimeError, match="set_timesteps"):
         SVNRScheduler().step(y_prime, tau_star, y_prime)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop captured in a CUDA graph
+# ---------------------------------------------------------------------------------------------------
+
+def capturable(condition, x, tau):
+    """A denoiser of plain tensor ops (no value checks, so no host sync): CUDA graphs can hold it."""
+    return (x - 0.8 * condition - 0.1) / (tau + 1).sqrt()
+
+
+def cuda_inputs(seed=0, shape=(2, 3, 12, 10)):
+    _, y_prime, tau_star = noisy(seed=seed, shape=shape)
+    return y_prime.float().cuda(), tau_star.float().cuda()
+
+
+def test_cuda_graph_refuses_cpu_tensors_and_callbacks():
+    _, y_prime, tau_star = noisy()
+    with pytest.raises(ValueError, match="cuda_graph needs CUDA tensors, but x is on cpu"):
+        sample_svnr(capturable, y_prime, tau_star, TABLE, steps=2, cuda_graph=True)
+    with pytest.raises(ValueError, match="a callback cannot run inside a CUDA graph"):
+        sample_svnr(capturable, y_prime, tau_star, TABLE, steps=2, cuda_graph=SamplerGraphs(),
+                    callback=lambda *args: None)
+    with pytest.raises(TypeError, match="cuda_graph must be a bool or a SamplerGraphs"):
+        sample_svnr(capturable, y_prime, tau_star, TABLE, steps=2, cuda_graph="yes")
+
+
+@requires_cuda
+@pytest.mark.parametrize("eta, clamp", [(0.0, None), (1.0, (0.0, 1.0))])
+def test_cuda_graph_gives_the_uncaptured_result(eta, clamp):
+    table = TABLE.cuda()
+    graphs = SamplerGraphs()
+    for seed in (0, 1):      # the second call replays the first one's graph, with new inputs
+        y_prime, tau_star = cuda_inputs(seed)
+        expected = sample_svnr(capturable, y_prime, tau_star, table, steps=5, eta=eta, clamp=clamp, seed=3)
+        got = sample_svnr(capturable, y_prime, tau_star, table, steps=5, eta=eta, clamp=clamp, seed=3,
+                          cuda_graph=graphs)
+        assert torch.equal(got, expected)
+        assert torch.equal(sample_svnr(capturable, y_prime, tau_star, table, steps=5, eta=eta, clamp=clamp, seed=3,
+                                       cuda_graph=True), expected)
+    assert len(graphs) == 1
+
+
+@requires_cuda
+def test_cuda_graphs_are_kept_per_kind_of_call():
+    table = TABLE.cuda()
+    y_prime, tau_star = cuda_inputs()
+    graphs = SamplerGraphs()
+    for eta, seed in ((0.0, 1), (0.0, 2), (1.0, 1), (1.0, 2)):   # eta = 0 draws no noise: its seed does not matter
+        expected = sample_svnr(capturable, y_prime, tau_star, table, steps=3, eta=eta, seed=seed)
+        assert torch.equal(sample_svnr(capturable, y_prime, tau_star, table, steps=3, eta=eta, seed=seed,
+                                       cuda_graph=graphs), expected)
+    assert len(graphs) == 3
+    sample_svnr(capturable, y_prime[:1], tau_star[:1], table, steps=3, eta=0.0, cuda_graph=graphs)
+    sample_svnr(capturable, y_prime, tau_star, table, steps=4, eta=0.0, cuda_graph=graphs)
+    assert len(graphs) == 5
+    graphs.clear()
+    assert len(graphs) == 0
+
+
+@requires_cuda
+def test_cuda_graph_follows_the_model_weights():
+    from svnr_fast.models import SVNRUNet, preset
+
+    torch.manual_seed(0)
+    model = SVNRUNet(preset("tiny")).cuda().eval()
+    with torch.no_grad():
+        for parameter in model.parameters():   # the zero-initialised output layers would hide the network
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    table = model.variance_table
+    y_prime, tau_star = cuda_inputs(shape=(1, 3, 16, 16))
+    graphs = SamplerGraphs()
+    for _ in range(2):   # the second pass sees new weights: the graph is captured again
+        with torch.inference_mode():
+            expected = sample_svnr(model, y_prime, tau_star, table, steps=4, eta=1.0, seed=5)
+            got = sample_svnr(model, y_prime, tau_star, table, steps=4, eta=1.0, seed=5, cuda_graph=graphs)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert len(graphs) == 1
+        with torch.no_grad():
+            model.time_embedding.parameters().__next__().add_(0.05)   # changes the cached time tables too
