@@ -2,7 +2,8 @@
 // CUDA runtime; tensors arrive as raw pointers with torch's current stream (kernels/groupnorm_film.py).
 //
 // Forward, NCHW groups of up to 32K elements when there are at least as many (image, group) pairs as SMs
-// (the UNet case), 1 launch: forward_group_nchw holds a group in one block's registers, so h is read once.
+// (the UNet case), 1 launch: forward_group_nchw holds a group in one block's registers, so h is read once,
+// and the group's table columns in shared memory (for the lerp gathers at scattered knots).
 // Otherwise (channels_last, larger groups, small batches, float64), 3 launches:
 //   stats     per (image, channel, chunk of pixels): count, mean, M2 from shifted sums (x - first value)
 //   finalize  one warp per (image, group): Chan-merge the chunks in double -> mean, rstd (saved outputs)
@@ -27,7 +28,9 @@
 // Roofline on H100 (~3.0 TB/s measured copy bandwidth, read + write), 8x64x128x128 (8.4M elements):
 //   forward float32 2 * 4 * 8.4M / 3.0e12 = 22 us minimal (34 us for 3 passes); bfloat16 11 us (17 us)
 //   backward float32 34 us minimal (56 us for 5 passes); bfloat16 17 us (28 us)
-// H200 (~4.3 TB/s): divide by 1.43. The same holds for 8x128x64x64 and 8x256x32x32 (same element count).
+// H200 (4.25 TB/s measured): divide by 1.42. 8x128x64x64 has half the elements (4.2M), 8x256x32x32 a quarter
+// (2.1M): halve and quarter the times. All three have B * G = 256 (image, group) blocks for the one-launch
+// forward: 1024, 512 and 256 threads of 32 elements each (float32; bf16 the same with 16-byte packs of 8).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -52,6 +55,7 @@ constexpr int kRows = 8;                // NHWC 2-D blocks: 32 channels x kRows 
 constexpr int64_t kPixelChunk = 256;    // NHWC: pixels per block
 constexpr int kGroupThreads = 1024;     // forward_group_nchw: at most kGroupThreads * kGroupElems elements
 constexpr int kGroupElems = 32;         // per thread, held in registers
+constexpr int64_t kGroupColumnBytes = 40 * 1024;   // forward_group_nchw: its table columns in shared memory
 constexpr unsigned kFullMask = 0xFFFFFFFFu;
 
 void check(cudaError_t status, const char* what) {
@@ -84,6 +88,34 @@ template <typename S, int VEC>
 struct alignas(sizeof(S) * VEC) Pack {
   S v[VEC];
 };
+
+// VEC consecutive values of a compute-dtype array (u), in loads of up to 16 bytes: `src` is aligned to
+// min(VEC * sizeof(T), 16) bytes.
+template <int VEC, typename T>
+__device__ __forceinline__ Pack<T, VEC> load_pack(const T* src) {
+  constexpr int kPart = VEC * sizeof(T) < 16 ? VEC : int(16 / sizeof(T));
+  Pack<T, VEC> values;
+#pragma unroll
+  for (int i = 0; i < VEC; i += kPart) {
+    const Pack<T, kPart> part = *reinterpret_cast<const Pack<T, kPart>*>(src + i);
+#pragma unroll
+    for (int j = 0; j < kPart; ++j) values.v[i + j] = part.v[j];
+  }
+  return values;
+}
+
+template <typename T>
+struct ScaleShift {
+  T scale, shift;
+};
+
+// One channel's scale and shift lerped at `knot`; knot row k of the channel sits at scale[k * stride] and
+// shift[k * stride]: stride 1 in the NCHW table's (and shared memory's) columns, 2C in NHWC's (K, 2C) rows.
+template <typename T>
+__device__ __forceinline__ ScaleShift<T> film_at(const T* scale, const T* shift, int64_t stride, math::Knot<T> knot) {
+  const int64_t low = knot.k * stride, high = low + stride;
+  return {math::lerp(scale[low], scale[high], knot.frac), math::lerp(shift[low], shift[high], knot.frac)};
+}
 
 template <typename T>
 struct StatsPartial {   // one (image, channel, chunk): count, mean, M2
@@ -259,14 +291,14 @@ __global__ void forward_apply_nchw(Params<S> p, int64_t chunks, int64_t chunk_el
   S* y = p.result + plane * p.pixels;
   for (int64_t i = begin + threadIdx.x * VEC; i < end; i += int64_t(blockDim.x) * VEC) {
     const Pack<S, VEC> in = *reinterpret_cast<const Pack<S, VEC>*>(x + i);
+    const Pack<T, VEC> us = load_pack<VEC>(u + i);
     Pack<S, VEC> out;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const math::Knot<T> knot = math::knot(u[i + j], p.knots);
-      const T scale = math::lerp(scale_column[knot.k], scale_column[knot.k + 1], knot.frac);
-      const T shift = math::lerp(shift_column[knot.k], shift_column[knot.k + 1], knot.frac);
+      const math::Knot<T> knot = math::knot(us.v[j], p.knots);
+      const ScaleShift<T> scale_shift = film_at(scale_column, shift_column, 1, knot);
       const T n = math::normalize(load(in.v[j]), mu, rs) * w + bias;
-      store(out.v[j], math::activate<Silu>(math::film(n, scale, shift)));
+      store(out.v[j], math::activate<Silu>(math::film(n, scale_shift.scale, scale_shift.shift)));
     }
     *reinterpret_cast<Pack<S, VEC>*>(y + i) = out;
   }
@@ -281,17 +313,14 @@ __global__ void forward_apply_nhwc(Params<S> p, int64_t packs) {
        pack += int64_t(gridDim.x) * blockDim.x) {
     const int64_t e = pack * VEC, c0 = e % C, pixel = e / C, b = pixel / p.pixels;
     const math::Knot<T> knot = math::knot(p.u[pixel], p.knots);
-    const T* row = p.table + knot.k * 2 * C;
-    const T* next = row + 2 * C;
     const Pack<S, VEC> in = *reinterpret_cast<const Pack<S, VEC>*>(p.h + e);
     Pack<S, VEC> out;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const int64_t c = c0 + j, stat = b * p.groups + c / p.per_group;
-      const T scale = math::lerp(row[c], next[c], knot.frac);
-      const T shift = math::lerp(row[C + c], next[C + c], knot.frac);
+      const ScaleShift<T> scale_shift = film_at(p.table + c, p.table + C + c, 2 * C, knot);
       const T n = math::normalize(load(in.v[j]), p.mean[stat], p.rstd[stat]) * p.weight[c] + p.bias[c];
-      store(out.v[j], math::activate<Silu>(math::film(n, scale, shift)));
+      store(out.v[j], math::activate<Silu>(math::film(n, scale_shift.scale, scale_shift.shift)));
     }
     *reinterpret_cast<Pack<S, VEC>*>(p.result + e) = out;
   }
@@ -300,23 +329,41 @@ __global__ void forward_apply_nhwc(Params<S> p, int64_t packs) {
 // NCHW groups small enough to sit in one block's registers (kGroupElems per thread): one block per
 // (image, group) loads the group once, takes exact two-pass statistics from the registers, then applies
 // and stores. h is read from memory once, in one launch instead of three.
+// Dynamic shared memory: the group's table columns, (cpg, K) scale then (cpg, K) shift (group_resident
+// checks that they fit). The lerp gathers at scattered knots cost bank conflicts there, a few ways for 32
+// random knots, where from L1 they cost one wavefront per distinct cache line a warp touches (an estimate
+// of the difference, not a measurement).
 template <typename S, int VEC, bool Silu>
 __global__ void __launch_bounds__(kGroupThreads) forward_group_nchw(Params<S> p, double eps) {
   using T = Compute<S>;
   constexpr int kItems = kGroupElems / VEC;
   __shared__ T shared_stat;
+  extern __shared__ unsigned char shared_raw[];
   const int64_t group = blockIdx.x, b = group / p.groups, g = group % p.groups;
   const int count = int(p.per_group * p.pixels), packs = count / VEC, pixels = int(p.pixels);
   const S* x = p.h + group * count;   // the group's cpg planes are contiguous
   S* y = p.result + group * count;
 
   Pack<S, VEC> items[kItems];
-  T sum = 0, unused = 0;
 #pragma unroll
   for (int j = 0; j < kItems; ++j) {
     const int pack = threadIdx.x + j * blockDim.x;
-    if (pack < packs) {
-      items[j] = *reinterpret_cast<const Pack<S, VEC>*>(x + pack * VEC);
+    if (pack < packs) items[j] = *reinterpret_cast<const Pack<S, VEC>*>(x + pack * VEC);
+  }
+  // Copied while the loads of h are in flight; the barriers of the statistics below publish the copy.
+  T* scale_columns = reinterpret_cast<T*>(shared_raw);
+  T* shift_columns = scale_columns + p.per_group * p.knots;
+  const int column_values = int(p.per_group * p.knots);
+  const T* scale_source = p.table + g * p.per_group * p.knots;
+  const T* shift_source = p.table + (p.channels + g * p.per_group) * p.knots;
+  for (int i = threadIdx.x; i < column_values; i += blockDim.x) {
+    scale_columns[i] = scale_source[i];
+    shift_columns[i] = shift_source[i];
+  }
+  T sum = 0, unused = 0;
+#pragma unroll
+  for (int j = 0; j < kItems; ++j) {
+    if (threadIdx.x + j * blockDim.x < packs) {
 #pragma unroll
       for (int v = 0; v < VEC; ++v) sum += load(items[j].v[v]);
     }
@@ -351,18 +398,19 @@ __global__ void __launch_bounds__(kGroupThreads) forward_group_nchw(Params<S> p,
     const int pack = threadIdx.x + j * blockDim.x;
     if (pack < packs) {
       const int e = pack * VEC, pixel = e % pixels;   // VEC divides H*W: a pack stays in one plane
-      const int64_t c = g * p.per_group + e / pixels;
+      const int channel_in_group = e / pixels;
+      const int64_t c = g * p.per_group + channel_in_group;
       const T w = p.weight[c], bias = p.bias[c];
-      const T* scale_column = p.table + c * p.knots;
-      const T* shift_column = p.table + (p.channels + c) * p.knots;
+      const T* scale_column = scale_columns + channel_in_group * p.knots;
+      const T* shift_column = shift_columns + channel_in_group * p.knots;
+      const Pack<T, VEC> us = load_pack<VEC>(u + pixel);
       Pack<S, VEC> out;
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
-        const math::Knot<T> knot = math::knot(u[pixel + v], p.knots);
-        const T scale = math::lerp(scale_column[knot.k], scale_column[knot.k + 1], knot.frac);
-        const T shift = math::lerp(shift_column[knot.k], shift_column[knot.k + 1], knot.frac);
+        const math::Knot<T> knot = math::knot(us.v[v], p.knots);
+        const ScaleShift<T> scale_shift = film_at(scale_column, shift_column, 1, knot);
         const T n = math::normalize(load(items[j].v[v]), mu, rs) * w + bias;
-        store(out.v[v], math::activate<Silu>(math::film(n, scale, shift)));
+        store(out.v[v], math::activate<Silu>(math::film(n, scale_shift.scale, scale_shift.shift)));
       }
       *reinterpret_cast<Pack<S, VEC>*>(y + e) = out;
     }
@@ -426,13 +474,13 @@ __global__ void backward_reduce_nchw(Params<S> p, int64_t chunks, int64_t chunk_
   for (int64_t i = begin + threadIdx.x * VEC; i < end; i += int64_t(blockDim.x) * VEC) {
     const Pack<S, VEC> xs = *reinterpret_cast<const Pack<S, VEC>*>(x + i);
     const Pack<S, VEC> dys = *reinterpret_cast<const Pack<S, VEC>*>(dy + i);
+    const Pack<T, VEC> us = load_pack<VEC>(u + i);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const math::Knot<T> knot = math::knot(u[i + j], p.knots);
-      const T scale = math::lerp(scale_column[knot.k], scale_column[knot.k + 1], knot.frac);
-      const T shift = math::lerp(shift_column[knot.k], shift_column[knot.k + 1], knot.frac);
+      const math::Knot<T> knot = math::knot(us.v[j], p.knots);
+      const ScaleShift<T> scale_shift = film_at(scale_column, shift_column, 1, knot);
       const T xhat = math::normalize(load(xs.v[j]), mu, rs);
-      const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(dys.v[j])), xhat, w, bias, scale, shift);
+      const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(dys.v[j])), xhat, w, bias, scale_shift.scale, scale_shift.shift);
       sum_dn += grad.dn;
       sum_dn_xhat += grad.dn * xhat;
       run.add(knot, grad.dscale, grad.dpre, flush);
@@ -470,11 +518,9 @@ __global__ void backward_reduce_nhwc(Params<S> p, int64_t chunks, GradPartial<Co
     for (int64_t pixel = begin + threadIdx.y; pixel < end; pixel += kRows) {
       const int64_t e = (b * p.pixels + pixel) * C + c;
       const math::Knot<T> knot = math::knot(p.u[b * p.pixels + pixel], p.knots);
-      const T* row = p.table + knot.k * 2 * C;
-      const T scale = math::lerp(row[c], row[2 * C + c], knot.frac);
-      const T shift = math::lerp(row[C + c], row[3 * C + c], knot.frac);
+      const ScaleShift<T> scale_shift = film_at(p.table + c, p.table + C + c, 2 * C, knot);
       const T xhat = math::normalize(load(p.h[e]), mu, rs);
-      const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(p.grad_out[e])), xhat, w, bias, scale, shift);
+      const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(p.grad_out[e])), xhat, w, bias, scale_shift.scale, scale_shift.shift);
       sum_dn += grad.dn;
       sum_dn_xhat += grad.dn * xhat;
       run.add(knot, grad.dscale, grad.dpre, flush);
@@ -556,14 +602,14 @@ __global__ void backward_apply_nchw(Params<S> p, int64_t chunks, int64_t chunk_e
   for (int64_t i = begin + threadIdx.x * VEC; i < end; i += int64_t(blockDim.x) * VEC) {
     const Pack<S, VEC> xs = *reinterpret_cast<const Pack<S, VEC>*>(x + i);
     const Pack<S, VEC> dys = *reinterpret_cast<const Pack<S, VEC>*>(dy + i);
+    const Pack<T, VEC> us = load_pack<VEC>(u + i);
     Pack<S, VEC> out;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const math::Knot<T> knot = math::knot(u[i + j], p.knots);
-      const T scale = math::lerp(scale_column[knot.k], scale_column[knot.k + 1], knot.frac);
-      const T shift = math::lerp(shift_column[knot.k], shift_column[knot.k + 1], knot.frac);
+      const math::Knot<T> knot = math::knot(us.v[j], p.knots);
+      const ScaleShift<T> scale_shift = film_at(scale_column, shift_column, 1, knot);
       const T xhat = math::normalize(load(xs.v[j]), mu, rs);
-      const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(dys.v[j])), xhat, w, bias, scale, shift);
+      const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(dys.v[j])), xhat, w, bias, scale_shift.scale, scale_shift.shift);
       store(out.v[j], math::groupnorm_grad_input(grad.dn, w, xhat, rs, mean_dxhat, mean_dxhat_xhat));
     }
     *reinterpret_cast<Pack<S, VEC>*>(dx + i) = out;
@@ -578,19 +624,16 @@ __global__ void backward_apply_nhwc(Params<S> p, int64_t packs) {
        pack += int64_t(gridDim.x) * blockDim.x) {
     const int64_t e = pack * VEC, c0 = e % C, pixel = e / C, b = pixel / p.pixels;
     const math::Knot<T> knot = math::knot(p.u[pixel], p.knots);
-    const T* row = p.table + knot.k * 2 * C;
-    const T* next = row + 2 * C;
     const Pack<S, VEC> xs = *reinterpret_cast<const Pack<S, VEC>*>(p.h + e);
     const Pack<S, VEC> dys = *reinterpret_cast<const Pack<S, VEC>*>(p.grad_out + e);
     Pack<S, VEC> out;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const int64_t c = c0 + j, stat = b * p.groups + c / p.per_group;
-      const T scale = math::lerp(row[c], next[c], knot.frac);
-      const T shift = math::lerp(row[C + c], next[C + c], knot.frac);
+      const ScaleShift<T> scale_shift = film_at(p.table + c, p.table + C + c, 2 * C, knot);
       const T rs = p.rstd[stat], w = p.weight[c];
       const T xhat = math::normalize(load(xs.v[j]), p.mean[stat], rs);
-      const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(dys.v[j])), xhat, w, p.bias[c], scale, shift);
+      const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(dys.v[j])), xhat, w, p.bias[c], scale_shift.scale, scale_shift.shift);
       store(out.v[j], math::groupnorm_grad_input(grad.dn, w, xhat, rs, p.grad_coef[2 * stat],
                                                  p.grad_coef[2 * stat + 1]));
     }
@@ -657,13 +700,19 @@ int nchw_threads(int64_t chunk_elems, int vec) {
 
 int flat_blocks(int64_t packs) { return int(std::min<int64_t>(ceil_div(packs, kThreads), int64_t(1) << 20)); }
 
-// Whether the forward can take the one-launch, one-read path: NCHW, the group fits in a block's registers
-// and there are enough (image, group) blocks to fill the GPU; otherwise the three-launch path, which
-// splits planes into chunks, has more parallelism. (It also needs 16-byte packs: scalar loads of 32
-// elements per thread would spill.)
+// Shared memory of forward_group_nchw (float compute): the scale and shift columns of a group's channels.
+int64_t group_column_bytes(const GroupNormFilmShape& shape) {
+  return 2 * (shape.channels / shape.groups) * shape.knots * int64_t(sizeof(float));
+}
+
+// Whether the forward can take the one-launch, one-read path: NCHW, the group fits in a block's registers,
+// its table columns in shared memory without an opt-in, and there are enough (image, group) blocks to fill
+// the GPU; otherwise the three-launch path, which splits planes into chunks, has more parallelism. (It also
+// needs 16-byte packs: scalar loads of 32 elements per thread would spill.)
 bool group_resident(const GroupNormFilmShape& shape, int device) {
   if (shape.channels_last) return false;
   if ((shape.channels / shape.groups) * shape.pixels > int64_t(kGroupThreads) * kGroupElems) return false;
+  if (group_column_bytes(shape) > kGroupColumnBytes) return false;
   int multiprocessors = 0;
   check(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
   return shape.batch * shape.groups >= multiprocessors;
@@ -706,13 +755,14 @@ void groupnorm_film_forward_cuda(const GroupNormFilmShape& shape, std::uintptr_t
     const Params<S> p = params<S>(shape, h, 0, u, table, weight, bias, mean, rstd, 0, out);
     const bool aligned = aligned16(h) && aligned16(out);
     const int64_t B = shape.batch, C = shape.channels;
-    const bool vectorise_nchw = aligned && shape.pixels % kVec == 0;
+    const bool vectorise_nchw = aligned && aligned16(u) && shape.pixels % kVec == 0;
 
     if constexpr (!std::is_same_v<S, double>) {   // float64 would need twice the registers
       if (vectorise_nchw && group_resident(shape, device)) {
         const int64_t packs = (C / shape.groups) * shape.pixels / kVec;
         const int threads = int(ceil_div(ceil_div(packs, kGroupElems / kVec), 32) * 32);
-        forward_group_nchw<S, kVec, Silu><<<unsigned(B * shape.groups), threads, 0, stream>>>(p, eps);
+        forward_group_nchw<S, kVec, Silu><<<unsigned(B * shape.groups), threads, size_t(group_column_bytes(shape)),
+                                            stream>>>(p, eps);
         check_launch("forward_group_nchw");
         return;
       }
@@ -773,6 +823,7 @@ void groupnorm_film_backward_cuda(const GroupNormFilmShape& shape, std::uintptr_
     const Params<S> p = params<S>(shape, h, grad_out, u, table, weight, bias, mean, rstd, grad_coef, grad_h);
     const bool aligned = aligned16(h) && aligned16(grad_out) && aligned16(grad_h);
     const int64_t B = shape.batch, C = shape.channels;
+    const bool vectorise_nchw = aligned && aligned16(u) && shape.pixels % kVec == 0;
 
     if (shape.channels_last) {
       backward_reduce_nhwc<S, Silu><<<dim3(unsigned(geo.chunks), unsigned(ceil_div(C, 32)), unsigned(B)),
@@ -780,7 +831,7 @@ void groupnorm_film_backward_cuda(const GroupNormFilmShape& shape, std::uintptr_
       check_launch("backward_reduce_nhwc");
     } else {
       const int64_t shared_bytes = 2 * shape.knots * int64_t(sizeof(T));
-      with_vec<S>(aligned && shape.pixels % kVec == 0, [&](auto vec) {
+      with_vec<S>(vectorise_nchw, [&](auto vec) {
         constexpr int VEC = decltype(vec)::value;
         auto kernel = backward_reduce_nchw<S, VEC, Silu>;
         if (shared_bytes > 48 * 1024) {
@@ -813,7 +864,7 @@ void groupnorm_film_backward_cuda(const GroupNormFilmShape& shape, std::uintptr_
         check_launch("backward_apply_nhwc");
       });
     } else {
-      with_vec<S>(aligned && shape.pixels % kVec == 0, [&](auto vec) {
+      with_vec<S>(vectorise_nchw, [&](auto vec) {
         constexpr int VEC = decltype(vec)::value;
         backward_apply_nchw<S, VEC, Silu><<<unsigned(B * C * geo.chunks), nchw_threads(geo.chunk_elems, VEC), 0,
                                             stream>>>(p, geo.chunks, geo.chunk_elems);

@@ -75,6 +75,10 @@ NAMES = ("out", "grad_h", "grad_table", "grad_weight", "grad_bias")
 def check_float32(device, shape, act, layout):
     h, u, table, weight, bias, groups = film_inputs(shape, device=device, layout=layout)
     grad_out = torch.randn(h.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    return check_float32_inputs(h, u, table, weight, bias, groups, act, grad_out)
+
+
+def check_float32_inputs(h, u, table, weight, bias, groups, act, grad_out):
     got = run(ops, h, u, table, weight, bias, groups, act, grad_out)
     expected = float64_reference(h, u, table, weight, bias, groups, act, grad_out)
     for name, g, e in zip(NAMES, got, expected):
@@ -300,6 +304,23 @@ def test_cuda_matches_reference_float32(backend, shape, act, layout):
 def test_cuda_low_precision_within_twice_the_eager_error(backend, shape, dtype, layout):
     backend("cuda")
     check_low_precision("cuda", shape, dtype, layout)
+
+
+@pytest.mark.parametrize("knots", [2500, 2600])
+@pytest.mark.parametrize("u_aligned", [True, False])
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_one_launch_forward_limits(backend, knots, u_aligned):
+    """(8, 64, 8, 8, 32) has enough groups for the one-launch forward, which keeps a group's table columns in
+    shared memory: 2 * 2 channels * 2500 knots * 4 bytes fit its 40 KB, 2600 knots do not (three launches).
+    u 16-byte aligned takes the vector loads of u, u one float off takes the scalar path."""
+    backend("cuda")
+    h, u, table, weight, bias, groups = film_inputs((8, 64, 8, 8, 32), device="cuda", knots=knots)
+    if not u_aligned:
+        u = torch.empty(u.numel() + 1, device="cuda")[1:].view_as(u).copy_(u)
+        assert u.data_ptr() % 16 != 0
+    grad_out = torch.randn(h.shape, generator=torch.Generator().manual_seed(1)).to("cuda")
+    check_float32_inputs(h, u, table, weight, bias, groups, "silu", grad_out)
 
 
 @requires_cuda
