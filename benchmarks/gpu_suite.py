@@ -252,8 +252,8 @@ def print_targets(rows: list[dict]) -> None:
             checks.append(f"{column} {value or '-'} ({verdict}: >= {goal})")
         graphed = row_of(op, GRAPH_IMPL)
         if graphed is not None:
-            checks.append(f"kernel alone ({GRAPH_IMPL}) {graphed['ms_median']} ms = {graphed.get('pct_copy_bw') or '-'}% "
-                          "of copy bandwidth")
+            checks.append(f"kernel alone ({GRAPH_IMPL}) {graphed['ms_median']} ms = "
+                          f"{graphed.get('pct_copy_bw') or '-'}% of copy bandwidth")
         print(f"target {op} {TARGETS['shape']} {TARGETS['dtype']}: " + ", ".join(checks))
 
 

@@ -241,6 +241,7 @@ class SVNRScheduler:
         self.timesteps: list[int] = []
         self._plan: StepPlan | None = None
         self._step_index = 0
+        self._tables: dict[tuple, Tensor] = {}   # the table per (device, compute dtype): one copy, not one per step
 
     # -- config round trip ------------------------------------------------------------------------
     @classmethod
@@ -284,11 +285,28 @@ class SVNRScheduler:
         if self._step_index >= self._plan.steps:
             raise RuntimeError(f"all {self._plan.steps} planned steps were taken; call set_timesteps again")
         last = self._step_index == self._plan.steps - 1
-        delta = self._plan.last_delta if last else self._plan.delta
+        _checks.tensor("sample", sample, ndim=4)
+        key = (sample.device, _checks.compute_dtype(sample.dtype))
+        delta = (self._plan.last_delta if last else self._plan.delta).to(*key)
+        if delta.shape[0] != sample.shape[0]:
+            raise ValueError(f"the steps were planned for {delta.shape[0]} images, but sample has {sample.shape[0]}; "
+                             "call set_timesteps with this batch's tau_star")
         clamp = tuple(self.config["clip_range"]) if self.config["clip_sample"] else None
-        x, tau_new, x0_hat = ops.reverse_step(sample, model_output, tau, delta.to(sample.device),
-                                              self.table.to(sample.device), eta=self.config["eta"], clamp=clamp,
-                                              seed=self.config["seed"], offset=self._step_index, return_x0_hat=True)
+        if key not in self._tables:
+            self._tables[key] = self.table.to(*key)
+        table, eta, seed = self._tables[key], self.config["eta"], self.config["seed"]
+        if self._step_index == 0:
+            # values (NaN/inf, the table, delta) once per plan, as sample() checks them before its loop: a
+            # value check reads the data, which on a GPU stalls the host in every step
+            _checks.reverse_step_args(sample, model_output, tau, delta, table, eta, None, clamp, seed, 0)
+        else:
+            _checks.tensor("model_output", model_output, ndim=4)
+            _checks.same_shape("sample", sample, model_output=model_output)
+            _checks.same_device("sample", sample, model_output=model_output, tau=tau)
+            _checks.time_map_shape("tau", tau, "sample", sample)
+        low, high = clamp or (None, None)
+        x, tau_new, x0_hat = torch.ops.svnr.reverse_step(sample, model_output, tau, delta, table, float(eta), None, low,
+                                                         high, seed, self._step_index, True)
         self._step_index += 1
         if not return_dict:
             return x, tau_new, x0_hat

@@ -91,6 +91,21 @@ def test_scheduler_matches_the_functional_sampler():
         scheduler.step(denoiser(y_prime, x, tau), tau, x)
 
 
+def test_scheduler_checks_values_at_the_first_step_and_shapes_at_every_step():
+    _, y_prime, tau_star = noisy()
+    scheduler = SVNRScheduler()
+    scheduler.set_timesteps(3, tau_star)
+    bad = y_prime.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="contains NaN"):
+        scheduler.step(y_prime, tau_star, bad)
+    out = scheduler.step(y_prime, tau_star, y_prime)
+    with pytest.raises(ValueError, match="model_output must have the shape of sample"):
+        scheduler.step(y_prime[:, :2], out.tau, out.prev_sample)
+    with pytest.raises(ValueError, match="planned for 2 images, but sample has 1"):
+        scheduler.step(y_prime[:1], out.tau[:1], out.prev_sample[:1])
+
+
 def test_scheduler_config_round_trip(tmp_path):
     scheduler = SVNRScheduler(num_train_timesteps=500, lam=2.0, eta=0.5, clip_sample=True, seed=9)
     scheduler.save_config(tmp_path)
