@@ -162,8 +162,9 @@ class SamplerGraphs:
     its parameters and buffers (where they live, their version counters, train/eval) are compared before
     every replay, and a change captures again. Any other tensor a denoiser reads (a closure's tensors, a
     cache it fills on its first call) must stay where it was while these graphs are used; SVNRUNet's
-    cached time tables are handled. Each graph keeps a private memory pool, about one network evaluation's
-    activations: `clear()` frees them all.
+    cached time tables are handled. A graph replays the kernels chosen at its capture (SVNR_FAST_BACKEND
+    set later does not change them). Each graph keeps a private memory pool, about one network
+    evaluation's activations: `clear()` frees them all.
     """
 
     def __init__(self):
