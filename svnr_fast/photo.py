@@ -63,8 +63,11 @@ def denoise_photo(pixels: torch.Tensor, noise: tuple[float, float] | None, model
     if noise is None:
         estimate = estimate_noise(y)
         noise = (estimate.sigma_r, estimate.sigma_s)
+    if args.cuda_graph and y.device.type != "cuda":
+        raise SystemExit(f"--cuda-graph needs a CUDA device, but the photo is on {y.device}; drop --cuda-graph "
+                         "or use --device cuda")
     out = denoise(y, noise, model=model, steps=args.steps, eta=args.eta, tile=args.tile, seed=args.seed,
-                  progress=progress)
+                  progress=progress, cuda_graph=args.cuda_graph)
     if args.linear:
         out = linear_to_srgb(out)
     out = out.clamp(0, 1).cpu()
@@ -79,6 +82,8 @@ def add_noise_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tile", type=int, default=512, help="process larger photos in overlapping tiles of this size")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="replay the sampling loop from a CUDA graph (CUDA only; pays with many tiles of one size)")
     parser.add_argument("--model", type=Path, default=None, help="a model file (default: the bundled model)")
     parser.add_argument("--linear", action="store_true",
                         help="denoise linear-light values (sRGB decoded first, encoded after); --sigma-r and "
@@ -87,8 +92,13 @@ def add_noise_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_model_for(args: argparse.Namespace, device: torch.device):
-    from .models import load_model
-    return default_model(device) if args.model is None else load_model(args.model, device)
+    from .models import CheckpointError, load_model
+    if args.model is None:
+        return default_model(device)
+    try:
+        return load_model(args.model, device)
+    except (FileNotFoundError, CheckpointError) as err:
+        raise SystemExit(f"svnr {args.command}: --model: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------------
