@@ -3,13 +3,17 @@
 Every check names the argument and says how to fix it. Metadata checks (rank, dtype, device, shape)
 cost nothing; value checks (NaN/inf, negative noise parameters, a table that is not strictly
 increasing) read the data and therefore synchronise with a GPU, so they are skipped while
-`torch.compile` traces and loops that call the raw `torch.ops.svnr.*` ops validate once, up front.
+`torch.compile` traces, loops that call the raw `torch.ops.svnr.*` ops validate once, up front, and
+the whole-op checks below gather an op's value checks into one reduction read once (`one_read`): one
+host sync per call instead of one per check.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from numbers import Real
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -18,6 +22,36 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _tracing() -> bool:
     return torch.compiler.is_compiling()
+
+
+_gathering = threading.local()
+
+
+@contextlib.contextmanager
+def one_read():
+    """Value checks of tensors inside are gathered and read together on exit: one host sync, the same
+    errors (the first failing one, in order, raises its own message). Checks that read no device value
+    (metadata, Python floats) still raise at once."""
+    if getattr(_gathering, "checks", None) is not None:     # nested: the outer block reads them
+        yield
+        return
+    checks: list[tuple[torch.Tensor, Callable[[], str]]] = []
+    _gathering.checks = checks
+    try:
+        yield
+    finally:
+        _gathering.checks = None
+    if checks and not bool(torch.stack([ok for ok, _ in checks]).all()):
+        raise ValueError(next(message() for ok, message in checks if not bool(ok)))
+
+
+def _require(ok: torch.Tensor, message: Callable[[], str]) -> None:
+    """Raises ValueError(message()) unless the 0-d bool tensor `ok` holds, now or at the end of `one_read`."""
+    checks = getattr(_gathering, "checks", None)
+    if checks is not None:
+        checks.append((ok, message))
+    elif not bool(ok):
+        raise ValueError(message())
 
 
 def tensor(name: str, value, *, ndim: int | None = None, dtypes=FLOAT_DTYPES) -> torch.Tensor:
@@ -32,8 +66,9 @@ def tensor(name: str, value, *, ndim: int | None = None, dtypes=FLOAT_DTYPES) ->
 
 
 def finite(name: str, value: torch.Tensor) -> None:
-    if not _tracing() and not bool(torch.isfinite(value).all()):
-        raise ValueError(f"{name} contains NaN or inf values; clean the input (e.g. torch.nan_to_num) first")
+    if not _tracing():
+        _require(torch.isfinite(value).all(),
+                 lambda: f"{name} contains NaN or inf values; clean the input (e.g. torch.nan_to_num) first")
 
 
 def same_device(reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
@@ -69,13 +104,15 @@ def table(value, device: torch.device | None = None) -> torch.Tensor:
                          "pass schedule.table.to(device)")
     if not _tracing():
         finite("table", value)
-        if bool(value[0] < 0):
-            raise ValueError(f"table[0] must be >= 0 (a variance), got {float(value[0])}")
-        if not bool((value[1:] > value[:-1]).all()):
-            first = int(torch.nonzero(value[1:] <= value[:-1])[0])
-            raise ValueError(f"table must be strictly increasing; table[{first + 1}] = {float(value[first + 1])} "
-                             f"<= table[{first}] = {float(value[first])}")
+        _require(value[0] >= 0, lambda: f"table[0] must be >= 0 (a variance), got {float(value[0])}")
+        _require((value[1:] > value[:-1]).all(), lambda: _not_increasing(value))
     return value
+
+
+def _not_increasing(table_: torch.Tensor) -> str:
+    first = int(torch.nonzero(~(table_[1:] > table_[:-1]))[0])
+    return (f"table must be strictly increasing; table[{first + 1}] = {float(table_[first + 1])} "
+            f"<= table[{first}] = {float(table_[first])}")
 
 
 def per_image(name: str, value, batch: int, device: torch.device, *, dtype: torch.dtype = torch.float32,
@@ -98,22 +135,25 @@ def per_image(name: str, value, batch: int, device: torch.device, *, dtype: torc
         return result
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a float or a ({batch},) tensor, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    _bounds(name, torch.tensor([value]), low, high)
+    value = scalar(name, value, low=low, high=high)
     return torch.full((batch,), value, dtype=dtype, device=device)
 
 
-def _bounds(name: str, value: torch.Tensor, low: float | None, high: float | None) -> None:
+def _bounds_message(name: str, low: float | None, high: float | None, bad: float) -> str:
     if low is not None and high is not None:
-        if bool(((value < low) | (value > high)).any()):
-            bad = value[(value < low) | (value > high)][0].item()
-            raise ValueError(f"{name} must lie in [{low}, {high}], got {bad:g}")
-    elif low is not None and bool((value < low).any()):
-        raise ValueError(f"{name} must be >= {low}, got {value.min().item():g}")
-    elif high is not None and bool((value > high).any()):
-        raise ValueError(f"{name} must be <= {high}, got {value.max().item():g}")
+        return f"{name} must lie in [{low}, {high}], got {bad:g}"
+    return f"{name} must be >= {low}, got {bad:g}" if low is not None else f"{name} must be <= {high}, got {bad:g}"
+
+
+def _bounds(name: str, value: torch.Tensor, low: float | None, high: float | None) -> None:
+    if low is None and high is None:
+        return
+    outside = torch.zeros_like(value, dtype=torch.bool)
+    if low is not None:
+        outside |= value < low
+    if high is not None:
+        outside |= value > high
+    _require(~outside.any(), lambda: _bounds_message(name, low, high, value[outside][0].item()))
 
 
 def scalar(name: str, value, *, low: float | None = None, high: float | None = None) -> float:
@@ -122,7 +162,8 @@ def scalar(name: str, value, *, low: float | None = None, high: float | None = N
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
-    _bounds(name, torch.tensor([value], dtype=torch.float64), low, high)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(_bounds_message(name, low, high, value))
     return value
 
 
@@ -177,6 +218,7 @@ def noise(name: str, value: torch.Tensor | None, data_name: str, data: torch.Ten
     finite(name, value)
 
 
+@one_read()
 def training_sample_args(x0, sigma_r, sigma_s, u, table_, eps_T, eps_prime, seed, offset) -> TrainingSampleArgs:
     tensor("x0", x0, ndim=4)
     finite("x0", x0)
@@ -192,6 +234,7 @@ def training_sample_args(x0, sigma_r, sigma_s, u, table_, eps_T, eps_prime, seed
         table=table(table_, device))
 
 
+@one_read()
 def reverse_step_args(x, eps_hat, tau, delta, table_, eta, z, clamp, seed, offset) -> ReverseStepArgs:
     tensor("x", x, ndim=4)
     finite("x", x)
@@ -212,6 +255,7 @@ def reverse_step_args(x, eps_hat, tau, delta, table_, eta, z, clamp, seed, offse
         table=table(table_, x.device))
 
 
+@one_read()
 def groupnorm_film_args(h, u, table_, gn_weight, gn_bias, groups, eps, act, *, check_values: bool = True) -> None:
     """check_values=False keeps only the metadata checks (for modules called inside training loops)."""
     tensor("h", h, ndim=4)

@@ -77,6 +77,7 @@ def _lookup_table(table: Tensor, dtype: torch.dtype) -> Tensor:
     return table.to(_checks.compute_dtype(dtype))
 
 
+@_checks.one_read()
 def _checked_lookup(name: str, value: Tensor, table: Tensor, ndim: Optional[int] = None) -> Tensor:
     """Checks a lookup's input and table; returns the table in the input's compute dtype."""
     _checks.tensor(name, value, ndim=ndim)

@@ -45,6 +45,7 @@ def _time_from_variance(variance: torch.Tensor, table: torch.Tensor) -> torch.Te
     return (k + (variance - g_lo) / (g_hi - g_lo)).clamp(0, T)
 
 
+@_checks.one_read()
 def _schedule_inputs(name: str, value: torch.Tensor, table: torch.Tensor):
     _checks.tensor(name, value)
     _checks.table(table, value.device)

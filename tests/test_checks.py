@@ -125,3 +125,36 @@ def test_groupnorm_module_rejects_bad_groups():
     for groups in (0, 5, 2.0):
         with pytest.raises(ValueError, match="groups must be a positive int dividing channels"):
             GroupNormSpatialFiLM(8, groups=groups)
+
+
+def test_an_op_reads_its_value_checks_once(monkeypatch):
+    """Each host read of a device value is a GPU sync: an op's NaN, bound and table checks share one."""
+    reads = []
+    for method in ("__bool__", "item"):
+        original = getattr(torch.Tensor, method)
+        monkeypatch.setattr(torch.Tensor, method,
+                            lambda self, _original=original, _name=method: reads.append(_name) or _original(self))
+    x = images(2, 3, 4, 5)
+    u = torch.rand(2, 1, 4, 5) * 8
+    calls = {
+        "reverse_step": lambda: reverse_call(ops, delta=torch.tensor([1.0, 2.0]), eta=0.5, clamp=(0, 1)),
+        "training_sample": lambda: training_call(ops, sigma_r=torch.tensor([0.01, 0.1]), u=torch.rand(2), seed=3),
+        "groupnorm_film": lambda: ops.groupnorm_film(torch.randn(2, 6, 4, 5), u, torch.randn(9, 12), torch.ones(6),
+                                                     torch.zeros(6), 3, 1e-5, "silu"),
+        "gamma": lambda: ops.gamma(u, TABLE),
+        "reference.time_map": lambda: reference.time_map(x, TABLE),
+    }
+    for name, call in calls.items():
+        reads.clear()
+        call()
+        assert reads == ["__bool__"], (name, reads)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"x": torch.full((2, 3, 4, 5), float("inf")), "delta": torch.tensor([-1.0, 1.0])}, "x contains NaN or inf"),
+    ({"delta": torch.tensor([1.0, -2.0])}, r"delta must be >= 0.0, got -2"),
+    ({"table": torch.tensor([0.0, 0.2, 0.1])}, r"table\[2\] = 0.1.* <= table\[1\] = 0.2"),
+])
+def test_gathered_checks_raise_the_first_failure_in_order(impl, bad, message):
+    with pytest.raises(ValueError, match=message):
+        reverse_call(impl, **bad)
