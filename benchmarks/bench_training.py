@@ -5,8 +5,14 @@ The model is the `small` preset (the bundled CPU model), batch 16 of 64x64 crops
 (correlated SVNR, EDM parametrisation). Both columns start from the same weights. The fused column
 uses whatever serves each op here (C++ groupnorm_film on CPU; Triton/CUDA kernels on a GPU, with bf16
 autocast); the eager column forces the reference for every svnr op. A compiled column would compile a
-whole training step (minutes on a CPU), so there is none; `bytes_moved` is 0 because a training step
-has no meaningful minimum traffic (its GB/s columns do not apply).
+whole training step (minutes on a CPU), so the pytest benchmark has none; `bytes_moved` is 0 because a
+training step has no meaningful minimum traffic (its GB/s columns do not apply).
+
+On a GPU, `gpu_cases` adds `training_step_<preset>_compiled_network` (`svnr train --compile`): fused =
+the fused ops inside torch.compile(network), eager = the plain eager reference step (the first case's
+eager column). The sample, the loss, the optimiser and the EMA stay eager, as in `svnr train`. It has no
+compiled column either: inside a compiled network the svnr ops stay opaque custom ops, so "compiled
+reference" there would still run the reference groupnorm_film eagerly, not torch.compile(reference).
 """
 import pytest
 import torch
@@ -17,11 +23,14 @@ from svnr_fast import backends, training
 BATCH, CROP = 16, 64
 
 
-def training_step(device: str, preset: str = "small", batch: int = BATCH, crop: int = CROP):
+def training_step(device: str, preset: str = "small", batch: int = BATCH, crop: int = CROP,
+                  compile_network: bool = False):
     """A callable that runs one training step on a fixed batch of smooth random images."""
     config = training.TrainConfig(preset=preset, batch_size=batch, crop=crop)
     state = training.new_state(config, device)
     network = training.NetworkOutput(state.model)
+    if compile_network:
+        network = torch.compile(network)
     generator = torch.Generator().manual_seed(0)
     coarse = torch.rand(batch, 3, crop // 8, crop // 8, generator=generator)
     x0 = torch.nn.functional.interpolate(coarse, size=(crop, crop), mode="bicubic").clamp(0, 1).to(device)
@@ -43,10 +52,14 @@ def fused_available(device_type: str) -> str | None:
 
 def gpu_cases(device: str):
     preset, batch = ("small", BATCH) if device.startswith("cuda") else ("tiny", 2)
-    yield Case(op="training_step_" + preset, shape=f"{batch}x3x{CROP}x{CROP}",
-               dtype="bfloat16" if device.startswith("cuda") else "float32", bytes_moved=0,
-               fused=with_backend(None, training_step(device, preset, batch)),
-               eager=with_backend("reference", training_step(device, preset, batch)), compiled=None)
+    shape, dtype = f"{batch}x3x{CROP}x{CROP}", "bfloat16" if device.startswith("cuda") else "float32"
+    eager = with_backend("reference", training_step(device, preset, batch))
+    yield Case(op="training_step_" + preset, shape=shape, dtype=dtype, bytes_moved=0,
+               fused=with_backend(None, training_step(device, preset, batch)), eager=eager, compiled=None)
+    if device.startswith("cuda"):   # compiling on the 2-core CPU of a dry run would take minutes
+        yield Case(op=f"training_step_{preset}_compiled_network", shape=shape, dtype=dtype, bytes_moved=0,
+                   fused=with_backend(None, training_step(device, preset, batch, compile_network=True)), eager=eager,
+                   compiled=None)
 
 
 @pytest.mark.parametrize("impl", ["eager", "fused"])

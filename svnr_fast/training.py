@@ -500,12 +500,14 @@ def _log(run_dir: Path | None, record: dict) -> None:
 def fit(state: TrainState, config: TrainConfig, dataset: data_lib.RandomCropBatches, *, run_dir=None,
         heldout: list[torch.Tensor] | None = None, world: World = World(), max_minutes: float | None = None,
         workers: int = 0, progress: bool = True, checkpoint_metadata: dict[str, str] | None = None,
-        stop_at: int | None = None) -> TrainState:
+        stop_at: int | None = None, compile_network: bool = False) -> TrainState:
     """Train from `state.step` to `config.steps`, or until step `stop_at`, `max_minutes` or a SIGINT/SIGTERM.
 
     Writes `run_dir/checkpoint.safetensors` every `checkpoint_every` steps and when it stops,
     `run_dir/model.safetensors` (the EMA weights) with it, `run_dir/best.safetensors` whenever the
     held-out PSNR of the EMA weights improves, and `run_dir/log.jsonl`. Under DDP every rank calls it.
+    `compile_network` runs the network through torch.compile (the svnr ops stay opaque custom ops inside
+    the graph); it changes speed, not the math, so a run may be resumed with or without it.
     """
     from tqdm import tqdm
 
@@ -517,6 +519,8 @@ def fit(state: TrainState, config: TrainConfig, dataset: data_lib.RandomCropBatc
     network: nn.Module = NetworkOutput(state.model)
     if world.size > 1:
         network = nn.parallel.DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile_network:
+        network = torch.compile(network)
     last = config.steps if stop_at is None else min(stop_at, config.steps)
     loader = data_lib.batch_loader(dataset, state.step, last, workers, pin_memory=device.type == "cuda")
     bar = tqdm(total=config.steps, initial=state.step, disable=not (progress and lead), dynamic_ncols=True,

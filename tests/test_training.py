@@ -124,6 +124,22 @@ def test_tiny_model_overfits_one_batch():
     assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
 
 
+def test_compiled_network_trains_like_the_eager_one():
+    """`svnr train --compile`: the whole network (with the svnr custom ops, their fake kernels and autograd)
+    traces as one graph, and steps give what the eager network gives. aot_eager runs the traced graphs
+    without code generation, which keeps the test fast; inductor compiles those same graphs."""
+    config = tiny_config()
+    eager, compiled = training.new_state(config, "cpu"), training.new_state(config, "cpu")
+    network = torch.compile(training.NetworkOutput(compiled.model), backend="aot_eager", fullgraph=True)
+    for step in range(2):
+        x0 = smooth_images(2, 16, 16, seed=step)
+        expected = training.train_step(eager, training.NetworkOutput(eager.model), x0, config)
+        loss = training.train_step(compiled, network, x0, config)
+        torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+    for a, b in zip(eager.model.parameters(), compiled.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
 def test_heldout_metric_is_deterministic_and_keeps_the_mode():
     model = models.SVNRUNet(models.preset("tiny")).train()
     crops = list(smooth_images(2, 24, 24))
