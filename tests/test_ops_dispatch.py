@@ -113,3 +113,22 @@ def test_public_api():
     assert svnr_fast.Schedule is Schedule
     for name in ("gamma", "time_from_variance", "time_map", "training_sample", "reverse_step", "groupnorm_film"):
         assert callable(getattr(svnr_fast.ops, name)) and callable(getattr(svnr_fast.reference, name))
+
+
+def test_the_package_exposes_the_main_job_and_the_scheduler():
+    import svnr_fast
+    from svnr_fast.denoise import denoise
+    assert svnr_fast.denoise is denoise
+
+    class ZeroNoise(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("variance_table", Schedule().table)
+
+        def forward(self, condition, x, tau):
+            return torch.zeros_like(x)
+
+    y = torch.full((3, 16, 16), 0.5)
+    out = svnr_fast.denoise(y, (0.0, 0.0), model=ZeroNoise())
+    assert torch.equal(out, y)                   # no noise: time 0 everywhere, nothing to do
+    assert svnr_fast.SVNRScheduler().config["num_train_timesteps"] == 1000
