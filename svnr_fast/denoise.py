@@ -55,7 +55,10 @@ def default_model(device: Union[str, torch.device] = "cpu"):
     if not BUNDLED_MODEL.is_file():
         raise FileNotFoundError(f"the bundled model {BUNDLED_MODEL} is missing from this installation; "
                                 "pass model=svnr_fast.models.load_model(PATH) or reinstall svnr_fast")
-    return load_model(BUNDLED_MODEL, device)
+    # built outside inference mode even when called from denoise(): inference tensors have no version
+    # counter, and the model's time-table cache (and SamplerGraphs) read the parameters' versions
+    with torch.inference_mode(False):
+        return load_model(BUNDLED_MODEL, device)
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
