@@ -186,7 +186,8 @@ class SamplerGraphs:
                seed if eta > 0 else None)
         loop = self._loops.get(key)
         if loop is None or loop.state != _state(denoiser):
-            self._loops.pop(key, None)   # free the old graph's memory before capturing its successor
+            self._loops.pop(key, None)
+            del loop   # with the dict's, the last reference to the old graph: its memory goes before the capture
             loop = self._loops[key] = _CapturedLoop(denoiser, condition, x, tau, table, plan, eta, low, high, seed)
         return loop.replay(condition, x, tau, table, plan)
 

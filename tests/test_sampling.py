@@ -210,5 +210,9 @@ def test_cuda_graph_follows_the_model_weights():
             got = sample_svnr(model, y_prime, tau_star, table, steps=4, eta=1.0, seed=5, cuda_graph=graphs)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         assert len(graphs) == 1
+        # new storage for every weight, as .to() or load_state_dict(assign=True) give: a replay of the old graph
+        # would read freed memory. (An in-place update alone a replay would see without a new capture: the
+        # graph reads the parameters where they are and computes the time tables itself.)
         with torch.no_grad():
-            model.time_embedding.parameters().__next__().add_(0.05)   # changes the cached time tables too
+            for parameter in model.parameters():
+                parameter.data = parameter.data + 0.05
