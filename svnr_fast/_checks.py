@@ -32,7 +32,9 @@ def one_read():
     """Value checks of tensors inside are gathered and read together on exit: one host sync, the same
     errors (the first failing one, in order, raises its own message). Checks that read no device value
     (metadata, Python floats) still raise at once."""
-    if getattr(_gathering, "checks", None) is not None:     # nested: the outer block reads them
+    # while torch.compile traces, value checks are skipped: nothing to gather, and the thread-local state
+    # is left out of the trace; nested: the outer block reads the checks
+    if _tracing() or getattr(_gathering, "checks", None) is not None:
         yield
         return
     checks: list[tuple[torch.Tensor, Callable[[], str]]] = []
