@@ -58,14 +58,14 @@ def denoise_photo(pixels: torch.Tensor, noise: tuple[float, float] | None, model
     """
     gray = pixels.shape[0] == 1
     y = to_rgb(pixels).to(device)
+    if args.cuda_graph and y.device.type != "cuda":
+        raise SystemExit(f"--cuda-graph needs a CUDA device, but the photo is on {y.device}; drop --cuda-graph "
+                         "or use --device cuda")
     if args.linear:
         y = srgb_to_linear(y)
     if noise is None:
         estimate = estimate_noise(y)
         noise = (estimate.sigma_r, estimate.sigma_s)
-    if args.cuda_graph and y.device.type != "cuda":
-        raise SystemExit(f"--cuda-graph needs a CUDA device, but the photo is on {y.device}; drop --cuda-graph "
-                         "or use --device cuda")
     out = denoise(y, noise, model=model, steps=args.steps, eta=args.eta, tile=args.tile, seed=args.seed,
                   progress=progress, cuda_graph=args.cuda_graph)
     if args.linear:
