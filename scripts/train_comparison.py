@@ -63,6 +63,11 @@ def main() -> int:
         subprocess.run(svnr + ["train", "--out", str(run), "--steps", str(args.steps), "--device", args.device,
                                "--no-progress"] + resume + limit, check=True)
 
+    short = {name: last_step(args.out / name) for name in MODELS}
+    short = {name: step for name, step in short.items() if step < args.steps}
+    if short:   # --max-minutes stopped them: the table below compares unequal budgets
+        print("== WARNING: not at the same step budget: " + ", ".join(f"{name} stopped at step {step}" for name, step
+              in short.items()) + f" of {args.steps}; run this command again to continue them", flush=True)
     if args.skip_eval:
         return 0
     data = next((train_args[i + 1] for i, a in enumerate(train_args[:-1]) if a == "--data"), "data/photos")
