@@ -338,7 +338,7 @@ __global__ void __launch_bounds__(kGroupThreads) forward_group_nchw(Params<S> p,
   using T = Compute<S>;
   constexpr int kItems = kGroupElems / VEC;
   __shared__ T shared_stat;
-  extern __shared__ unsigned char shared_raw[];
+  extern __shared__ __align__(16) unsigned char shared_raw[];
   const int64_t group = blockIdx.x, b = group / p.groups, g = group % p.groups;
   const int count = int(p.per_group * p.pixels), packs = count / VEC, pixels = int(p.pixels);
   const S* x = p.h + group * count;   // the group's cpg planes are contiguous
@@ -448,7 +448,7 @@ __global__ void backward_reduce_nchw(Params<S> p, int64_t chunks, int64_t chunk_
                                      GradPartial<Compute<S>>* __restrict__ partial,
                                      Compute<S>* __restrict__ grad_table) {
   using T = Compute<S>;
-  extern __shared__ unsigned char shared_raw[];
+  extern __shared__ __align__(16) unsigned char shared_raw[];
   T* hist_scale = reinterpret_cast<T*>(shared_raw);
   T* hist_shift = hist_scale + p.knots;
   for (int i = threadIdx.x; i < 2 * p.knots; i += blockDim.x) hist_scale[i] = T(0);

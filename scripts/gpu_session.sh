@@ -39,6 +39,7 @@ bundle)
     fi ;;
 comparison)
     steps=${5:?comparison needs STEPS}
+    if [ "$left" -lt 240 ]; then echo "== comparison skipped: ${left} s left, too little for 3 models"; exit 0; fi
     echo "== comparison: 3 models x ${steps} steps, then svnr eval (${left} s left)"
     python3 scripts/train_comparison.py --out runs/comparison --steps "$steps" --device cuda \
         --max-minutes "$(( left / 4 / 60 + 1 ))" --eval-out "$out/comparison" -- "${train_args[@]}" \

@@ -286,7 +286,9 @@ class SVNRUNet(nn.Module):
         return list(self.time_embedding.parameters()) + [p for b in self.res_blocks() for p in b.time_table.parameters()]
 
     def _table_key(self) -> tuple:
-        return tuple((p.data_ptr(), p._version, p.dtype) for p in self._table_parameters())
+        # inference tensors (a model made under torch.inference_mode) have no version counter: their
+        # storage and dtype are the key, so in-place edits of them inside inference mode go unseen
+        return tuple((p.data_ptr(), -1 if p.is_inference() else p._version, p.dtype) for p in self._table_parameters())
 
     def time_tables(self) -> list[torch.Tensor]:
         """The (K, 2C) [scale | shift] table of every ResBlock, in `res_blocks()` order.

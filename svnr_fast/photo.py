@@ -83,7 +83,8 @@ def add_noise_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cuda-graph", action="store_true",
-                        help="replay the sampling loop from a CUDA graph (CUDA only; pays with many tiles of one size)")
+                        help="replay the sampling loop from a CUDA graph (CUDA only; pays with many tiles of one size at "
+                             "--eta 0: with eta > 0 every tile group bakes its own noise seed into its own graph)")
     parser.add_argument("--model", type=Path, default=None, help="a model file (default: the bundled model)")
     parser.add_argument("--linear", action="store_true",
                         help="denoise linear-light values (sRGB decoded first, encoded after); --sigma-r and "

@@ -97,13 +97,20 @@ def _layout(t: Tensor) -> tuple:
     return tuple(t.shape), t.stride(), t.dtype, t.device
 
 
+def _owner(denoiser):
+    """The module behind a denoiser: itself, or the object of a bound method such as `model.network`."""
+    return getattr(denoiser, "__self__", denoiser)
+
+
 def _state(denoiser) -> tuple:
     """Where a module denoiser's parameters and buffers live and their version counters: any change
-    (an optimizer step, load_state_dict, .to(), train/eval) changes this."""
-    if not isinstance(denoiser, torch.nn.Module):
+    (an optimizer step, load_state_dict, .to(), train/eval) changes this. Inference tensors have no
+    version counter; for them only the storage counts."""
+    module = _owner(denoiser)
+    if not isinstance(module, torch.nn.Module):
         return ()
-    tensors = itertools.chain(denoiser.parameters(), denoiser.buffers())
-    return (denoiser.training, *((t.data_ptr(), t._version) for t in tensors))
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    return (module.training, *((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors))
 
 
 class _CapturedLoop:
@@ -127,7 +134,7 @@ class _CapturedLoop:
             torch.cuda.current_stream().wait_stream(side)
             # SVNRUNet caches its time tables on the first call: dropping that cache makes the capture compute
             # them into the graph's own memory, which every replay rewrites, instead of reading the warm-up's
-            invalidate = getattr(denoiser, "invalidate_time_tables", None)
+            invalidate = getattr(_owner(denoiser), "invalidate_time_tables", None)
             if invalidate is not None:
                 invalidate()
             self.graph = torch.cuda.CUDAGraph()
@@ -182,8 +189,9 @@ class SamplerGraphs:
         if x.device.type != "cuda":
             raise ValueError(f"cuda_graph needs CUDA tensors, but x is on {x.device}; pass cuda_graph=False "
                              "(on the CPU there is no graph to capture)")
-        key = (id(denoiser), _layout(condition), _layout(x), _layout(tau), _layout(table), plan.steps, eta, low, high,
-               seed if eta > 0 else None)
+        # a bound method is a new object at every attribute access: key it by its object and function
+        key = (id(_owner(denoiser)), getattr(denoiser, "__func__", None), _layout(condition), _layout(x), _layout(tau),
+               _layout(table), plan.steps, eta, low, high, seed if eta > 0 else None)
         loop = self._loops.get(key)
         if loop is None or loop.state != _state(denoiser):
             self._loops.pop(key, None)

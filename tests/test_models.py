@@ -150,6 +150,18 @@ def test_time_tables_are_cached_in_eval_and_follow_weight_changes():
         assert model.predict(y.double(), x_t.double(), tau.double()).x0_hat.dtype == torch.float64
 
 
+def test_a_model_made_under_inference_mode_runs_and_caches():
+    """Inference tensors have no version counter; the table cache keys them by storage."""
+    y, x_t, tau = inputs()
+    expected = randomise_outputs(tiny()).eval().predict(y, x_t, tau).x0_hat.detach()
+    with torch.inference_mode():
+        model = randomise_outputs(tiny()).eval()
+        assert next(model.parameters()).is_inference()
+        first = model.time_tables()
+        assert model.time_tables() is first
+        torch.testing.assert_close(model.predict(y, x_t, tau).x0_hat, expected, rtol=0, atol=0)
+
+
 def test_time_tables_are_differentiable_and_not_cached_in_training():
     model = tiny().train()
     tables = model.time_tables()

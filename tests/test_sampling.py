@@ -216,3 +216,19 @@ def test_cuda_graph_follows_the_model_weights():
         with torch.no_grad():
             for parameter in model.parameters():
                 parameter.data = parameter.data + 0.05
+
+
+def test_graph_state_follows_the_module_behind_a_bound_method():
+    """SamplerGraphs keys and checks a bound method (model.network) by its module, whose weights it reads."""
+    from svnr_fast import models
+    from svnr_fast.sampling import _owner, _state
+    model = models.SVNRUNet(models.preset("tiny")).eval()
+    assert _owner(model.network) is model and _owner(model) is model
+    before = _state(model.network)
+    assert before and before == _state(model.network)      # a fresh bound method, the same state
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    assert _state(model.network) != before
+    with torch.inference_mode():
+        frozen = models.SVNRUNet(models.preset("tiny")).eval()
+        assert _state(frozen) == _state(frozen)             # inference tensors: no version counter needed
