@@ -158,8 +158,8 @@ class SamplerGraphs:
 
     `sample(..., cuda_graph=graphs)` and `svnr_fast.denoise(..., cuda_graph=graphs)` capture the whole
     loop, every denoiser evaluation and reverse step, once per kind of call: the denoiser, the shapes,
-    dtypes and layouts of the inputs, the table length, the step count, eta, clamp and, when eta > 0, the
-    seed (the kernels take the seed and the per-step offsets as plain ints, which the graph bakes in;
+    dtypes and layouts of the inputs, the table length, the step count, eta, clamp, CUDA autocast and,
+    when eta > 0, the seed (the kernels take the seed and the per-step offsets as plain ints, which the graph bakes in;
     eta = 0 draws no noise). A replay runs the steps without Python, dispatch or launches in between.
     The inputs, the per-image step sizes and the table are copied into the graph's own buffers on every
     call, so photos of one size share a graph whatever their noise. Capturing costs about one uncaptured
@@ -190,8 +190,10 @@ class SamplerGraphs:
             raise ValueError(f"cuda_graph needs CUDA tensors, but x is on {x.device}; pass cuda_graph=False "
                              "(on the CPU there is no graph to capture)")
         # a bound method is a new object at every attribute access: key it by its object and function
+        # autocast changes the kernels the denoiser runs, so a graph captured under it is another kind
+        autocast = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda")
         key = (id(_owner(denoiser)), getattr(denoiser, "__func__", None), _layout(condition), _layout(x), _layout(tau),
-               _layout(table), plan.steps, eta, low, high, seed if eta > 0 else None)
+               _layout(table), plan.steps, eta, low, high, seed if eta > 0 else None, autocast)
         loop = self._loops.get(key)
         if loop is None or loop.state != _state(denoiser):
             self._loops.pop(key, None)
