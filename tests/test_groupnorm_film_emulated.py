@@ -1,0 +1,197 @@
+"""The CUDA groupnorm_film kernels (csrc/groupnorm_film_cuda.cu) run on the CPU emulation of csrc/emulation/.
+
+Without a GPU this is the only check of the CUDA kernels' logic: the real kernels run thread by thread, with
+__syncthreads and warp shuffles, deadlocks and writes past dynamic shared memory detected (csrc/emulation/
+README.md says what it cannot see). The emulated module replaces svnr_fast._C in the op's Python glue
+(svnr_fast.kernels.groupnorm_film), whose CUDA entry points then run on CPU memory. Criteria as in
+test_groupnorm_film.py: float32 < 1e-5, float64 < 1e-12 relative to the float64 reference, bfloat16 and
+float16 results at most 2x the eager reference's error. EMU_SMS is the multiprocessor count the emulated device reports: 1
+makes every eligible NCHW shape take the one-launch forward, 132 (an H100) the three-launch one.
+"""
+import ctypes
+import importlib.machinery
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from svnr_fast import reference
+from svnr_fast.kernels import groupnorm_film as glue
+from test_groupnorm_film import NAMES, film_inputs, float64_reference, relative_error, run
+
+
+def _load_builder():
+    path = Path(__file__).resolve().parents[1] / "csrc" / "emulation" / "build.py"
+    spec = importlib.util.spec_from_file_location("svnr_cuda_emulation_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+emulation = _load_builder()
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    """(the emulated extension module, a function giving the number of kernels it has launched)."""
+    if emulation.compiler() is None:
+        pytest.skip("no C++ compiler (g++ or $CXX) to build the CUDA emulation")
+    path = emulation.build(tmp_path_factory.mktemp("cuda_emulation"))
+    loader = importlib.machinery.ExtensionFileLoader("_C", str(path))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("_C", loader))
+    loader.exec_module(module)
+    launches = ctypes.CDLL(str(path)).svnr_emu_launches
+    launches.restype = ctypes.c_longlong
+    return module, launches
+
+
+@pytest.fixture
+def cuda_glue(emulated, monkeypatch):
+    """Route the op's glue to the emulated CUDA entry points for CPU tensors."""
+    module, launches = emulated
+
+    def launch_tail(ext, p):
+        workspace = torch.empty(ext.groupnorm_film_cuda_workspace_bytes(*p.shape), dtype=torch.uint8)
+        return "cuda", (workspace.data_ptr(), 0, 0), workspace
+
+    monkeypatch.setattr(glue, "_extension", lambda: module)
+    monkeypatch.setattr(glue, "_launch_tail", launch_tail)
+    return launches
+
+
+# (shape (B, C, H, W, groups), dtype, layout, knots, u misaligned, EMU_SMS, forward launches)
+CASES = [
+    # one-launch forward: a group in one block's registers, its table columns in shared memory
+    ((2, 16, 8, 8, 4), torch.float32, "nchw", 9, False, 1, 1),
+    ((2, 16, 8, 8, 4), torch.bfloat16, "nchw", 9, False, 1, 1),
+    ((3, 16, 8, 8, 4), torch.float16, "nchw", 9, False, 1, 1),
+    ((4, 8, 2, 2, 8), torch.float32, "nchw", 9, False, 1, 1),           # one channel per group
+    ((2, 4, 64, 128, 2), torch.bfloat16, "nchw", 9, False, 1, 1),       # 16384 elements per group
+    ((2, 16, 4, 4, 8), torch.float32, "nchw", 2500, False, 1, 1),       # table columns fill the 40 KB
+    ((2, 16, 4, 4, 8), torch.float32, "nchw", 2600, False, 1, 3),       # they do not fit
+    ((2, 32, 8, 8, 4), torch.float32, "nchw", 9, True, 1, 3),           # u misaligned: scalar loads
+    ((2, 10, 6, 4, 5), torch.float64, "nchw", 9, False, 1, 3),          # float64 never takes it
+    # three-launch forward (stats, finalize, apply)
+    ((2, 16, 8, 8, 4), torch.float32, "nchw", 9, False, 132, 3),
+    ((2, 6, 5, 7, 3), torch.float32, "nchw", 9, False, 132, 3),         # odd plane: scalar loads
+    ((2, 6, 5, 7, 3), torch.float32, "channels_last", 9, False, 132, 3),
+    ((2, 6, 5, 7, 3), torch.bfloat16, "strided", 9, False, 132, 3),     # copied to NCHW by the glue
+    ((2, 5, 1, 1, 5), torch.float32, "nchw", 9, False, 132, 3),         # one-element groups
+    ((2, 5, 1, 1, 5), torch.float32, "channels_last", 9, False, 132, 3),
+    ((2, 10, 6, 4, 5), torch.float64, "channels_last", 9, False, 132, 3),
+    ((2, 16, 8, 8, 4), torch.bfloat16, "channels_last", 9, False, 132, 3),
+    ((2, 32, 8, 8, 4), torch.bfloat16, "channels_last", 9, True, 132, 3),
+    ((1, 8, 4, 4, 4), torch.float32, "nchw", 7000, False, 132, 3),      # backward opts in to > 48 KB
+    ((1, 2, 128, 132, 1), torch.float32, "nchw", 9, False, 132, 3),     # planes of five chunks
+    ((1, 40, 20, 20, 8), torch.float32, "channels_last", 9, False, 132, 3),
+]
+
+
+def case_id(case):
+    shape, dtype, layout, knots, misaligned, sms, _ = case
+    return "-".join([str(shape), str(dtype).removeprefix("torch."), layout, f"K{knots}",
+                     *(["u_misaligned"] if misaligned else []), f"sms{sms}"])
+
+
+def inputs(shape, dtype, layout, knots, misaligned):
+    h, u, table, weight, bias, groups = film_inputs(shape, dtype=dtype, layout=layout, knots=knots)
+    if misaligned:
+        u = torch.empty(u.numel() + 1, dtype=u.dtype)[1:].view_as(u).copy_(u)
+        assert u.data_ptr() % 16 != 0
+    return h, u, table, weight, bias, groups
+
+
+@pytest.mark.parametrize("act", ["silu", "identity"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_emulated_cuda_matches_reference(cuda_glue, monkeypatch, case, act):
+    shape, dtype, layout, knots, misaligned, sms, forward_launches = case
+    monkeypatch.setenv("EMU_SMS", str(sms))
+    h, u, table, weight, bias, groups = inputs(shape, dtype, layout, knots, misaligned)
+    grad_out = torch.randn(h.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+
+    before = cuda_glue()
+    out, mean, rstd = glue.groupnorm_film(h, u, table, weight, bias, groups, 1e-5, act)
+    assert cuda_glue() - before == forward_launches
+    grads = glue.groupnorm_film_backward(grad_out, h, u, table, weight, bias, mean, rstd, groups, act)
+
+    bound = 1e-12 if dtype == torch.float64 else 1e-5
+    _, exact_mean, exact_rstd = reference._groupnorm_film(h.double(), u.double(), table.double(), weight.double(),
+                                                          bias.double(), groups, 1e-5, act)
+    assert relative_error(mean, exact_mean) < bound and relative_error(rstd, exact_rstd) < bound
+    assert out.stride() == h.contiguous(memory_format=glue.memory_format(h)).stride()
+    exact = float64_reference(h, u, table, weight, bias, groups, act, grad_out)
+    eager = run(reference, h, u, table, weight, bias, groups, act, grad_out)
+    for name, got, x, e in zip(NAMES, (out, *grads), exact, eager):
+        assert got.dtype == e.dtype and got.shape == x.shape, name
+        if got.dtype in (torch.bfloat16, torch.float16):
+            assert relative_error(got, x) <= 2 * relative_error(e, x), (name, relative_error(got, x),
+                                                                        relative_error(e, x))
+        else:
+            assert relative_error(got, x) < bound, (name, relative_error(got, x))
+
+
+PAD = 4096
+
+
+def guarded(n, dtype):
+    """n elements inside PAD elements of NaN (0xFF for bytes) on each side: (the n elements, everything)."""
+    fill = float("nan") if dtype.is_floating_point else 255
+    whole = torch.full((n + 2 * PAD,), fill, dtype=dtype)
+    return whole[PAD:PAD + n], whole
+
+
+def assert_untouched(whole, name):
+    pad = torch.cat([whole[:PAD], whole[-PAD:]])
+    untouched = pad.isnan().all() if whole.dtype.is_floating_point else (pad == 255).all()
+    assert untouched, f"a kernel wrote outside {name}"
+
+
+@pytest.mark.parametrize("shape, dtype, layout, sms", [((2, 6, 5, 7, 3), torch.float32, "channels_last", 132),
+                                                      ((2, 16, 8, 8, 4), torch.bfloat16, "nchw", 1)],
+                         ids=["float32-channels_last-three_launch", "bfloat16-nchw-one_launch"])
+def test_emulated_cuda_writes_only_its_outputs(emulated, monkeypatch, shape, dtype, layout, sms):
+    """Every output and the workspace inside NaN padding: the forward and backward leave the padding alone."""
+    module, _ = emulated
+    monkeypatch.setenv("EMU_SMS", str(sms))
+    h, u, table, weight, bias, groups = film_inputs(shape, dtype=dtype, layout=layout)
+    p = glue._prepare(h, u, table, weight, bias, groups)
+    B, C, H, W = h.shape
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    channels_last = glue.memory_format(h) == torch.channels_last
+
+    def image():
+        view, whole = guarded(h.numel(), dtype)
+        return (view.view(B, H, W, C).permute(0, 3, 1, 2) if channels_last else view.view(B, C, H, W)), whole
+
+    workspace_bytes = module.groupnorm_film_cuda_workspace_bytes(*p.shape)
+    out, out_whole = image()
+    mean, mean_whole = guarded(B * groups, compute)
+    rstd, rstd_whole = guarded(B * groups, compute)
+    workspace, workspace_whole = guarded(workspace_bytes, torch.uint8)
+    module.groupnorm_film_forward_cuda(*p.shape, p.h.data_ptr(), p.u.data_ptr(), p.table.data_ptr(),
+                                       p.weight.data_ptr(), p.bias.data_ptr(), out.data_ptr(), mean.data_ptr(),
+                                       rstd.data_ptr(), 1e-5, True, workspace.data_ptr(), 0, 0)
+    for whole, name in ((out_whole, "out"), (mean_whole, "mean"), (rstd_whole, "rstd"),
+                        (workspace_whole, "the workspace")):
+        assert_untouched(whole, name)
+    assert out.isfinite().all() and mean.isfinite().all() and rstd.isfinite().all()
+
+    grad_out = torch.randn(h.shape).to(dtype).contiguous(memory_format=glue.memory_format(h))
+    grad_h, grad_h_whole = image()
+    grad_table, grad_table_whole = guarded(table.numel(), compute)
+    grad_table.zero_()   # the kernels accumulate into it
+    grad_weight, grad_weight_whole = guarded(C, compute)
+    grad_bias, grad_bias_whole = guarded(C, compute)
+    workspace, workspace_whole = guarded(workspace_bytes, torch.uint8)
+    module.groupnorm_film_backward_cuda(*p.shape, grad_out.data_ptr(), p.h.data_ptr(), p.u.data_ptr(),
+                                        p.table.data_ptr(), p.weight.data_ptr(), p.bias.data_ptr(), mean.data_ptr(),
+                                        rstd.data_ptr(), grad_h.data_ptr(), grad_table.data_ptr(),
+                                        grad_weight.data_ptr(), grad_bias.data_ptr(), True, workspace.data_ptr(), 0,
+                                        0)
+    for whole, name in ((grad_h_whole, "grad_h"), (grad_table_whole, "grad_table"),
+                        (grad_weight_whole, "grad_weight"), (grad_bias_whole, "grad_bias"),
+                        (workspace_whole, "the workspace")):
+        assert_untouched(whole, name)
+    for grad in (grad_h, grad_table, grad_weight, grad_bias):
+        assert grad.isfinite().all()
