@@ -107,26 +107,28 @@ def time_map(variance: Tensor, table: Tensor) -> Tensor:
 
 @torch.library.custom_op("svnr::training_sample", mutates_args=())
 def _training_sample(x0: Tensor, sigma_r: Tensor, sigma_s: Tensor, u: Tensor, table: Tensor, correlated: bool,
-                     eps_T: Optional[Tensor], eps_prime: Optional[Tensor], seed: int,
-                     offset: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                     eps_T: Optional[Tensor], eps_prime: Optional[Tensor], seed: int, offset: int, per_channel: bool,
+                     batch_t0: bool, min_std: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _contiguous(_impl("training_sample", x0.device)(x0, sigma_r, sigma_s, u, table, correlated, eps_T,
-                                                           eps_prime, seed, offset))
+                                                           eps_prime, seed, offset, per_channel, batch_t0, min_std))
 
 
 @_training_sample.register_fake
-def _(x0, sigma_r, sigma_s, u, table, correlated, eps_T, eps_prime, seed, offset):
-    B, _, H, W = x0.shape
-    return _image_like(x0), _image_like(x0), _time_like(x0, (B, 1, H, W)), _image_like(x0)
+def _(x0, sigma_r, sigma_s, u, table, correlated, eps_T, eps_prime, seed, offset, per_channel, batch_t0, min_std):
+    B, C, H, W = x0.shape
+    return _image_like(x0), _image_like(x0), _time_like(x0, (B, C if per_channel else 1, H, W)), _image_like(x0)
 
 
 def training_sample(x0: Tensor, sigma_r, sigma_s, u, table: Tensor, *, correlated: bool = True,
                     eps_T: Optional[Tensor] = None, eps_prime: Optional[Tensor] = None,
-                    seed: int = 0, offset: int = 0) -> TrainingSample:
+                    seed: int = 0, offset: int = 0, per_channel: bool = False, t0_per: str = "image",
+                    min_std: float = 0.0) -> TrainingSample:
     """One SVNR training sample (DESIGN.md §1.4): see svnr_fast.reference.training_sample."""
-    args = _checks.training_sample_args(x0, sigma_r, sigma_s, u, table, eps_T, eps_prime, seed, offset)
+    args = _checks.training_sample_args(x0, sigma_r, sigma_s, u, table, eps_T, eps_prime, seed, offset, t0_per,
+                                        min_std)
     return TrainingSample(*torch.ops.svnr.training_sample(
         x0, args.sigma_r, args.sigma_s, args.u, _lookup_table(args.table, x0.dtype), bool(correlated), eps_T,
-        eps_prime, seed, offset))
+        eps_prime, seed, offset, bool(per_channel), t0_per == "batch", args.min_std))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -170,7 +170,8 @@ def make_sample(model: SVNRUNet, x0: torch.Tensor, config: TrainConfig, step: in
         return observed_sample(model, x0, sigma_r, sigma_s, u, config.scheme == "svnr", generator)
     kernel_seed = stream_seed(config.seed, step, rank, _NOISE_STREAM, 1)
     y, x_t, tau, eps = torch.ops.svnr.training_sample(x0, sigma_r, sigma_s, u, model.variance_table,
-                                                      config.scheme == "svnr", None, None, kernel_seed, 0)
+                                                      config.scheme == "svnr", None, None, kernel_seed, 0, False,
+                                                      False, 0.0)
     return Sample(y, x_t, tau, eps)
 
 

@@ -163,7 +163,7 @@ def test_opcheck(backend, device, name, layout):
     for noise in ((eps_T, eps_prime), (None, None)):
         for correlated in (True, False):
             torch.library.opcheck(torch.ops.svnr.training_sample,
-                                  (x0, sigma_r, sigma_s, u, table, correlated, *noise, 3, 1))
+                                  (x0, sigma_r, sigma_s, u, table, correlated, *noise, 3, 1, False, False, 0.0))
 
 
 @requires_cuda
