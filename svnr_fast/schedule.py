@@ -23,9 +23,10 @@ class Schedule:
             raise ValueError("the schedule needs 0 < beta_start <= beta_end < 1 and lam > 0, got "
                              f"beta_start={beta_start}, beta_end={beta_end}, lam={lam}")
         self.T, self.beta_start, self.beta_end, self.lam = T, float(beta_start), float(beta_end), float(lam)
-        betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+        # on the CPU whatever the default device (a model built on the meta device still needs the values)
+        betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64, device="cpu")
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-        table64 = torch.cat([torch.zeros(1, dtype=torch.float64), lam * (1.0 - alphas_cumprod)])
+        table64 = torch.cat([torch.zeros(1, dtype=torch.float64, device="cpu"), lam * (1.0 - alphas_cumprod)])
         self.table64 = table64
         self.table = table64.to(torch.float32)
         steps = self.table[1:] - self.table[:-1]

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -57,6 +58,40 @@ def test_config_round_trips_and_rejects_nonsense():
         models.preset("tiny", attention_levels=(2,))
     with pytest.raises(ValueError, match="unknown preset"):
         models.preset("huge")
+    for field, value in (("groups", 0), ("head_channels", 0), ("channels", 0), ("knots", 10**9), ("channels", 2.5),
+                         ("image_channels", True), ("channel_mult", (1, 0)), ("channel_mult", (1,) * 11)):
+        with pytest.raises(ValueError, match=field):
+            models.preset("tiny", **{field: value})
+    with pytest.raises(ValueError, match="T an int in"):
+        models.preset("tiny", schedule={"T": 10**9})
+
+
+def test_a_file_whose_config_asks_for_more_than_it_holds_allocates_nothing(tmp_path):
+    import resource
+
+    # the tiny model's weights under a config that would need ~10 GB (width 1024 x 64 at the lowest level)
+    huge = dataclasses.asdict(models.preset("tiny")) | {"channels": 1024, "channel_mult": [1, 64], "groups": 8}
+    path = tmp_path / "huge.safetensors"
+    checkpoint.atomic_save(tiny().state_dict(), {"format": checkpoint.MODEL_FORMAT,
+                                                 "model_config": UNetConfig(**huge).to_json()}, path)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CheckpointError, match="weights do not fit"):
+        checkpoint.load_model(path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 200_000     # KiB
+    zero_groups = {**dataclasses.asdict(models.preset("tiny")), "groups": 0}
+    checkpoint.atomic_save(tiny().state_dict(), {"format": checkpoint.MODEL_FORMAT,
+                                                 "model_config": json.dumps(zero_groups)}, path)
+    with pytest.raises(CheckpointError, match=r"model config .*invalid \(groups must be an int in"):
+        checkpoint.load_model(path)
+
+
+def test_non_finite_model_weights_are_refused(tmp_path):
+    model = tiny()
+    with torch.no_grad():
+        model.conv_in.weight[0, 0, 0, 0] = float("nan")
+    checkpoint.save_model(model, tmp_path / "nan.safetensors")
+    with pytest.raises(CheckpointError, match="holds NaN or infinite values in conv_in.weight: .*diverged"):
+        checkpoint.load_model(tmp_path / "nan.safetensors")
 
 
 def test_knots_are_uniform_in_warped_time():

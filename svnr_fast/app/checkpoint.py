@@ -2,11 +2,15 @@
 
 A model file holds the weights and the UNetConfig; a training checkpoint holds the model, its EMA, the
 optimiser moments, the step, the best held-out metric, the RNG states of every rank and both configs.
+Every file carries the SHA-256 of its own bytes, verified when it is read; NaN or infinite values are
+refused; a model's config is checked against the weights in the file before the model is allocated.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +18,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .files import atomic_write, remove_stale_temporaries
 from .models import SVNRUNet, UNetConfig
 from .training.config import TrainConfig, World
 from .training.step import TrainState, new_state
 
 MODEL_FORMAT = "svnr_fast.model"
-
-
 CHECKPOINT_FORMAT = "svnr_fast.checkpoint"
 
 
@@ -28,19 +31,78 @@ class CheckpointError(ValueError):
     """A model or checkpoint file that is unreadable, foreign or does not fit; the message says why."""
 
 
+CHECKSUM_KEY = "svnr_sha256"
+_CHECKSUM = re.compile(rb'"svnr_sha256":"([0-9a-f]{64})"')
+
+
+def _header(data: bytes) -> tuple[int, bytes]:
+    """(end of the header, the header's JSON bytes) of safetensors bytes."""
+    size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if not 0 < size <= len(data) - 8:
+        raise ValueError(f"the header length {size} does not fit a file of {len(data)} bytes")
+    return 8 + size, data[8:8 + size]
+
+
+def _checksum_span(data: bytes) -> tuple[int, int] | None:
+    """Where the hex SHA-256 stored in the header sits, or None when there is not exactly one."""
+    _, header = _header(data)
+    found = list(_CHECKSUM.finditer(header))
+    return (8 + found[0].start(1), 8 + found[0].end(1)) if len(found) == 1 else None
+
+
+def serialise(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes whose metadata carries the SHA-256 of the whole file, computed with that digest
+    written as 64 zeros: every byte, the header and the metadata included, is covered."""
+    from safetensors.torch import save
+
+    data = bytearray(save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                          metadata={**metadata, CHECKSUM_KEY: "0" * 64}))
+    start, end = _checksum_span(bytes(data))
+    data[start:end] = hashlib.sha256(data).hexdigest().encode()
+    return bytes(data)
+
+
+def _verify_checksum(data: bytes, path: Path, required: bool) -> None:
+    span = _checksum_span(data)
+    if span is None:
+        if required:
+            raise CheckpointError(f"{path} carries no checksum of its contents (written by an older svnr_fast, or "
+                                  "its header is damaged), so it cannot be trusted; use a checkpoint written by "
+                                  "this version")
+        return
+    start, end = span
+    stored = data[start:end].decode()
+    if hashlib.sha256(data[:start] + b"0" * 64 + data[end:]).hexdigest() != stored:
+        raise CheckpointError(f"{path}: the checksum stored in the file does not match its contents: the file was "
+                              "changed or damaged after it was written (a flipped byte?); use another copy or an "
+                              "earlier checkpoint")
+
+
+def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return sorted(name for name, t in tensors.items() if t.is_floating_point() and not bool(t.isfinite().all()))
+
+
 def read_safetensors(path, expected_format: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of an svnr_fast safetensors file; CheckpointError for anything else."""
+    """(tensors, metadata) of an svnr_fast safetensors file; CheckpointError for anything else.
+
+    The checksum svnr_fast writes into every file is verified (training checkpoints must have one; model
+    files written before checksums existed, such as older bundled models, are read without), and a file
+    holding NaN or infinite values is refused: a model or optimiser state is never non-finite.
+    """
     from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
+    from safetensors.torch import load
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no file at {path}")
     try:
-        with safe_open(str(path), "pt") as f:
-            metadata = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
+        data = path.read_bytes()
+        end, header = _header(data)
+        metadata = json.loads(header).get("__metadata__") or {}
+        if not isinstance(metadata, dict):
+            raise ValueError("the metadata is not a table")
+        tensors = load(data)
+    except (SafetensorError, OSError, ValueError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from err
     found = metadata.get("format")
     if found != expected_format:
@@ -49,6 +111,12 @@ def read_safetensors(path, expected_format: str) -> tuple[dict[str, torch.Tensor
                               + ("pass a model saved by svnr_fast (e.g. RUN/best.safetensors)"
                                  if expected_format == MODEL_FORMAT else "pass RUN/checkpoint.safetensors of an "
                                  "`svnr train` run"))
+    _verify_checksum(data, path, required=found == CHECKPOINT_FORMAT)
+    bad = _non_finite(tensors)
+    if bad:
+        raise CheckpointError(f"{path} holds NaN or infinite values in {', '.join(bad[:4])}"
+                              f"{' ...' if len(bad) > 4 else ''}: it comes from a run that diverged or was damaged; "
+                              "use an earlier checkpoint or model")
     return tensors, metadata
 
 
@@ -59,9 +127,8 @@ def config_from_metadata(metadata: dict, path) -> UNetConfig:
         raise CheckpointError(f"{path}: the model config stored in the file is missing or invalid ({err})") from err
 
 
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path) -> None:
-    """load_state_dict that names what does not fit instead of dumping a stack trace."""
-    expected = model.state_dict()
+def check_fits(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path) -> None:
+    """Names the weights of `state` that are missing, unexpected or of another shape than `expected`'s."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
@@ -69,25 +136,29 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path) -> None
         parts = [f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
                  for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
         raise CheckpointError(f"{path}: the weights do not fit this model ({'; '.join(parts)})")
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path) -> None:
+    """load_state_dict that names what does not fit instead of dumping a stack trace."""
+    check_fits(model.state_dict(), state, path)
     model.load_state_dict(state)
 
 
+def model_for(config: UNetConfig, tensors: dict[str, torch.Tensor], path) -> SVNRUNet:
+    """The model `config` describes, built only after its weights' shapes were checked against `tensors` on
+    the meta device: a file whose config asks for more than it holds allocates nothing."""
+    with torch.device("meta"):
+        skeleton = SVNRUNet(config)
+    check_fits(skeleton.state_dict(), tensors, path)
+    return SVNRUNet(config)
+
+
 def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path) -> None:
-    """safetensors write to a temporary file in the same folder, fsync, then rename over `path`."""
-    import os
-
-    from safetensors.torch import save_file
-
+    """The safetensors file with its checksum (`serialise`), written atomically (svnr_fast.app.files)."""
+    data = serialise(tensors, metadata)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(temporary), metadata=metadata)
-        with temporary.open("rb") as f:
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    atomic_write(path, lambda temporary: temporary.write_bytes(data))
 
 
 def save_model(model: SVNRUNet, path, extra_metadata: dict[str, str] | None = None) -> None:
@@ -99,7 +170,7 @@ def save_model(model: SVNRUNet, path, extra_metadata: dict[str, str] | None = No
 def load_model(path, device="cpu") -> SVNRUNet:
     """A model saved by `save_model` (or `svnr train`'s best.safetensors), in eval mode."""
     tensors, metadata = read_safetensors(path, MODEL_FORMAT)
-    model = SVNRUNet(config_from_metadata(metadata, path))
+    model = model_for(config_from_metadata(metadata, path), tensors, path)
     load_weights(model, tensors, path)
     return model.to(device).eval()
 
@@ -174,6 +245,7 @@ def read_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict[str, str], Trai
 
 def load_checkpoint(path, config: TrainConfig, device, world: World = World()) -> TrainState:
     """The training state saved at `path`, for a run with `config` (which must describe the same model)."""
+    remove_stale_temporaries(path)
     tensors, metadata, _ = read_checkpoint(path)
     saved = config_from_metadata(metadata, path)
     if saved != config.model_config():

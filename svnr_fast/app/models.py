@@ -30,6 +30,7 @@ from ..nn import GroupNormSpatialFiLM, TimeEmbedding, warp
 from ..schedule import Schedule
 
 PARAMETRISATIONS = ("edm", "epsilon")
+MAX_T = 100_000
 
 
 @dataclass(frozen=True)
@@ -53,13 +54,25 @@ class UNetConfig:
         object.__setattr__(self, "attention_levels", tuple(self.attention_levels))
         if self.parametrisation not in PARAMETRISATIONS:
             raise ValueError(f"parametrisation must be one of {PARAMETRISATIONS}, got {self.parametrisation!r}")
-        if self.knots < 2:
-            raise ValueError(f"knots must be >= 2, got {self.knots}")
-        if self.attention_window < 1:
-            raise ValueError(f"attention_window must be >= 1, got {self.attention_window}")
+        # bounds far beyond any useful model, so that a damaged or hostile config is refused before anything
+        # is built from it (a file's weights are checked against the config on the meta device afterwards)
+        for name, low, high in (("image_channels", 1, 16), ("channels", 1, 4096), ("res_blocks", 0, 32),
+                                ("attention_window", 1, 1024), ("head_channels", 1, 4096), ("groups", 1, 4096),
+                                ("knots", 2, 65537)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"{name} must be an int in [{low}, {high}], got {value!r}")
         levels = len(self.channel_mult)
-        if levels < 1 or any(m < 1 for m in self.channel_mult):
-            raise ValueError(f"channel_mult must be a non-empty tuple of positive ints, got {self.channel_mult}")
+        if not 1 <= levels <= 10 or any(isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= 64
+                                        for m in self.channel_mult):
+            raise ValueError(f"channel_mult must be 1 to 10 ints in [1, 64], got {self.channel_mult}")
+        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        if not (isinstance(self.sigma_data, (int, float)) and 0 < self.sigma_data < float("inf")):
+            raise ValueError(f"sigma_data must be a positive number, got {self.sigma_data!r}")
+        T = self.schedule.get("T") if isinstance(self.schedule, dict) else None
+        if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= MAX_T:
+            raise ValueError(f"schedule must be a dict with T an int in [1, {MAX_T}], got {self.schedule!r}")
         if any(not 0 <= a < levels for a in self.attention_levels):
             raise ValueError(f"attention_levels must lie in [0, {levels}), got {self.attention_levels}")
         for width in {self.channels * m for m in self.channel_mult}:
