@@ -128,3 +128,48 @@ def test_bad_writes_say_what_is_wrong(tmp_path):
     with pytest.raises(imageio.ImageError, match="bits must be 8 or 16"):
         imageio.write_image(tmp_path / "x.png", _pixels(3), bits=12)
     assert not list(tmp_path.iterdir())      # nothing half-written
+
+
+def _png_declaring(path, width, height, bits, idat: bytes):
+    """A PNG whose header declares width x height (gray) over the given compressed image data."""
+    import struct
+    header = struct.pack(">IIBBBBB", width, height, bits, 0, 0, 0, 0)
+    path.write_bytes(imageio._PNG_SIGNATURE + imageio._png_chunk(b"IHDR", header) + imageio._png_chunk(b"IDAT", idat)
+                     + imageio._png_chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_declared_size_is_refused_before_decoding(tmp_path, bits):
+    import zlib
+    # a few hundred bytes that declare 12000 x 12000 (144 MP): refused from the header, nothing inflated
+    path = _png_declaring(tmp_path / "bomb.png", 12000, 12000, bits, zlib.compress(bytes(10_000)))
+    with pytest.raises(imageio.ImageError, match=r"12000x12000 = 144.0 megapixels, more than the limit of 100 "
+                                                 r"megapixels.*--max-megapixels"):
+        imageio.read_image(path)
+    if bits == 8:   # beyond twice Pillow's own limit it raises DecompressionBombError: turned into the same advice
+        huge = _png_declaring(tmp_path / "huge.png", 100_000, 100_000, 8, zlib.compress(bytes(100)))
+        with pytest.raises(imageio.ImageError, match="megapixels.*--max-megapixels"):
+            imageio.read_image(huge)
+        with pytest.raises(imageio.ImageError, match="megapixels"):
+            imageio.read_size(huge)
+
+
+@pytest.mark.parametrize("suffix, bits", [(".png", 8), (".png", 16), (".jpg", 8), (".tif", 8), (".tif", 16)])
+def test_the_pixel_limit_applies_on_every_path_and_can_be_raised(tmp_path, suffix, bits):
+    path = tmp_path / f"x{suffix}"
+    imageio.write_image(path, _pixels(3, 20, 30), bits=bits)
+    with pytest.raises(imageio.ImageError, match=r"30x20 = 0.0 megapixels, more than the limit of 0.0005"):
+        imageio.read_image(path, max_pixels=500)
+    assert imageio.read_image(path, max_pixels=600).pixels.shape == (3, 20, 30)
+
+
+def test_empty_and_overlong_16_bit_pngs_are_refused(tmp_path):
+    import zlib
+    empty = _png_declaring(tmp_path / "empty.png", 0, 0, 16, zlib.compress(b""))
+    with pytest.raises(imageio.ImageError, match="declares a 0x0 image: there are no pixels"):
+        imageio.read_image(empty)
+    # 10 x 10 declared, 10 MB inflated: at most one byte more than the header promises is decompressed
+    overlong = _png_declaring(tmp_path / "overlong.png", 10, 10, 16, zlib.compress(bytes(10_000_000)))
+    with pytest.raises(imageio.ImageError, match=r"does not match its 10x10 header \(it needs 210 bytes, the data holds more\)"):
+        imageio.read_image(overlong)

@@ -5,14 +5,18 @@ channel, which is returned separately so that the denoiser never sees it. ICC pr
 (PNG, JPEG; ICC also for TIFF) are carried through `Picture.metadata` so that a written result looks
 like its input in every viewer.
 
+Decoding is bounded: a file that declares more than `max_pixels` pixels (default 100 megapixels, about 1.2
+GB as float32 RGB) is refused from its header, before anything is decompressed, on every path.
+
 Pillow reads and writes 8-bit files. It silently drops the low byte of 16-bit colour PNGs, so 16-bit
 PNGs go through the small codec below (zlib + numpy); 16-bit TIFFs through tifffile (a dependency of
 scikit-image), imported only when a TIFF is touched.
 """
 from __future__ import annotations
 
-import os
+import contextlib
 import struct
+import warnings
 import zlib
 from pathlib import Path
 from typing import NamedTuple
@@ -20,10 +24,13 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .files import atomic_write
+
 PNG_SUFFIXES = (".png",)
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 TIFF_SUFFIXES = (".tif", ".tiff")
 SUFFIXES = PNG_SUFFIXES + JPEG_SUFFIXES + TIFF_SUFFIXES
+DEFAULT_MAX_PIXELS = 100_000_000
 
 
 class ImageError(ValueError):
@@ -49,24 +56,60 @@ def _format(path: Path) -> str:
 # Reading
 # ---------------------------------------------------------------------------------------------------
 
-def read_image(path) -> Picture:
-    """Read a PNG, JPEG or TIFF file. Raises FileNotFoundError, or ImageError saying what is wrong."""
+def read_image(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
+    """Read a PNG, JPEG or TIFF file. Raises FileNotFoundError, or ImageError saying what is wrong.
+
+    A file that declares more than `max_pixels` pixels, or none, is refused before it is decoded.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no image file at {path}")
     kind = _format(path)
     try:
         if kind == "png" and _png_bit_depth(path) == 16:
-            samples, metadata = _read_png16(path)
+            samples, metadata = _read_png16(path, max_pixels)
         elif kind == "tiff":
-            samples, metadata = _read_tiff(path)
+            samples, metadata = _read_tiff(path, max_pixels)
         else:
-            samples, metadata = _read_pillow(path)
+            samples, metadata = _read_pillow(path, max_pixels)
     except ImageError:
         raise
     except (OSError, ValueError, SyntaxError, zlib.error, struct.error, EOFError) as err:
         raise ImageError(f"cannot read {path}: the file is truncated or corrupt ({err})") from err
     return _to_picture(samples, path, metadata)
+
+
+def check_size(path: Path, width: int, height: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Refuses an image with no pixels or with more than `max_pixels`, from the size its header declares."""
+    if width < 1 or height < 1:
+        raise ImageError(f"{path} declares a {width}x{height} image: there are no pixels to read")
+    if width * height > max_pixels:
+        raise ImageError(f"{path} is {width}x{height} = {width * height / 1e6:.1f} megapixels, more than the limit "
+                         f"of {max_pixels / 1e6:g} megapixels (decoding it would take about "
+                         f"{width * height * 12 / 1e9:.1f} GB); if the file is trusted, raise the limit "
+                         "(svnr denoise --max-megapixels, or read_image(path, max_pixels=...))")
+
+
+@contextlib.contextmanager
+def _pillow_image(path: Path, max_pixels: int):
+    """Image.open with the size checked before any pixel is decoded; Pillow's own decompression-bomb limit
+    follows `max_pixels` (it would otherwise refuse at its default, with a traceback)."""
+    from PIL import Image
+
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                check_size(path, *im.size, max_pixels)
+                yield im
+    except Image.DecompressionBombError:
+        raise ImageError(f"{path} declares more than twice the limit of {max_pixels / 1e6:g} megapixels; if the "
+                         "file is trusted, raise the limit (svnr denoise --max-megapixels, or "
+                         "read_image(path, max_pixels=...))") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
 
 
 def _to_picture(samples: np.ndarray, path: Path, metadata: dict) -> Picture:
@@ -90,13 +133,13 @@ def _to_picture(samples: np.ndarray, path: Path, metadata: dict) -> Picture:
     return Picture(pixels.contiguous(), bits, alpha.contiguous() if has_alpha else None, metadata or None)
 
 
-def read_size(path) -> tuple[int, int]:
+def read_size(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
     """(width, height) of an image file, from its header (cheap: the pixels are not decoded)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     path = Path(path)
     try:
-        with Image.open(path) as im:
+        with _pillow_image(path, max_pixels) as im:
             return im.size
     except (OSError, UnidentifiedImageError, SyntaxError) as err:
         raise ImageError(f"cannot read {path}: not an image or a corrupt header ({err})") from err
@@ -108,11 +151,11 @@ _PILLOW_MODES = {  # Pillow mode of an 8-bit file -> the mode whose samples svnr
 }
 
 
-def _read_pillow(path: Path) -> tuple[np.ndarray, dict]:
-    from PIL import Image, UnidentifiedImageError
+def _read_pillow(path: Path, max_pixels: int) -> tuple[np.ndarray, dict]:
+    from PIL import UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with _pillow_image(path, max_pixels) as im:
             im.load()
             metadata = {key: im.info[key] for key in ("icc_profile", "exif") if im.info.get(key)}
             if im.mode not in _PILLOW_MODES:
@@ -128,7 +171,7 @@ def _read_pillow(path: Path) -> tuple[np.ndarray, dict]:
     return samples, metadata
 
 
-def _read_tiff(path: Path) -> tuple[np.ndarray, dict]:
+def _read_tiff(path: Path, max_pixels: int) -> tuple[np.ndarray, dict]:
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
@@ -136,14 +179,16 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, dict]:
             raise ImageError(f"{path}: the TIFF holds no image")
         series = tif.series[0]
         axes = series.axes
+        kept = axes.replace("Y", "").replace("X", "").replace("S", "")
+        if kept:
+            raise ImageError(f"{path}: the TIFF holds a stack (axes {axes!r}, shape {series.shape}); svnr reads one "
+                             "image per file")
+        sizes = dict(zip(axes, series.shape))
+        check_size(path, sizes.get("X", 0), sizes.get("Y", 0), max_pixels)
         samples = series.asarray()
         page = tif.pages[0]
         icc = page.tags.get("InterColorProfile")
         metadata = {"icc_profile": bytes(icc.value)} if icc is not None else {}
-    kept = axes.replace("Y", "").replace("X", "").replace("S", "")
-    if kept:
-        raise ImageError(f"{path}: the TIFF holds a stack (axes {axes!r}, shape {samples.shape}); svnr reads one "
-                         "image per file")
     order = [axes.index(a) for a in "YXS" if a in axes]
     return samples.transpose(order), metadata
 
@@ -157,7 +202,8 @@ def write_image(path, pixels: torch.Tensor, bits: int = 8, alpha: torch.Tensor |
     """Write (C, H, W) values in [0, 1] (clipped) as 8- or 16-bit PNG/TIFF, or 8-bit JPEG.
 
     `alpha` (1, H, W) and `metadata` (from `read_image`) are written where the format allows. The
-    file is written to a temporary name first and renamed, so a failed write leaves no half file.
+    file is written to a temporary name first and renamed (svnr_fast.app.files), so a failed write leaves no
+    half file.
     """
     path = Path(path)
     kind = _format(path)
@@ -179,17 +225,16 @@ def write_image(path, pixels: torch.Tensor, bits: int = 8, alpha: torch.Tensor |
     values = planes.detach().to("cpu", torch.float64).clamp(0, 1).mul(scale).round().numpy().astype(dtype)
     samples = np.ascontiguousarray(values.transpose(1, 2, 0))
     metadata = metadata or {}
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
-    try:
+
+    def write(temporary: Path) -> None:
         if kind == "png" and bits == 16:
             temporary.write_bytes(_encode_png16(samples, metadata))
         elif kind == "tiff":
             _write_tiff(temporary, samples, metadata)
         else:
             _write_pillow(temporary, samples, kind, metadata, quality)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+
+    atomic_write(path, write)
 
 
 def _write_pillow(path: Path, samples: np.ndarray, kind: str, metadata: dict, quality: int) -> None:
@@ -254,7 +299,7 @@ def _png_chunks(data: bytes, path: Path):
     raise ImageError(f"cannot read {path}: the PNG file is truncated (no IEND chunk)")
 
 
-def _read_png16(path: Path) -> tuple[np.ndarray, dict]:
+def _read_png16(path: Path, max_pixels: int) -> tuple[np.ndarray, dict]:
     header, idat, metadata = None, [], {}
     for kind, body in _png_chunks(path.read_bytes(), path):
         if kind == b"IHDR":
@@ -273,12 +318,15 @@ def _read_png16(path: Path) -> tuple[np.ndarray, dict]:
         raise ImageError(f"{path}: PNG colour type {colour_type} is not supported at 16 bits")
     if interlace:
         raise ImageError(f"{path}: interlaced 16-bit PNGs are not supported; save it without interlacing")
+    check_size(path, width, height, max_pixels)
     channels = _PNG_CHANNELS[colour_type]
     bpp = 2 * channels
-    raw = np.frombuffer(zlib.decompress(b"".join(idat)), dtype=np.uint8)
-    if raw.size != height * (1 + width * bpp):
-        raise ImageError(f"cannot read {path}: the PNG image data is truncated ({raw.size} of "
-                         f"{height * (1 + width * bpp)} bytes)")
+    expected = height * (1 + width * bpp)
+    # at most one byte more than the header promises is inflated: a small file cannot expand without bound
+    raw = np.frombuffer(zlib.decompressobj().decompress(b"".join(idat), expected + 1), dtype=np.uint8)
+    if raw.size != expected:
+        raise ImageError(f"cannot read {path}: the PNG image data does not match its {width}x{height} header "
+                         f"(it needs {expected} bytes, the data holds {'more' if raw.size > expected else raw.size})")
     rows = raw.reshape(height, 1 + width * bpp)
     filters = rows[:, 0]
     if filters.max(initial=0) > 4:
