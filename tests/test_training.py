@@ -322,3 +322,95 @@ def test_sigterm_to_the_process_group_stops_with_a_checkpoint(photo_folder, tmp_
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 0, stderr.decode()[-2000:]
     assert (out / "checkpoint.safetensors").is_file()
+
+
+def _poison_at(monkeypatch, step: int, what: str):
+    """Makes loop.train_step produce a NaN weight (or a NaN loss) once `step` steps are done."""
+    real = loop.train_step
+
+    def poisoned(state, network, x0, config, rank=0):
+        loss = real(state, network, x0, config, rank)
+        if state.step == step:
+            if what == "weights":
+                with torch.no_grad():
+                    next(state.model.parameters()).view(-1)[0] = float("nan")
+            else:
+                loss = loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(loop, "train_step", poisoned)
+
+
+@pytest.mark.parametrize("what", ["weights", "loss"])
+def test_a_diverged_run_stops_and_keeps_the_last_good_checkpoint(photo_folder, tmp_path, monkeypatch, capsys, what):
+    run = tmp_path / "run"
+    # checkpoints at steps 2 and 4; the poison comes after step 3: at step 4 (weights: found before the
+    # checkpoint is written; loss: found at the log step, which comes first)
+    _poison_at(monkeypatch, 3, what)
+    assert _cli(photo_folder, run, "--checkpoint-every", "2", "--log-every", "4", "--eval-every", "0") == 1
+    error = capsys.readouterr().err
+    assert "training diverged" in error and "the last good checkpoint (step 2) is kept" in error
+    assert "--init RUN/model.safetensors" in error
+    state = checkpoint.load_checkpoint(run / "checkpoint.safetensors", tiny_config(), "cpu")
+    assert state.step == 2
+    assert all(bool(p.isfinite().all()) for p in [*state.model.parameters(), *state.ema.parameters()])
+    assert checkpoint.load_model(run / "model.safetensors") is not None
+    assert json.loads((run / "log.jsonl").read_text().splitlines()[-1])["diverged"]
+
+
+def _flipped(data: bytes, position: int) -> bytes:
+    return data[:position] + bytes([data[position] ^ 0x01]) + data[position + 1:]
+
+
+def test_checkpoints_carry_a_checksum_of_every_byte(photo_folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _cli(photo_folder, run, "--stop-at", "2") == 0
+    path = run / "checkpoint.safetensors"
+    good = path.read_bytes()
+    header_end = 8 + int.from_bytes(good[:8], "little")
+    header = json.loads(good[8:header_end])
+    rng_start = header_end + header["rng.0.torch"]["data_offsets"][0]
+    weight_start = header_end + header["model.conv_in.weight"]["data_offsets"][0]
+    step_digit = good.index(b'"step":"2"') + len(b'"step":"')
+    for position in (rng_start + 100, weight_start + 3, len(good) - 1, step_digit):
+        path.write_bytes(_flipped(good, position))
+        with pytest.raises(CheckpointError, match="checksum stored in the file does not match its contents"):
+            checkpoint.load_checkpoint(path, tiny_config(), "cpu")
+        assert _cli(photo_folder, run, "--resume") == 2
+        assert "checksum" in capsys.readouterr().err
+    # a checkpoint without a checksum (another writer) is not trusted either
+    tensors, metadata = load_file(str(run / "model.safetensors")), {"format": checkpoint.CHECKPOINT_FORMAT}
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(CheckpointError, match="carries no checksum"):
+        checkpoint.load_checkpoint(path, tiny_config(), "cpu")
+    path.write_bytes(good)
+    stale = run / ".checkpoint.safetensors.999999999.tmp.safetensors"     # left by a writer killed mid-write
+    stale.write_bytes(good[:100])
+    assert checkpoint.load_checkpoint(path, tiny_config(), "cpu").step == 2
+    assert not stale.exists()
+
+
+def test_non_finite_weights_are_refused_at_resume(photo_folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _cli(photo_folder, run, "--stop-at", "2") == 0
+    path = run / "checkpoint.safetensors"
+    tensors, metadata = checkpoint.read_checkpoint(path)[:2]
+    tensors["ema.conv_out.bias"] = torch.tensor([1.0, float("inf"), 0.0])
+    checkpoint.atomic_save(tensors, {k: v for k, v in metadata.items() if k != checkpoint.CHECKSUM_KEY}, path)
+    assert _cli(photo_folder, run, "--resume") == 2
+    assert "holds NaN or infinite values in ema.conv_out.bias" in capsys.readouterr().err
+
+
+def test_temporaries_of_a_killed_writer_are_removed(tmp_path):
+    from svnr_fast.app import files
+
+    target = tmp_path / "checkpoint.safetensors"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".checkpoint.safetensors.{int(dead.stdout)}.tmp.safetensors"
+    alive = tmp_path / f".checkpoint.safetensors.{os.getppid()}.tmp.safetensors"      # a writer still running
+    other = tmp_path / f".model.safetensors.{int(dead.stdout)}.tmp.safetensors"       # another target's
+    for path in (stale, alive, other):
+        path.write_bytes(b"half a file")
+    checkpoint.save_model(models.SVNRUNet(models.preset("tiny")), target)
+    assert not stale.exists() and alive.exists() and other.exists()
+    assert files.remove_stale_temporaries(tmp_path / "model.safetensors") == [other]

@@ -157,6 +157,9 @@ def run(args: argparse.Namespace) -> int:
     except (UsageError, CheckpointError, ImageError, FileNotFoundError) as err:
         print(f"svnr train: error: {err}", file=sys.stderr)
         return 2
+    except training.TrainingDiverged as err:
+        print(f"svnr train: error: {err}", file=sys.stderr)
+        return 1
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ from .config import (
                    TrainConfig,
                    World,
 )
-from .loop import fit
+from .loop import TrainingDiverged, fit
 from .step import (
                    NetworkOutput,
                    Sample,
@@ -40,7 +40,7 @@ from .step import (
                    update_ema,
 )
 
-__all__ = ["TrainConfig", "World", "SCHEMES", "NOISE_DISTRIBUTIONS", "TIME_MAPS", "RUNTIME_OPTIONS", "fit",
+__all__ = ["TrainConfig", "World", "SCHEMES", "NOISE_DISTRIBUTIONS", "TIME_MAPS", "RUNTIME_OPTIONS", "fit", "TrainingDiverged",
            "NetworkOutput", "Sample", "TrainState", "ema_decay_at", "heldout_psnr", "lr_at", "make_optimizer",
            "make_sample", "masked_mse", "new_state", "observed_input", "observed_sample", "stream_seed",
            "train_step", "update_ema"]

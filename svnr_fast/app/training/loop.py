@@ -1,7 +1,9 @@
 """The training loop: steps, logging, held-out evaluation, checkpoints, time limits and stop signals."""
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import signal
 import sys
 import time
@@ -42,6 +44,16 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became NaN or infinite; the run stopped without saving them."""
+
+
+def _all_finite(state: TrainState, pending_loss: torch.Tensor) -> bool:
+    """Whether the losses not yet logged, the weights and the EMA weights are all finite (one host read)."""
+    tensors = [pending_loss, *state.model.parameters(), *state.ema.parameters()]
+    return bool(torch.stack([t.detach().isfinite().all() for t in tensors]).all())
+
+
 def _log(run_dir: Path | None, record: dict) -> None:
     if run_dir is not None:
         with (run_dir / "log.jsonl").open("a") as f:
@@ -57,6 +69,9 @@ def fit(state: TrainState, config: TrainConfig, dataset: data_lib.RandomCropBatc
     Writes `run_dir/checkpoint.safetensors` every `checkpoint_every` steps and when it stops,
     `run_dir/model.safetensors` (the EMA weights) with it, `run_dir/best.safetensors` whenever the
     held-out PSNR of the EMA weights improves, and `run_dir/log.jsonl`. Under DDP every rank calls it.
+    A non-finite loss (read at every log step) or non-finite weights (checked before every evaluation and
+    checkpoint, where the loop synchronises anyway) raise TrainingDiverged: nothing non-finite is ever
+    written, so the last checkpoint stays the last good one.
     `compile_network` runs the network through torch.compile (the svnr ops stay opaque custom ops inside
     the graph); it changes speed, not the math, so a run may be resumed with or without it.
     """
@@ -79,7 +94,19 @@ def fit(state: TrainState, config: TrainConfig, dataset: data_lib.RandomCropBatc
     started, start_step, postfix = time.monotonic(), state.step, {}
     last_check, last_check_step = started, state.step
     loss_sum, loss_count = torch.zeros((), device=device), 0
-    with _StopRequest() as stop_request:
+    last_saved = None
+
+    def diverged(what: str) -> TrainingDiverged:
+        if lead:
+            _log(run_dir, {"step": state.step, "diverged": what})
+        kept = (f"the last good checkpoint (step {last_saved}) is kept in {run_dir}" if last_saved is not None else
+                "nothing was saved in this sitting" + (f"; {run_dir} keeps what it held" if run_dir else ""))
+        return TrainingDiverged(f"training diverged: {what} by step {state.step}; {kept}. Resuming would repeat "
+                                "the same steps: start a new run from the saved weights (--init RUN/model.safetensors) "
+                                "with a lower --lr, or check the data")
+
+    with _StopRequest() as stop_request, contextlib.ExitStack() as cleanup:
+        cleanup.callback(bar.close)
         for x0 in loader:
             loss_sum += train_step(state, network, x0.to(device, non_blocking=True), config, world.rank)
             loss_count += 1
@@ -101,19 +128,25 @@ def fit(state: TrainState, config: TrainConfig, dataset: data_lib.RandomCropBatc
                 if lead:
                     _log(run_dir, {"step": step, "loss": loss, "lr": lr_at(step - 1, config),
                                    "it_per_s": rate, "elapsed_s": elapsed})
+                if not math.isfinite(loss):
+                    raise diverged(f"the loss is {loss}")
             stop = stop or step == last
             final = step == config.steps or stop
-            if lead and heldout and config.eval_every and (step % config.eval_every == 0 or final):
+            evaluate = bool(heldout) and config.eval_every and (step % config.eval_every == 0 or final)
+            save = run_dir is not None and (step % config.checkpoint_every == 0 or final)
+            if (evaluate or save) and _agree(not _all_finite(state, loss_sum), world):
+                raise diverged("the weights or a recent loss are NaN or infinite")
+            if lead and evaluate:
                 postfix["held-out"] = f"{_evaluate(state, config, heldout, run_dir, bar):+.2f}dB"
             bar.set_postfix(postfix, refresh=False)
-            if run_dir is not None and (step % config.checkpoint_every == 0 or final):
+            if save:
                 checkpoint.save_checkpoint(run_dir / "checkpoint.safetensors", state, config, world, checkpoint_metadata)
                 if lead:
                     checkpoint.save_model(state.ema, run_dir / "model.safetensors", {"step": str(step),
                                                                          "train_config": config.to_json()})
+                last_saved = step
             if stop:
                 break
-    bar.close()
     return state
 
 
