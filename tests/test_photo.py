@@ -69,7 +69,10 @@ def test_gray_photo_with_alpha_and_estimated_noise(tmp_path, clean, noisy):
     ("ok.png", ["--sigma-r", "0.05"], "give both --sigma-r and --sigma-s"),
     ("ok.png", ["--sigma-r", "-0.1", "--sigma-s", "0.1"], "--sigma-r must be >= 0"),
     ("ok.png", ["--noise", "auto", "--sigma-r", "0.1", "--sigma-s", "0.1"], "exclude each other"),
-    ("ok.png", ["--steps", "0"], "steps must be a positive int"),
+    ("ok.png", ["--steps", "0"], "--steps must be an int in [1, 10000], got 0"),
+    ("ok.png", ["--steps", "100000000000000000000"], "--steps must be an int in [1, 10000]"),
+    ("ok.png", ["--tile", "8"], "--tile must be >= 16"),
+    ("ok.png", ["--max-megapixels", "0.0001"], "16x16 = 0.0 megapixels, more than the limit of 0.0001"),
     ("ok.png", ["--eta", "2"], "eta"),
     ("small.png", [], "too small or too clipped to estimate its noise"),
     ("ok.png", ["--device", "cpu", "--cuda-graph"], "--cuda-graph needs a CUDA device"),
@@ -91,4 +94,62 @@ def test_errors_say_what_is_wrong(tmp_path, noisy, make_input, argv, message):
         (tmp_path / "out.png").unlink()
     error = svnr_denoise_error(source, *argv)
     assert message in error
+    assert not (tmp_path / "out.png").exists()
+
+
+@pytest.fixture
+def no_denoising(monkeypatch):
+    """Fails the test if the denoiser runs: the errors below must come before any work."""
+    from svnr_fast.app.cli import denoise as denoise_command
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the denoiser ran before the error was found")
+
+    monkeypatch.setattr(denoise_command, "denoise", refuse)
+
+
+@pytest.mark.parametrize("output, message", [
+    ("{tmp}/missing/out.png", "the folder {tmp}/missing does not exist"),
+    ("{tmp}/out.webp", "unknown image type '.webp'"),
+    ("{tmp}/in.png", "is the input photo; writing the result there would destroy the original"),
+    ("{tmp}/link.png", "is the input photo"),
+    ("{tmp}/taken.png", "exists; pass --overwrite to replace it"),
+    ("{tmp}", "is a folder"),
+    ("/proc/out.png", "cannot write into /proc"),
+    ("{tmp}/out.jpg", "has an alpha channel, which JPEG cannot store"),
+])
+def test_output_problems_are_found_before_denoising(tmp_path, noisy, no_denoising, output, message):
+    source = tmp_path / "in.png"
+    imageio.write_image(source, noisy[:, :16, :16], alpha=noisy[:1, :16, :16])
+    (tmp_path / "link.png").symlink_to(source)
+    (tmp_path / "taken.png").write_bytes(b"keep me")
+    before = source.read_bytes()
+    error = svnr_denoise_error(source, "-o", output.format(tmp=tmp_path), "--sigma-r", 0.05, "--sigma-s", 0.1)
+    assert message.format(tmp=tmp_path) in error
+    assert source.read_bytes() == before and (tmp_path / "taken.png").read_bytes() == b"keep me"
+    # the input is refused as the output even with --overwrite
+    if output.endswith("in.png"):
+        error = svnr_denoise_error(source, "-o", source, "--overwrite", "--sigma-r", 0.05, "--sigma-s", 0.1)
+        assert "is the input photo" in error and source.read_bytes() == before
+
+
+def test_overwrite_replaces_an_existing_output(tmp_path, noisy):
+    source, target = tmp_path / "in.png", tmp_path / "out.png"
+    imageio.write_image(source, noisy[:, :16, :16])
+    target.write_bytes(b"old")
+    svnr_denoise(source, "-o", target, "--overwrite", "--sigma-r", 0.05, "--sigma-s", 0.1, "--steps", 1)
+    assert imageio.read_image(target).pixels.shape == (3, 16, 16)
+
+
+def test_a_model_with_non_finite_weights_is_refused(tmp_path, noisy, no_denoising):
+    from svnr_fast.app import checkpoint, models
+
+    model = models.SVNRUNet(models.preset("tiny"))
+    with torch.no_grad():
+        model.conv_out.bias.fill_(float("nan"))
+    checkpoint.save_model(model, tmp_path / "nan.safetensors")
+    imageio.write_image(tmp_path / "in.png", noisy[:, :16, :16])
+    error = svnr_denoise_error(tmp_path / "in.png", "-o", tmp_path / "out.png", "--model", tmp_path / "nan.safetensors",
+                               "--sigma-r", 0.05, "--sigma-s", 0.1)
+    assert "--model:" in error and "holds NaN or infinite values in conv_out.bias" in error
     assert not (tmp_path / "out.png").exists()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import struct
-import warnings
 import zlib
 from pathlib import Path
 from typing import NamedTuple
@@ -44,7 +43,8 @@ class Picture(NamedTuple):
     metadata: dict | None = None      # "icc_profile" and "exif" bytes where the file had them
 
 
-def _format(path: Path) -> str:
+def image_format(path: Path) -> str:
+    """'png', 'jpeg' or 'tiff', from the file name; ImageError for other names."""
     suffix = path.suffix.lower()
     for name, suffixes in (("png", PNG_SUFFIXES), ("jpeg", JPEG_SUFFIXES), ("tiff", TIFF_SUFFIXES)):
         if suffix in suffixes:
@@ -64,7 +64,7 @@ def read_image(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no image file at {path}")
-    kind = _format(path)
+    kind = image_format(path)
     try:
         if kind == "png" and _png_bit_depth(path) == 16:
             samples, metadata = _read_png16(path, max_pixels)
@@ -92,22 +92,17 @@ def check_size(path: Path, width: int, height: int, max_pixels: int = DEFAULT_MA
 
 @contextlib.contextmanager
 def _pillow_image(path: Path, max_pixels: int):
-    """Image.open with the size checked before any pixel is decoded; Pillow's own decompression-bomb limit
-    follows `max_pixels` (it would otherwise refuse at its default, with a traceback)."""
+    """Image.open with the size checked before any pixel is decoded. Pillow's own decompression-bomb check
+    is off meanwhile: at its default limit it would refuse with a traceback (DecompressionBombError) before
+    this check, and it would not follow `max_pixels`."""
     from PIL import Image
 
     previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    Image.MAX_IMAGE_PIXELS = None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                check_size(path, *im.size, max_pixels)
-                yield im
-    except Image.DecompressionBombError:
-        raise ImageError(f"{path} declares more than twice the limit of {max_pixels / 1e6:g} megapixels; if the "
-                         "file is trusted, raise the limit (svnr denoise --max-megapixels, or "
-                         "read_image(path, max_pixels=...))") from None
+        with Image.open(path) as im:
+            check_size(path, *im.size, max_pixels)
+            yield im
     finally:
         Image.MAX_IMAGE_PIXELS = previous
 
@@ -167,7 +162,7 @@ def _read_pillow(path: Path, max_pixels: int) -> tuple[np.ndarray, dict]:
             converted = im if im.mode == target else im.convert(target)
             samples = np.asarray(converted)
     except UnidentifiedImageError as err:
-        raise ImageError(f"cannot read {path}: not a {_format(path).upper()} image ({err})") from err
+        raise ImageError(f"cannot read {path}: not a {image_format(path).upper()} image ({err})") from err
     return samples, metadata
 
 
@@ -206,7 +201,7 @@ def write_image(path, pixels: torch.Tensor, bits: int = 8, alpha: torch.Tensor |
     half file.
     """
     path = Path(path)
-    kind = _format(path)
+    kind = image_format(path)
     if bits not in (8, 16):
         raise ImageError(f"bits must be 8 or 16, got {bits!r}")
     if kind == "jpeg" and bits == 16:

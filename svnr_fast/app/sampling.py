@@ -28,6 +28,9 @@ Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
 StepCallback = Callable[[int, Tensor, Tensor, Tensor], None]
 
 
+MAX_STEPS = 10_000   # far more than the T = 1000 steps of the schedule a model was trained with
+
+
 def default_steps(tau_star: Tensor) -> int:
     """The paper's step count: ceil(max tau*), i.e. delta = 1 for the noisiest image (one host sync)."""
     return max(1, math.ceil(float(tau_star.max())))
@@ -43,8 +46,8 @@ def plan_steps(tau_start: Tensor, steps: int | None, tau_max: Tensor | None = No
     """Equal per-image steps from `tau_max` (B,) (default: each image's largest time) down to 0."""
     if steps is None:
         steps = default_steps(tau_start if tau_max is None else tau_max)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int or None (= ceil(max tau*)), got {steps!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be an int in [1, {MAX_STEPS}] or None (= ceil(max tau*)), got {steps!r}")
     start = tau_start.amax(dim=(1, 2, 3)) if tau_max is None else tau_max
     start = start.to(_checks.compute_dtype(tau_start.dtype))
     return StepPlan(steps, start / steps, start)

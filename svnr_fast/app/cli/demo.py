@@ -10,7 +10,7 @@ import torch
 from ...schedule import PoissonGaussian
 from .. import imageio
 from .common import ProgressBar, load_model_for, pick_device
-from .denoise import add_noise_arguments, denoise_photo
+from .denoise import add_noise_arguments, check_noise_arguments, check_output, denoise_photo
 
 DEMO_PHOTO = "astronaut"    # scikit-image's bundled photo; held out from the bundled model's training set
 
@@ -29,6 +29,8 @@ def demo_photo(size: int) -> torch.Tensor:
 def run_demo(args: argparse.Namespace) -> int:
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+    check_noise_arguments("demo", args)
+    check_output("demo", args.output, args.overwrite)
     device = pick_device(args.device)
     clean = demo_photo(args.size)
     generator = torch.Generator().manual_seed(args.seed)

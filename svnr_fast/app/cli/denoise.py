@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from .. import imageio
 from ..denoise import denoise
 from ..noise_estimation import estimate_noise
+from ..sampling import MAX_STEPS
 from .common import ProgressBar, load_model_for, pick_device
 
 
@@ -50,6 +52,43 @@ def denoise_photo(pixels: torch.Tensor, noise: tuple[float, float] | None, model
     return (out.mean(0, keepdim=True) if gray else out), noise
 
 
+def check_output(command: str, output: Path, overwrite: bool, source: Path | None = None) -> None:
+    """Refuses, before any work, an output that cannot or must not be written: an unknown extension, a
+    missing or read-only folder, the input itself, an existing file without --overwrite."""
+    def fail(message: str):
+        raise SystemExit(f"svnr {command}: -o {output}: {message}")
+
+    if output.is_dir():
+        fail("is a folder; give a file name such as clean.png")
+    folder = output.parent
+    if not folder.is_dir():
+        fail(f"the folder {folder} does not exist; create it first or choose another output")
+    try:
+        imageio.image_format(output)
+    except imageio.ImageError:
+        fail(f"unknown image type {output.suffix!r}; name the output with one of {', '.join(imageio.SUFFIXES)}")
+    if output.exists():
+        if source is not None and source.exists() and output.samefile(source):
+            fail("is the input photo; writing the result there would destroy the original: choose another output")
+        if not overwrite:
+            fail("exists; pass --overwrite to replace it, or choose another output")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".svnr-write-check-"):
+            pass
+    except OSError as err:
+        fail(f"cannot write into {folder} ({err.strerror or err}); choose a writable place")
+
+
+def check_noise_arguments(command: str, args: argparse.Namespace) -> None:
+    """The sampling options of `add_noise_arguments`, checked before any work."""
+    if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:
+        raise SystemExit(f"svnr {command}: --steps must be an int in [1, {MAX_STEPS}], got {args.steps}")
+    if not 0 <= args.eta <= 1:
+        raise SystemExit(f"svnr {command}: --eta must lie in [0, 1], got {args.eta}")
+    if args.tile < 16:
+        raise SystemExit(f"svnr {command}: --tile must be >= 16 pixels, got {args.tile}")
+
+
 def add_noise_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="network evaluations (default: ceil(max tau*), the paper)")
     parser.add_argument("--eta", type=float, default=0.0,
@@ -66,6 +105,7 @@ def add_noise_arguments(parser: argparse.ArgumentParser) -> None:
                         help="denoise linear-light values (sRGB decoded first, encoded after); --sigma-r and "
                              "--sigma-s then describe the noise of the linear values")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
 
 
 def run_denoise(args: argparse.Namespace) -> int:
@@ -77,11 +117,18 @@ def run_denoise(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and not value >= 0:
             raise SystemExit(f"svnr denoise: --{name.replace('_', '-')} must be >= 0, got {value}")
+    check_noise_arguments("denoise", args)
+    if not args.max_megapixels > 0:
+        raise SystemExit(f"svnr denoise: --max-megapixels must be > 0, got {args.max_megapixels}")
+    check_output("denoise", args.output, args.overwrite, args.input)
     device = pick_device(args.device)
     try:
-        picture = imageio.read_image(args.input)
+        picture = imageio.read_image(args.input, max_pixels=round(args.max_megapixels * 1e6))
     except (FileNotFoundError, imageio.ImageError) as err:
         raise SystemExit(f"svnr denoise: {err}") from None
+    if picture.alpha is not None and imageio.image_format(args.output) == "jpeg":
+        raise SystemExit(f"svnr denoise: -o {args.output}: {args.input} has an alpha channel, which JPEG cannot "
+                         "store; write a .png or .tif file to keep it")
     model = load_model_for(args, device)
     progress = ProgressBar(f"denoising {args.input.name}", enabled=not args.quiet)
     start = time.perf_counter()
@@ -114,5 +161,8 @@ def add_parser(sub) -> None:
     parser.add_argument("--sigma-s", type=float, default=None, help="shot-noise std factor: var = r^2 + s^2 x")
     parser.add_argument("--noise", choices=["auto"], default=None,
                         help="estimate the noise from the photo (the default when no sigma is given)")
+    parser.add_argument("--max-megapixels", type=float, default=imageio.DEFAULT_MAX_PIXELS / 1e6,
+                        help="refuse larger photos before decoding them (default %(default)g; raise it for trusted "
+                             "files)")
     add_noise_arguments(parser)
     parser.set_defaults(run=run_denoise)

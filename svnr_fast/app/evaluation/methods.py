@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..sampling import MAX_STEPS
+
 DEFAULT_LEVELS = ((0.02, 0.05), (0.05, 0.10), (0.10, 0.20))
 DEFAULT_METHODS = ("noisy", "svnr", "svnr-1", "svnr-2", "svnr-4", "svnr-8", "x0hat", "baseline", "baseline-25",
                    "ablation", "bm3d", "nlm", "wavelet")
@@ -16,7 +18,7 @@ MODEL_OF_FAMILY = {"svnr": "svnr", "x0hat": "svnr", "ablation": "ablation", "bas
 SCHEME_OF_MODEL = {"svnr": "svnr", "ablation": "uncorrelated", "baseline": "baseline"}   # training.SCHEMES
 TRAIN_FLAG = {"svnr": "", "ablation": " --no-correlation", "baseline": " --baseline"}
 METHOD_CHOICES = ("noisy, svnr, svnr-N, x0hat, ablation, ablation-N, baseline, baseline-N, bm3d, nlm, wavelet "
-                  "(N: network evaluations)")
+                  f"(N: network evaluations, 1 to {MAX_STEPS})")
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ def parse_method(text: str) -> Method:
     if family in STEPPED:
         if not dash:
             return Method(name, family, None)
-        if count.isdigit() and int(count) >= 1:
+        if count.isdigit() and 1 <= int(count) <= MAX_STEPS:
             return Method(f"{family}-{int(count)}", family, int(count))
     raise ValueError(f"unknown method {text!r}; choose from {METHOD_CHOICES}")
 
