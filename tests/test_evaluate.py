@@ -92,8 +92,8 @@ def test_end_to_end_writes_every_table_and_figure(run):
     assert tuple(per_image[0]) == report.PER_IMAGE_COLUMNS
     assert len(per_image) == 2 * len(LEVELS) * len(ran_methods())
     markdown = (out / "results.md").read_text()
-    assert "| method | level | PSNR | SSIM | HF ratio | NFE | seconds |" in markdown
-    assert "| method | level | PSNR | SSIM | HF ratio | NFE | seconds |" in stdout    # the table is printed
+    header = "| method | level | PSNR | SSIM | HF ratio | low-pass error | NFE | seconds |"
+    assert header in markdown and header in stdout    # the table is printed
     for name in set(METHODS) - set(ran_methods()):
         assert f"skipping {name}:" in stderr and f"`{name}`:" in markdown
     svg = xml.dom.minidom.parse(str(out / "quality_vs_steps.svg"))
@@ -138,6 +138,21 @@ def test_noisy_row_is_the_psnr_of_the_clipped_noisy_photo(run, photos):
             row = next(r for r in rows if r["image"] == name and r["level"] == level and r["method"] == "noisy")
             assert float(row["psnr"]) == pytest.approx(psnr, abs=1e-4)
             assert float(row["hf_ratio"]) > 1
+
+
+def test_low_pass_error_sees_shifts_and_blotches_not_fine_noise():
+    rng = np.random.default_rng(0)
+    clean = photo("astronaut")[100:228, 180:308].astype(np.float64) / 255
+    assert metrics.low_pass_error(clean, clean) == 0
+    assert metrics.low_pass_error(clean + 0.01, clean) == pytest.approx(0.01)
+    # white noise keeps 1 / (2 sqrt(pi) 8) = 3.5% of its standard deviation through the sigma-8 low-pass
+    noise = 0.1 * rng.standard_normal(clean.shape)
+    assert metrics.low_pass_error(clean + noise, clean) == pytest.approx(0.1 / (2 * np.sqrt(np.pi) * 8), rel=0.25)
+    # a faint blotch (0.03 over a 32-px square, a 16th of the photo) weighs more than that noise
+    blotch = np.zeros_like(clean)
+    blotch[48:80, 48:80] = 0.03
+    assert metrics.low_pass_error(clean + blotch, clean) > 1.3 * metrics.low_pass_error(clean + noise, clean)
+    assert metrics.image_metrics(clean + 0.01, clean)["lowpass_error"] == pytest.approx(0.01, rel=0.05)
 
 
 def test_high_frequency_ratio_sees_noise_and_blur():

@@ -10,15 +10,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..metrics import HIGH_PASS_SIGMA
+from ..metrics import HIGH_PASS_SIGMA, LOW_PASS_SIGMA
 from .methods import Method, level_label
 from .runner import Evaluation
 
 GRID_MIN_WIDTH = 96     # pixels per panel in the picture grid
-SUMMARY_COLUMNS = ("method", "family", "level", "sigma_r", "sigma_s", "images", "psnr", "ssim", "hf_ratio", "nfe",
-                   "seconds")
+SUMMARY_COLUMNS = ("method", "family", "level", "sigma_r", "sigma_s", "images", "psnr", "ssim", "hf_ratio",
+                   "lowpass_error", "nfe", "seconds")
 PER_IMAGE_COLUMNS = ("image", "method", "family", "level", "sigma_r", "sigma_s", "sigma_r_used", "sigma_s_used",
-                     "psnr", "ssim", "hf_ratio", "nfe", "seconds")
+                     "psnr", "ssim", "hf_ratio", "lowpass_error", "nfe", "seconds")
+MEAN_COLUMNS = ("psnr", "ssim", "hf_ratio", "lowpass_error", "nfe", "seconds")
 
 
 def summarise(evaluation: Evaluation) -> list[dict]:
@@ -29,8 +30,7 @@ def summarise(evaluation: Evaluation) -> list[dict]:
             rows = [r for r in evaluation.rows if r["method"] == method.name and r["level"] == level_label(level)]
             if not rows:
                 continue
-            mean = {key: float(np.mean([r[key] for r in rows]))
-                    for key in ("psnr", "ssim", "hf_ratio", "nfe", "seconds")}
+            mean = {key: float(np.mean([r[key] for r in rows])) for key in MEAN_COLUMNS}
             summary.append({"method": method.name, "family": method.family, "level": level_label(level),
                             "sigma_r": level[0], "sigma_s": level[1], "images": len(rows), **mean})
     return summary
@@ -49,10 +49,12 @@ def _nfe_text(nfe: float) -> str:
 
 
 def markdown_table(summary: list[dict]) -> str:
-    lines = ["| method | level | PSNR | SSIM | HF ratio | NFE | seconds |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| method | level | PSNR | SSIM | HF ratio | low-pass error | NFE | seconds |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in summary:
         lines.append(f"| {row['method']} | {row['level']} | {row['psnr']:.2f} | {row['ssim']:.4f} | "
-                     f"{row['hf_ratio']:.3f} | {_nfe_text(row['nfe'])} | {row['seconds']:.3f} |")
+                     f"{row['hf_ratio']:.3f} | {row['lowpass_error']:.4f} | {_nfe_text(row['nfe'])} | "
+                     f"{row['seconds']:.3f} |")
     return "\n".join(lines)
 
 
@@ -221,7 +223,10 @@ def write_outputs(out: Path, evaluation: Evaluation, summary: list[dict], header
         lines += ["Skipped:", "", *[f"- `{name}`: {reason}" for name, reason in skipped], ""]
     lines += ["PSNR and SSIM: scikit-image, data_range=1, outputs clipped to [0, 1]. HF ratio: energy of "
               f"x - G_{HIGH_PASS_SIGMA:g}*x (Gaussian high-pass, sigma {HIGH_PASS_SIGMA:g} px) of the output over that "
-              "of the clean photo (~1 keeps texture, < 1 smooths it). NFE: network evaluations per photo. "
+              "of the clean photo (~1 keeps texture, < 1 smooths it). Low-pass error: RMS of "
+              f"G_{LOW_PASS_SIGMA:g}*(output - clean) (Gaussian low-pass, sigma {LOW_PASS_SIGMA:g} px), the error of the "
+              "coarse picture (blotches, colour shifts); the noisy row's is that of the unclipped observation, the "
+              "noise's own, which a denoiser should not exceed. NFE: network evaluations per photo. "
               "seconds: wall time per photo (batched network calls shared out over the batch).", "",
               f"Figures: {', '.join(f'[{p.name}]({p.name})' for p in files[2:])}; every photo and level in "
               "per_image.csv.", ""]
