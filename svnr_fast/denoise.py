@@ -20,7 +20,8 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import _checks, reference
+from . import reference
+from .ops import _checks
 from .noise_estimation import estimate_noise
 from .sampling import Denoiser, SamplerGraphs, default_steps, sample
 from .schedule import PoissonGaussian

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import _checks
+from .ops import _checks
 
 
 class GroupNormSpatialFiLM(nn.Module):

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import _checks
+from .ops import _checks
 
 
 class TrainingSample(NamedTuple):

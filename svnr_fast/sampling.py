@@ -20,7 +20,8 @@ from typing import Callable, NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from . import _checks, ops
+from . import ops
+from .ops import _checks
 from .schedule import Schedule
 
 Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks
+from .ops import _checks
 
 
 class Schedule:

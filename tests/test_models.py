@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from svnr_fast import backends, models
+from svnr_fast import models
+from svnr_fast.ops import backends
 from svnr_fast.models import CheckpointError, SVNRUNet, UNetConfig
 
 
@@ -195,7 +196,7 @@ def test_window_attention_attends_within_windows():
 
 @pytest.mark.skipif(backends.choose("groupnorm_film", "cpu").backend == "reference",
                     reason="no fused groupnorm_film for CPU tensors here (svnr_fast._C not built)")
-def test_fused_and_reference_film_give_the_same_model(monkeypatch):
+def test_fused_and_reference_film_give_the_same_model(backend):
     model = randomise_outputs(tiny()).train()
     y, x_t, tau = inputs(B=2, H=32, W=32)
 
@@ -206,7 +207,7 @@ def test_fused_and_reference_film_give_the_same_model(monkeypatch):
         return out.detach(), [p.grad.clone() for p in model.parameters()]
 
     fused_out, fused_grads = run()
-    monkeypatch.setenv("SVNR_FAST_BACKEND", "reference")
+    backend("reference")
     reference_out, reference_grads = run()
     torch.testing.assert_close(fused_out, reference_out, rtol=1e-4, atol=1e-5)
     for fused, reference in zip(fused_grads, reference_grads):
