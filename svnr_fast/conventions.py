@@ -40,7 +40,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import _checks, ops
+from . import ops
+from .ops import _checks
 from .reference import TrainingSample
 
 
