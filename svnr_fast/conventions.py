@@ -45,7 +45,8 @@ from .ops import _checks
 from .reference import TrainingSample
 
 
-def _data_range(data_range) -> tuple[float, float]:
+def check_data_range(data_range) -> tuple[float, float]:
+    """`data_range` as a pair of floats (low, high), low < high."""
     try:
         low, high = (float(v) for v in data_range)
     except (TypeError, ValueError):
@@ -57,20 +58,20 @@ def _data_range(data_range) -> tuple[float, float]:
 
 def to_unit(x: Tensor, data_range) -> Tensor:
     """Data in `data_range` -> [0, 1], where the noise model applies."""
-    low, high = _data_range(data_range)
+    low, high = check_data_range(data_range)
     return (x - low) / (high - low)
 
 
 def from_unit(x: Tensor, data_range) -> Tensor:
     """[0, 1] -> data in `data_range`."""
-    low, high = _data_range(data_range)
+    low, high = check_data_range(data_range)
     return low + (high - low) * x
 
 
 def table_in_data_units(table: Tensor, data_range) -> Tensor:
     """The variance table of data in `data_range` whose noise is applied in [0, 1]: `(high - low)^2 * table`
     (exact for (-1, 1): a power of two)."""
-    low, high = _data_range(data_range)
+    low, high = check_data_range(data_range)
     return table * (high - low) ** 2
 
 
