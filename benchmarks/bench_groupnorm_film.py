@@ -12,8 +12,8 @@ bytes_moved (the fewest bytes each pass must move; roofline in csrc/groupnorm_fi
 """
 import pytest
 import torch
-
 from common import Case, dtype_name
+
 from svnr_fast import reference
 from svnr_fast.ops import backends
 

@@ -25,7 +25,7 @@ from diffusers import UNet2DModel
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
-from svnr_fast.nn import GroupNormSpatialFiLM
+from svnr_fast.nn import GroupNormSpatialFiLM, knot_times, warp
 
 
 class TimeKnots:
@@ -37,9 +37,6 @@ class TimeKnots:
         self._u: dict[tuple[int, int], torch.Tensor] = {}
         self._tau: torch.Tensor | None = None
 
-    def times(self) -> torch.Tensor:
-        return self.T * (torch.arange(self.knots, dtype=torch.float64) / (self.knots - 1)) ** 2
-
     def start(self, features: torch.Tensor, tau: torch.Tensor) -> None:
         self.features, self._tau, self._u = features, tau, {}
 
@@ -50,7 +47,7 @@ class TimeKnots:
             tau = self._tau
             if tuple(tau.shape[-2:]) != size:
                 tau = F.adaptive_avg_pool2d(tau, size)
-            self._u[size] = (tau.clamp(0, self.T) / self.T).sqrt() * (self.knots - 1)
+            self._u[size] = warp(tau, self.T, self.knots)
         return self._u[size]
 
 
@@ -86,7 +83,7 @@ class PerPixelTimeUNet(nn.Module):
         super().__init__()
         self.unet = unet
         self.knots = TimeKnots(T, knots)
-        self.register_buffer("knot_times", self.knots.times().float(), persistent=False)
+        self.register_buffer("knot_times", knot_times(T, knots).float(), persistent=False)
         blocks = [(name, module) for name, module in unet.named_modules() if isinstance(module, ResnetBlock2D)]
         if not blocks:
             raise ValueError("this UNet has no ResnetBlock2D to convert")

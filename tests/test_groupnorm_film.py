@@ -8,11 +8,11 @@ csrc/tests/test_math.cpp.
 """
 import pytest
 import torch
-
 from conftest import requires_cuda
+
 from svnr_fast import ops, reference
-from svnr_fast.ops import backends
 from svnr_fast.nn import GroupNormSpatialFiLM
+from svnr_fast.ops import backends
 
 # (B, C, H, W, groups): odd channel and group counts, 1x1 and odd spatial sizes
 SHAPES = [(2, 6, 5, 7, 3), (2, 5, 1, 1, 5), (3, 12, 9, 4, 4), (1, 8, 33, 17, 2), (2, 64, 8, 8, 32)]

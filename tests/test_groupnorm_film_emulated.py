@@ -16,9 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_groupnorm_film import (
+    NAMES,
+    film_inputs,
+    float64_reference,
+    relative_error,
+    run,
+)
 
 from svnr_fast import reference
-from test_groupnorm_film import NAMES, film_inputs, float64_reference, relative_error, run
 
 glue = importlib.import_module("svnr_fast.ops.groupnorm_film")   # the module (the package attribute is the op)
 

@@ -129,7 +129,7 @@ def test_public_api():
 
 def test_the_package_exposes_the_main_job_and_the_scheduler():
     import svnr_fast
-    from svnr_fast.denoise import denoise
+    from svnr_fast.app.denoise import denoise
     assert svnr_fast.denoise is denoise
 
     class ZeroNoise(torch.nn.Module):

@@ -43,7 +43,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .. import conventions, ops
 from ..ops import _checks
-from ..sampling import StepPlan, plan_steps
+from ..app.sampling import StepPlan, plan_steps
 from ..schedule import Schedule
 
 STEP_PLANS = ("continuous", "index")
@@ -218,7 +218,7 @@ class SVNRScheduler(SchedulerMixin, ConfigMixin):
             z = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=key[1])
         clamp = tuple(self.config.data_range) if self.config.clip_sample else None
         if index == 0:
-            # the values once per plan, as svnr_fast.sampling does: a value check on a GPU stalls the host
+            # the values once per plan, as svnr_fast.app.sampling does: a value check on a GPU stalls the host
             _checks.reverse_step_args(sample, model_output, tau, delta, table, eta, z, clamp, self._seed, index)
         else:
             _checks.tensor("model_output", model_output, ndim=4)

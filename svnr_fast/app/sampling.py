@@ -2,7 +2,7 @@
 `SVNRScheduler` in the style of diffusers schedulers.
 
 A *denoiser* is any callable `(condition, x, tau) -> eps_hat` with `condition` and `x` of shape
-(B, C, H, W) and the per-pixel time map `tau` of shape (B, 1, H, W); svnr_fast.models' UNet is one.
+(B, C, H, W) and the per-pixel time map `tau` of shape (B, 1, H, W); svnr_fast.app.models' UNet is one.
 
 The loop has a fixed length and calls the raw op `torch.ops.svnr.reverse_step` on arguments validated
 once before it: no `.item()`, `.any()` or other host synchronisation inside, so on a GPU it runs ahead
@@ -20,9 +20,9 @@ from typing import Callable, NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from . import ops
-from .ops import _checks
-from .schedule import Schedule
+from .. import ops
+from ..ops import _checks
+from ..schedule import Schedule
 
 Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
 StepCallback = Callable[[int, Tensor, Tensor, Tensor], None]
