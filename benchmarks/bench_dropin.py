@@ -27,8 +27,8 @@ def problem(shape, device):
     schedule = Schedule()
     y_prime = (torch.rand(shape, generator=gen) * 2 - 1).to(device)
     eps_hat = (torch.randn(shape, generator=gen) * 0.1).to(device)
-    index_star = torch.randint(STEPS - 100, STEPS, shape, generator=gen).to(device)   # per channel; the max is STEPS - 1
-    index_star.view(-1)[0] = STEPS - 1
+    index_star = torch.randint(STEPS - 100, STEPS, shape, generator=gen).to(device)   # one index per channel
+    index_star.view(-1)[0] = STEPS - 1                   # so that the loop takes STEPS steps
     gamma_table = schedule.table[1:].to(device)          # what the codebase stores: T entries, index k = 0..T-1
     tau_star = schedule.time_from_index(index_star)      # svnr time: index + 1
     table = conventions.table_in_data_units(schedule.table.to(device), (-1, 1))

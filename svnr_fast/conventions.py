@@ -46,14 +46,8 @@ from .reference import TrainingSample
 
 
 def check_data_range(data_range) -> tuple[float, float]:
-    """`data_range` as a pair of floats (low, high), low < high."""
-    try:
-        low, high = (float(v) for v in data_range)
-    except (TypeError, ValueError):
-        raise TypeError(f"data_range must be a pair (low, high), e.g. (-1, 1), got {data_range!r}") from None
-    if not low < high:
-        raise ValueError(f"data_range must satisfy low < high, got {data_range!r}")
-    return low, high
+    """`data_range` as a pair of floats (low, high), low < high, e.g. (-1, 1)."""
+    return _checks.ordered_pair("data_range", data_range)
 
 
 def to_unit(x: Tensor, data_range) -> Tensor:

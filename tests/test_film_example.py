@@ -78,9 +78,9 @@ def test_forward_and_backward_reach_the_time_path(example):
     for parameter in (unet.time_embedding.linear_1.weight, unet.down_blocks[0].resnets[0].block.time_emb_proj.weight,
                       unet.down_blocks[0].resnets[0].block.norm2.weight, unet.conv_in.weight):
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0
-    films = [m for m in model.modules() if isinstance(m, GroupNormSpatialFiLM)]
-    assert len(films) == 8 and all(f.weight is f_block.block.norm2.weight for f, f_block in
-                                   zip(films, [m for m in model.modules() if isinstance(m, example.PerPixelResnetBlock)]))
+    blocks = [m for m in model.modules() if isinstance(m, example.PerPixelResnetBlock)]
+    assert len(blocks) == 8 and all(b.film.weight is b.block.norm2.weight for b in blocks)
+    assert sum(isinstance(m, GroupNormSpatialFiLM) for m in model.modules()) == 8
 
 
 def test_from_group_norm_shares_the_parameters_and_refuses_a_non_affine_norm():
