@@ -231,7 +231,7 @@ class SVNRScheduler:
 
     ```
     scheduler = SVNRScheduler()
-    y_prime, tau = svnr_fast.reference.top_up(y, variance, scheduler.table)   # DESIGN.md §1.3
+    y_prime, tau = svnr_fast.ops.top_up(y, variance, scheduler.table)         # DESIGN.md §1.3
     scheduler.set_timesteps(None, tau)                                         # ceil(max tau*) steps
     x = y_prime
     for _ in scheduler.timesteps:

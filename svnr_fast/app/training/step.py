@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ... import reference
+from ...schedule import poisson_gaussian_sample
 from .. import checkpoint
+from ..conditioning import observed_input
 from ..metrics import psnr
 from ..models import SVNRUNet
 from .config import TrainConfig
@@ -31,17 +32,6 @@ def _uniform(generator: torch.Generator, n: int, low: float, high: float, log: b
     if log:
         return torch.exp(math.log(low) + (math.log(high) - math.log(low)) * r)
     return low + (high - low) * r
-
-
-def poisson_gaussian(x0: torch.Tensor, sigma_r: torch.Tensor, sigma_s: torch.Tensor,
-                     eps: torch.Tensor) -> torch.Tensor:
-    """y = x0 + sqrt(sigma_r^2 + sigma_s^2 max(x0, 0)) eps (DESIGN.md §1.1) with (B,) parameters.
-
-    `svnr_fast.PoissonGaussian` computes the same but validates its parameters' values, which reads
-    them back from the device; training draws them itself and must not synchronise.
-    """
-    sr, ss = sigma_r.view(-1, 1, 1, 1), sigma_s.view(-1, 1, 1, 1)
-    return x0 + (sr**2 + ss**2 * x0.clamp_min(0)).sqrt() * eps
 
 
 class Sample(NamedTuple):
@@ -65,7 +55,7 @@ def make_sample(model: SVNRUNet, x0: torch.Tensor, config: TrainConfig, step: in
         eps_y = torch.randn(x0.shape, generator=generator, device=device)
         eps = torch.randn(x0.shape, generator=generator, device=device)
         x_t = x0 + model.gamma(tau).sqrt() * eps
-        return Sample(poisson_gaussian(x0, sigma_r, sigma_s, eps_y), x_t, tau, eps)
+        return Sample(poisson_gaussian_sample(x0, sigma_r, sigma_s, eps_y), x_t, tau, eps)
     u = torch.rand(B, generator=generator, device=device)
     if config.time_map == "observed":
         return observed_sample(model, x0, sigma_r, sigma_s, u, config.scheme == "svnr", generator)
@@ -74,17 +64,6 @@ def make_sample(model: SVNRUNet, x0: torch.Tensor, config: TrainConfig, step: in
                                                       config.scheme == "svnr", None, None, kernel_seed, 0, False,
                                                       False, 0.0)
     return Sample(y, x_t, tau, eps)
-
-
-def observed_input(x0: torch.Tensor, sigma_r: torch.Tensor, sigma_s: torch.Tensor, table: torch.Tensor,
-                   noise: torch.Tensor, top_up: torch.Tensor):
-    """(y', tau*) as inference builds them (DESIGN.md §1.3) from an observation y = x0 + noise:
-    V = sigma_r^2 + sigma_s^2 clip(y, 0, 1), tau* = tau(max_c V), y' = y + sqrt(max(gamma(tau*) - V_c, 0)) z."""
-    y = poisson_gaussian(x0, sigma_r, sigma_s, noise)
-    variance = sigma_r.view(-1, 1, 1, 1) ** 2 + sigma_s.view(-1, 1, 1, 1) ** 2 * y.clamp(0, 1)
-    tau_star = torch.ops.svnr.time_map(variance, table)
-    g_star = torch.ops.svnr.gamma(tau_star, table)
-    return y + (g_star - variance).clamp_min(0).sqrt() * top_up, tau_star
 
 
 def observed_sample(model: SVNRUNet, x0: torch.Tensor, sigma_r: torch.Tensor, sigma_s: torch.Tensor,
@@ -97,12 +76,12 @@ def observed_sample(model: SVNRUNet, x0: torch.Tensor, sigma_r: torch.Tensor, si
     with the clean image's time map and 24.1 dB with the map inference can compute from the noisy photo
     (astronaut, (0.05, 0.10), one step). Here y is a noisy observation, the time map and the top-up
     come from it exactly as at inference (`observed_input`), and x_t is the bridge sample between x0 and
-    that y' (reference.bridge_sample, steps 2-5 of §1.4).
+    that y' (svnr::bridge_sample, steps 2-5 of §1.4).
     """
     noise, top_up, eps_prime = (torch.randn(x0.shape, generator=generator, device=x0.device) for _ in range(3))
     table = model.variance_table
     y_prime, tau_star = observed_input(x0, sigma_r, sigma_s, table, noise, top_up)
-    x_t, tau, eps = reference.bridge_sample(x0, y_prime, tau_star, u.view(-1, 1, 1, 1), table, correlated, eps_prime)
+    x_t, tau, eps = torch.ops.svnr.bridge_sample(x0, y_prime, tau_star, u, table, correlated, eps_prime)
     return Sample(y_prime, x_t, tau, eps)
 
 
@@ -223,7 +202,7 @@ def heldout_psnr(model: SVNRUNet, crops: list[torch.Tensor], scheme: str, noise=
         sigma_s = torch.full((1,), float(noise[1]), device=device)
         generator = torch.Generator(device=device).manual_seed(stream_seed(seed, i, _EVAL_STREAM))
         eps_y, z = (torch.randn(x0.shape, generator=generator, device=device) for _ in range(2))
-        y = poisson_gaussian(x0, sigma_r, sigma_s, eps_y)
+        y = poisson_gaussian_sample(x0, sigma_r, sigma_s, eps_y)
         if scheme == "baseline":
             tau = torch.full_like(x0[:, :1], float(model.schedule.T))
             x0_hat = model.predict(y, 0.5 + model.gamma(tau).sqrt() * z, tau).x0_hat
