@@ -23,7 +23,7 @@ from torch import Tensor
 from ..ops import _checks
 from ..schedule import PoissonGaussian
 from .conditioning import observe
-from .noise_estimation import estimate_noise
+from .noise_estimation import estimate_noise_model
 from .sampling import Denoiser, SamplerGraphs, default_steps, sample
 
 NoiseSpec = Union[str, PoissonGaussian, Sequence[float]]
@@ -35,9 +35,7 @@ def noise_model(y: Tensor, noise: NoiseSpec) -> PoissonGaussian:
     if isinstance(noise, str):
         if noise != "auto":
             raise ValueError(f"noise must be 'auto', (sigma_r, sigma_s) or a PoissonGaussian, got {noise!r}")
-        estimates = [estimate_noise(image) for image in y]
-        return PoissonGaussian(torch.tensor([e.sigma_r for e in estimates], device=y.device),
-                               torch.tensor([e.sigma_s for e in estimates], device=y.device))
+        return estimate_noise_model(y)
     try:
         sigma_r, sigma_s = noise
     except (TypeError, ValueError):

@@ -171,14 +171,11 @@ def _synchronize(device: torch.device) -> None:
 
 def estimated_noise(noisy: torch.Tensor, name: str) -> tuple[float, float]:
     """(sigma_r, sigma_s) estimated from one noisy photo (3, H, W); small crops are fitted on 2 intensity bins."""
-    from ..noise_estimation import estimate_noise
+    from ..noise_estimation import estimate_noise_robust
     try:
-        estimate = estimate_noise(noisy)
-    except ValueError:
-        try:
-            estimate = estimate_noise(noisy, bins=2, min_windows=8)
-        except ValueError as err:
-            raise ValueError(f"{name}: {err}; evaluate with --noise true or a larger --crop") from None
+        estimate = estimate_noise_robust(noisy)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}; evaluate with --noise true or a larger --crop") from None
     return estimate.sigma_r, estimate.sigma_s
 
 
