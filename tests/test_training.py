@@ -60,7 +60,7 @@ def test_ema_starts_fast_then_uses_the_configured_decay():
     assert training.ema_decay_at(100_000, 0.999) == 0.999
     ema, model = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     before = [p.detach().clone() for p in ema.parameters()]
-    training.update_ema(ema, model, 0.75)
+    training.update_ema(ema, model, torch.tensor(0.75))
     for e, b, m in zip(ema.parameters(), before, model.parameters()):
         torch.testing.assert_close(e, 0.75 * b + 0.25 * m)
 

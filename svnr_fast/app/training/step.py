@@ -113,11 +113,13 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """Fused AdamW with its learning rate in a device tensor: the step counter and the learning rate stay on
+    the device, so a step reads nothing back to the host and a CUDA graph of it replays with each step's rate."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     keep = [p for p in model.parameters() if p.dim() < 2]
-    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    lr = torch.tensor(config.lr, device=next(model.parameters()).device)
     return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                              {"params": keep, "weight_decay": 0.0}], lr=config.lr, **fused)
+                              {"params": keep, "weight_decay": 0.0}], lr=lr, fused=True)
 
 
 def ema_decay_at(step: int, decay: float) -> float:
@@ -126,8 +128,11 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 
 @torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+def update_ema(ema: nn.Module, model: nn.Module, decay: torch.Tensor) -> None:
+    """ema <- decay * ema + (1 - decay) * model, with the decay a device tensor (no host read, capturable)."""
+    ema_parameters = list(ema.parameters())
+    torch._foreach_mul_(ema_parameters, decay)
+    torch._foreach_add_(ema_parameters, torch._foreach_mul(list(model.parameters()), 1 - decay))
 
 
 @dataclass
@@ -137,6 +142,15 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     step: int = 0                          # steps completed
     best_metric: float | None = None       # best held-out PSNR of the EMA weights so far
+    ema_decay: torch.Tensor | None = None  # this step's EMA decay, on the device (set by set_schedule)
+
+    def set_schedule(self, config: TrainConfig) -> None:
+        """The learning rate and EMA decay of this step, written into their device tensors (no host sync)."""
+        for group in self.optimizer.param_groups:
+            group["lr"].fill_(lr_at(self.step, config))
+        if self.ema_decay is None:
+            self.ema_decay = torch.zeros((), device=self.model.variance_table.device)
+        self.ema_decay.fill_(ema_decay_at(self.step, config.ema_decay))
 
 
 def new_state(config: TrainConfig, device, rank: int = 0) -> TrainState:
@@ -162,24 +176,73 @@ def new_state(config: TrainConfig, device, rank: int = 0) -> TrainState:
     return TrainState(model, ema, make_optimizer(model, config))
 
 
-def train_step(state: TrainState, network: nn.Module, x0: torch.Tensor, config: TrainConfig,
-               rank: int = 0) -> torch.Tensor:
-    """One optimiser step on the clean batch x0; returns the loss as a device tensor (no sync)."""
-    model, step = state.model, state.step
-    for group in state.optimizer.param_groups:
-        group["lr"] = lr_at(step, config)
-    sample = make_sample(model, x0, config, step, rank)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x0.is_cuda):
-        output = network(sample.condition, sample.x_t, sample.tau)
-    target, mask = model.network_target(x0, sample.x_t, sample.tau, sample.eps)
-    loss = masked_mse(output.float(), target, mask)
+def learn(state: TrainState, network: nn.Module, x0: torch.Tensor, sample: Sample,
+          config: TrainConfig) -> torch.Tensor:
+    """Everything of a step after its sample: forward, loss, backward, clipping, optimiser and EMA, on the
+    device with nothing read back (so a CUDA graph can capture it). Returns the loss as a device tensor."""
     state.optimizer.zero_grad(set_to_none=True)
+    # no autocast cache: a CUDA graph must not keep casts made during its capture
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x0.is_cuda, cache_enabled=False):
+        output = network(sample.condition, sample.x_t, sample.tau)
+    target, mask = state.model.network_target(x0, sample.x_t, sample.tau, sample.eps)
+    loss = masked_mse(output.float(), target, mask)
     loss.backward()
-    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    nn.utils.clip_grad_norm_(state.model.parameters(), config.grad_clip)
     state.optimizer.step()
-    update_ema(state.ema, model, ema_decay_at(step, config.ema_decay))
-    state.step += 1
+    update_ema(state.ema, state.model, state.ema_decay)
     return loss.detach()
+
+
+def train_step(state: TrainState, network: nn.Module, x0: torch.Tensor, config: TrainConfig, rank: int = 0,
+               graph: "StepGraph | None" = None) -> torch.Tensor:
+    """One optimiser step on the clean batch x0; returns the loss as a device tensor (no sync).
+
+    With a StepGraph (CUDA) the step after its sample is replayed from a CUDA graph: the same arithmetic."""
+    sample = make_sample(state.model, x0, config, state.step, rank)
+    state.set_schedule(config)
+    loss = learn(state, network, x0, sample, config) if graph is None else graph.learn(state, network, x0, sample,
+                                                                                       config)
+    state.step += 1
+    return loss
+
+
+class StepGraph:
+    """`learn` replayed from a CUDA graph, one process, fixed batch shape.
+
+    The sample stays eager (its noise comes from per-step seeded generators, which a graph would freeze) and
+    is copied into static buffers; everything after it (~3 launches per op of the network, forward and
+    backward, plus the optimiser and the EMA) replays as one graph. The first WARM_UP steps run eagerly on a
+    side stream (lazy initialisation, cuDNN autotuning, the optimiser state), as CUDA graph capture requires;
+    they are steps of the run like any other.
+    """
+
+    WARM_UP = 3
+
+    def __init__(self):
+        self.warmed_up = 0
+        self.graph = None
+        self.inputs: tuple[torch.Tensor, ...] = ()
+        self.loss: torch.Tensor | None = None
+
+    def learn(self, state: TrainState, network: nn.Module, x0: torch.Tensor, sample: Sample,
+              config: TrainConfig) -> torch.Tensor:
+        if self.warmed_up < self.WARM_UP:
+            self.warmed_up += 1
+            side = torch.cuda.Stream(x0.device)
+            side.wait_stream(torch.cuda.current_stream(x0.device))
+            with torch.cuda.stream(side):
+                loss = learn(state, network, x0, sample, config)
+            torch.cuda.current_stream(x0.device).wait_stream(side)
+            return loss
+        if self.graph is None:
+            self.inputs = tuple(t.clone() for t in (x0, *sample))
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.loss = learn(state, network, self.inputs[0], Sample(*self.inputs[1:]), config)
+        for static, value in zip(self.inputs, (x0, *sample)):
+            static.copy_(value)
+        self.graph.replay()
+        return self.loss
 
 
 @torch.no_grad()
