@@ -31,7 +31,7 @@ Integer-index ancestral steps
     steps of delta = 1 from there: every pixel moves one index per step, and the step out of index 0
     (svnr time 1 when index_offset is 1) returns x0_hat, as DDPM's last step does. (A loop that returns
     x0_hat already from index 1 skips that last level: its result differs by that one step.) The
-    continuous few-step plan (`svnr_fast.app.sampling.sample`, N equal per-image steps) is the alternative.
+    continuous few-step plan (`svnr_fast.sampling.sample`, N equal per-image steps) is the alternative.
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ from torch import Tensor
 from . import ops
 from .ops import _checks
 from .reference import TrainingSample
+from .sampling import sample
 
 
 def check_data_range(data_range) -> tuple[float, float]:
@@ -120,11 +121,9 @@ def sample_index_time(denoiser, condition: Tensor, x: Tensor, tau_star: Tensor, 
 
     `denoiser(condition, x, tau)` receives svnr times (integers here); a model trained on a codebase's index
     time takes `schedule.index_from_time(tau, rounding=None)`. `options` are those of
-    `svnr_fast.app.sampling.sample` (eta, clamp, seed, callback, cuda_graph); the default eta = 1 is the
+    `svnr_fast.sampling.sample` (eta, clamp, seed, callback, cuda_graph); the default eta = 1 is the
     ancestral (posterior) step.
     """
-    from .app.sampling import sample   # the application's sampler, run on the integer plan
-
     plan = index_time_plan(tau_star, rounding)
     # every image plans its steps from the batch's largest time, so every delta is exactly steps / steps = 1
     tau_max = torch.full((x.shape[0],), float(plan.steps), dtype=plan.tau.dtype, device=plan.tau.device)

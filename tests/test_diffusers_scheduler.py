@@ -10,8 +10,8 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from svnr_fast import Schedule, conventions, ops  # noqa: E402
-from svnr_fast.app import sampling  # noqa: E402
+from svnr_fast import Schedule, ops  # noqa: E402
+from svnr_fast import sampling  # noqa: E402
 from svnr_fast.integrations.diffusers import SVNRScheduler, SVNRSchedulerOutput  # noqa: E402
 from test_conventions import OTHER, T, denoiser_np, denoiser_torch, index_problem  # noqa: E402
 

@@ -43,7 +43,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .. import conventions, ops
 from ..ops import _checks
-from ..app.sampling import StepPlan, plan_steps
+from ..sampling import StepPlan, plan_steps
 from ..schedule import Schedule
 
 STEP_PLANS = ("continuous", "index")
