@@ -283,43 +283,45 @@ def _nchw_geometry(shape, itemsize):
     return chunk, threads, math.ceil(chunk / (threads * vec))
 
 
+def cuda_launch(function: str, arch: int, threads: int, blocks: int, dynamic_shared: int,
+                loops: dict[str, float]) -> Launch:
+    """A launch of `function` (a short template name) from the CUDA file."""
+    return Launch(function.split("<")[0], nvcc_cubin(arch), functools.partial(nvcc_rolled_cubin, arch, function),
+                  function, threads, blocks, dynamic_shared, loops)
+
+
 def _groupnorm_film_forward(shape, dtype, arch):
     """forward_group_nchw: one block per (image, group) holding the group in registers (group_resident)."""
     B, C, H, W = shape
-    itemsize = dtype.itemsize
-    vec, per_group = 16 // itemsize, C // GROUPS
+    vec, per_group = 16 // dtype.itemsize, C // GROUPS
     assert per_group * H * W <= K_GROUP_THREADS * K_GROUP_ELEMS and B * GROUPS >= 132, "not the one-launch forward"
     threads = math.ceil(math.ceil(per_group * H * W // vec / (K_GROUP_ELEMS // vec)) / 32) * 32
     storage = CUDA_STORAGE[_dtype_name(dtype)]
-    cubin, counting = nvcc_cubins(arch)
-    return [Launch("forward_group_nchw", cubin, lambda: counting, f"forward_group_nchw<{storage}, {vec}, true>", threads,
-                   B * GROUPS, 2 * per_group * KNOTS * 4,
-                   loops={"i < column_values; i += blockDim.x": math.ceil(per_group * KNOTS / threads)})]
+    return [cuda_launch(f"forward_group_nchw<{storage}, {vec}, true>", arch, threads, B * GROUPS,
+                        2 * per_group * KNOTS * 4,
+                        loops={"i < column_values; i += blockDim.x": math.ceil(per_group * KNOTS / threads)})]
 
 
 def _groupnorm_film_backward(shape, dtype, arch):
     """backward_reduce_nchw, finalize_backward, backward_apply_nchw."""
     B, C, H, W = shape
-    itemsize = dtype.itemsize
-    vec, per_group = 16 // itemsize, C // GROUPS
-    chunk, threads, packs_per_thread = _nchw_geometry(shape, itemsize)
+    vec, per_group = 16 // dtype.itemsize, C // GROUPS
+    chunk, threads, packs_per_thread = _nchw_geometry(shape, dtype.itemsize)
     chunks = math.ceil(H * W / chunk)
     storage = CUDA_STORAGE[_dtype_name(dtype)]
-    cubin, counting = nvcc_cubins(arch)
-    cubins = cubin, lambda: counting
     finalize_warps = B * GROUPS + C
     return [
-        Launch("backward_reduce_nchw", *cubins, f"backward_reduce_nchw<{storage}, {vec}, true>", threads, B * C * chunks,
-               2 * KNOTS * 4, loops={"i < 2 * p.knots; i += blockDim.x": math.ceil(2 * KNOTS / threads),
-                                     "i < end; i += int64_t(blockDim.x) * VEC": packs_per_thread,
-                                     "k < p.knots; k += blockDim.x": math.ceil(KNOTS / threads)}),
-        # one warp per (image, group) or channel; both branches are counted for every warp (an upper bound)
-        Launch("finalize_backward", *cubins, "finalize_backward<float>", K_THREADS,
-               math.ceil(finalize_warps * 32 / K_THREADS), 0,
-               loops={"i < count; i += 32": math.ceil(per_group * chunks / 32),
-                      "i < batch * chunks; i += 32": math.ceil(B * chunks / 32)}),
-        Launch("backward_apply_nchw", *cubins, f"backward_apply_nchw<{storage}, {vec}, true>", threads, B * C * chunks, 0,
-               loops={"i < end; i += int64_t(blockDim.x) * VEC": packs_per_thread}),
+        cuda_launch(f"backward_reduce_nchw<{storage}, {vec}, true>", arch, threads, B * C * chunks, 2 * KNOTS * 4,
+                    loops={"i < 2 * p.knots; i += blockDim.x": math.ceil(2 * KNOTS / threads),
+                           "i < end; i += int64_t(blockDim.x) * VEC": packs_per_thread,
+                           "k < p.knots; k += blockDim.x": math.ceil(KNOTS / threads)}),
+        # one warp per (image, group) or channel; both branches are counted for every warp (an upper bound), and
+        # nvcc splits each loop into a remainder and an unrolled loop, both counted with the trip count
+        cuda_launch("finalize_backward<float>", arch, K_THREADS, math.ceil(finalize_warps * 32 / K_THREADS), 0,
+                    loops={"i < count; i += 32": math.ceil(per_group * chunks / 32),
+                           "i < batch * chunks; i += 32": math.ceil(B * chunks / 32)}),
+        cuda_launch(f"backward_apply_nchw<{storage}, {vec}, true>", arch, threads, B * C * chunks, 0,
+                    loops={"i < end; i += int64_t(blockDim.x) * VEC": packs_per_thread}),
     ]
 
 
@@ -444,27 +446,46 @@ def ptxas(ptx: str, tool: str, flags: list[str], name: str) -> Cubin:
 _NVCC_LOCK = threading.Lock()
 
 
-def nvcc_cubins(arch: int, source: Path = CUDA_SOURCE) -> tuple[Cubin, Cubin]:
-    """The CUDA file compiled for sm_<arch> as CMakeLists.txt builds it (-O3, --use_fast_math, -lineinfo), and
-    its PTX assembled again with loops kept rolled (for counting), disassembled. Built once (thread-safe)."""
+def nvcc_cubin(arch: int, source: Path = CUDA_SOURCE) -> Cubin:
+    """The CUDA file compiled for sm_<arch> as CMakeLists.txt builds it (-O3, --use_fast_math, -lineinfo),
+    with its ptxas -v log. Built once (thread-safe)."""
     with _NVCC_LOCK:
-        return _nvcc_cubins(arch, source)
+        return _nvcc_build(arch, source)[0]
 
 
 @functools.lru_cache(maxsize=None)
-def _nvcc_cubins(arch: int, source: Path) -> tuple[Cubin, Cubin]:
-    keep = _WORK / f"nvcc-sm{arch}"
+def _nvcc_build(arch: int, source: Path) -> tuple[Cubin, str]:
+    keep = _WORK / f"nvcc-{source.stem}-sm{arch}"
     keep.mkdir()
     out = keep / f"{source.stem}.cubin"
     log = _run([nvcc(), f"-arch=sm_{arch}", "-cubin", "-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
                 "-DSVNR_WITH_CUDA=1", f"-I{source.parent}", "-Xptxas", "-v", "-keep", f"-keep-dir={keep}",
                 "-o", str(out), str(source)])
-    ptx = next(keep.glob("*.ptx")).read_text()
+    return Cubin(out, log), next(keep.glob("*.ptx")).read_text()
+
+
+@functools.lru_cache(maxsize=None)
+def nvcc_rolled_cubin(arch: int, function: str, source: Path = CUDA_SOURCE) -> Cubin:
+    """`function` alone, from the PTX of nvcc_cubin, assembled with loops kept rolled by nvcc's ptxas with the
+    flags nvcc -cubin passes it (nvcc -dryrun)."""
+    cubin = nvcc_cubin(arch, source)
+    ptx = only_entry(_nvcc_build(arch, source)[1], cubin.find(function))
     tool = shutil.which("ptxas") or str(Path(nvcc()).parent / "ptxas")
-    # the flags nvcc -cubin passes to ptxas (nvcc -dryrun)
-    counting = ptxas(rolled(ptx), tool, [f"-arch=sm_{arch}", "-m64", "--generate-line-info"], f"{source.stem}-sm{arch}-rolled")
-    counting.functions   # noqa: B018 (disassembled here, once, rather than by the first of several threads)
-    return Cubin(out, log), counting
+    return ptxas(rolled(ptx), tool, [f"-arch=sm_{arch}", "-m64", "--generate-line-info"],
+                 f"{source.stem}-sm{arch}-{abs(hash(function))}-rolled")
+
+
+def only_entry(ptx: str, name: str) -> str:
+    """`ptx` without the kernels (.entry) other than `name`."""
+    out, skipping = [], False
+    for line in ptx.split("\n"):
+        if m := re.match(r"^(?:\.visible\s+|\.weak\s+)?\.entry\s+([\w$]+)\(", line):
+            skipping = m.group(1) != name
+        if not skipping:
+            out.append(line)
+        elif line == "}":
+            skipping = False
+    return "\n".join(out)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -591,9 +612,19 @@ class Instruction:
 @functools.lru_cache(maxsize=None)
 def _source_lines(path: str) -> tuple[str, ...]:
     try:
-        return tuple(Path(path).read_text().splitlines())
+        return tuple(_local_source(Path(path)).read_text().splitlines())
     except OSError:
         return ()
+
+
+def _local_source(path: Path) -> Path:
+    """This checkout's copy of a project file named in line info. Triton's cache is keyed by the source text,
+    so a kernel compiled from another checkout with the same source carries that checkout's paths."""
+    for i in range(1, len(path.parts) - 1):
+        candidate = ROOT.joinpath(*path.parts[i:])
+        if candidate.is_file():
+            return candidate
+    return path
 
 
 def _source_line(path: str, line: int) -> str:
@@ -831,7 +862,7 @@ def build(arch: int = 90, *, kinds=("triton", "cuda"), names=None, all_shapes: b
                 for shape in (op.shapes if all_shapes else op.shapes[:1]) for dtype in DTYPES]
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
         if any(op.kind == "cuda" for op, _, _ in variants):
-            pool.submit(nvcc_cubins, arch)
+            pool.submit(nvcc_cubin, arch)
         pending = [(op, shape, dtype, [pool.submit(launch_figures, launch, arch)
                                        for launch in op.launches(shape, DTYPES[dtype], arch)])
                    for op, shape, dtype in variants]
