@@ -163,6 +163,7 @@ class Op:
     min_bytes: Callable[[tuple, int], float]       # each input read once, each output written once
     pass_bytes: Callable[[tuple, int], float]      # what the launches' loads and stores request
     budgeted: bool = True
+    note: str = ""
 
 
 @dataclass
@@ -204,7 +205,9 @@ def _ops() -> list[Op]:
         Op("training_sample[given noise]", "triton", image, _training_sample(given_noise=True),
            lambda sh, s: 6 * s + 4 / sh[1], lambda sh, s: 7 * s + 4 / sh[1]),
         Op("training_sample[ordered]", "triton", image, _training_sample(ordered=True),
-           lambda sh, s: 4 * s + 4 / sh[1], lambda sh, s: 5 * s + 4 / sh[1], budgeted=False),
+           lambda sh, s: 4 * s + 4 / sh[1], lambda sh, s: 5 * s + 4 / sh[1], budgeted=False,
+           note="each program runs one phase, chosen at run time; both are counted for every program, so the "
+                "count is about twice the real one (not budgeted)"),
         # reverse_step: x, eps_hat read, x_new written; tau read and tau_new written (float32 per pixel)
         Op("reverse_step", "triton", image, _reverse_step(eta=1.0),
            lambda sh, s: 3 * s + 8 / sh[1], lambda sh, s: 3 * s + 8 / sh[1]),
@@ -738,22 +741,17 @@ def count_instructions(text: str, loops: dict[str, float], guards: dict[str, Cal
     warm = sorted(reached - cold)
     weight = {i: 1.0 for b in warm for i in range(blocks[b][0], blocks[b][1] + 1)}
 
+    index = {ins.address: i for i, ins in enumerate(instructions)}
+    latches = {}                         # loop header -> its last backward branch (a `continue` adds others)
     found_loops, found_guards = [], []
     for b in warm:
         last = blocks[b][1]
         ins = instructions[last]
         if not ins.is_jump:
             continue
-        target = next(i for i, x in enumerate(instructions) if x.address == labels[ins.target])
-        body = range(target, last + 1)
+        target = index[labels[ins.target]]
         if target <= last:
-            trips = _trip_count(instructions, body, ins, loops)
-            found_loops.append(Loop(instructions[target].address, ins.address,
-                                    _loop_source(ins, loops) or ins.source_text(), trips,
-                                    sum(1 for i in body if i in weight)))
-            for i in body:
-                if i in weight:
-                    weight[i] *= trips
+            latches[target] = max(latches.get(target, last), last)
         elif ins.is_conditional:
             key = next((k for k in guards if k in ins.source_text()), None)
             if key is not None:
@@ -764,6 +762,16 @@ def count_instructions(text: str, loops: dict[str, float], guards: dict[str, Cal
                 for i in skipped:
                     if i in weight:
                         weight[i] *= share
+    for header, latch in latches.items():
+        body = range(header, latch + 1)
+        branch = instructions[latch]
+        trips = _trip_count(instructions, body, branch, loops)
+        found_loops.append(Loop(instructions[header].address, branch.address,
+                                _loop_source(branch, loops) or branch.source_text(), trips,
+                                sum(1 for i in body if i in weight)))
+        for i in body:
+            if i in weight:
+                weight[i] *= trips
     opcodes = Counter()
     for i, w in weight.items():
         opcodes[instructions[i].opcode.split(".")[0]] += w
@@ -840,12 +848,14 @@ def op_rows(op: Op, shape, dtype: str, arch: int, figures: list[LaunchFigures]) 
             "spills": sum(f.local_bytes for f in figures),
             "regs": max(f.registers for f in figures),
             "blocks_per_sm": min(f.blocks_per_sm for f in figures),
+            "note": op.note,
             "launches": [{
                 "name": f.launch.name, "threads": f.launch.threads, "blocks": f.launch.blocks, "regs": f.registers,
                 "spills": f.local_bytes, "shared": f.shared_bytes, "blocks_per_sm": f.blocks_per_sm,
                 "instr_per_thread": round(f.count.per_thread, 1), "static_instr": f.count.static,
                 "instr_per_elem": round(f.count.per_thread * f.threads_total / n, 2),
-                "loops": [{"source": lp.source, "trips": lp.trips, "body": lp.instructions} for lp in f.count.loops],
+                "loops": [{"source": lp.source, "trips": lp.trips, "body": lp.instructions,
+                           "at": f"{lp.header:#x}-{lp.latch:#x}"} for lp in f.count.loops],
                 "guards": [{"source": src, "share": share, "body": body} for src, share, body in f.count.guards],
                 "top_opcodes": [[op_, round(c, 1)] for op_, c in f.count.opcodes.most_common(8)],
             } for f in figures],
@@ -900,13 +910,16 @@ def details(rows: list[dict]) -> str:
         if r["gpu"] != first_gpu:
             continue
         out.append(f"### {r['kernel']} {r['shape']} {r['dtype']}\n")
+        if r["note"]:
+            out.append(f"{r['note']}\n")
         for lp in r["launches"]:
             out.append(f"- `{lp['name']}`: {lp['blocks']} blocks x {lp['threads']} threads, {lp['regs']} registers, "
                        f"{lp['spills']} B local, {lp['shared']} B shared, {lp['blocks_per_sm']} blocks/SM; "
                        f"{lp['instr_per_thread']} instructions per thread ({lp['static_instr']} static), "
                        f"{lp['instr_per_elem']} per element")
             for loop in lp["loops"]:
-                out.append(f"  - loop x{loop['trips']:g} ({loop['body']} instructions): `{loop['source'][:90]}`")
+                out.append(f"  - loop x{loop['trips']:g} ({loop['body']} instructions at {loop['at']}): "
+                           f"`{loop['source'][:90]}`")
             for guard in lp["guards"]:
                 out.append(f"  - guard x{guard['share']:g} ({guard['body']} instructions): `{guard['source'][:90]}`")
             out.append("  - most executed: " + ", ".join(f"{o} {c:g}" for o, c in lp["top_opcodes"]))
