@@ -16,9 +16,10 @@ reference" there would still run the reference groupnorm_film eagerly, not torch
 """
 import pytest
 import torch
-
 from common import Case, with_backend
-from svnr_fast import backends, training
+
+from svnr_fast.app import training
+from svnr_fast.ops import backends
 
 BATCH, CROP = 16, 64
 

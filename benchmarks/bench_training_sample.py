@@ -9,13 +9,22 @@ eps' read when given; see kernels/training_sample.py for the roofline.
 """
 import pytest
 import torch
-
 from common import Case, dtype_name
-from svnr_fast import Schedule, reference
-from svnr_fast._checks import compute_dtype
 from svnr_fast.kernels import training_sample as kernel
-from triton_cases import (BENCHMARK_SHAPE, GPU_DTYPES, benchmark_device, compile_reference, elements,
-                          require_triton, run, shape_name, sizes)
+from triton_cases import (
+    BENCHMARK_SHAPE,
+    GPU_DTYPES,
+    benchmark_device,
+    compile_reference,
+    elements,
+    require_triton,
+    run,
+    shape_name,
+    sizes,
+)
+
+from svnr_fast import Schedule, reference
+from svnr_fast.ops._checks import compute_dtype
 
 
 def inputs(shape, dtype, device):
@@ -34,7 +43,7 @@ def inputs(shape, dtype, device):
 def reference_drawing_noise(x0, sigma_r, sigma_s, u, table):
     eps_T = torch.randn(x0.shape, device=x0.device, dtype=compute_dtype(x0.dtype))
     eps_prime = torch.randn(x0.shape, device=x0.device, dtype=compute_dtype(x0.dtype))
-    return reference._training_sample(x0, sigma_r, sigma_s, u, table, True, eps_T, eps_prime, 0, 0)
+    return reference._training_sample(x0, sigma_r, sigma_s, u, table, True, eps_T, eps_prime, 0, 0, False, False, 0.0)
 
 
 def case(shape, dtype, device, *, variant: str = "") -> Case:
@@ -44,11 +53,11 @@ def case(shape, dtype, device, *, variant: str = "") -> Case:
     given = variant == "given_noise"
     bytes_moved = (4 + 2 * given) * n * x0.element_size() + pixels * 4
     noise = (eps_T, eps_prime) if given else (None, None)
-    args = (x0, sigma_r, sigma_s, u, table, True, *noise, 0, 0)
+    args = (x0, sigma_r, sigma_s, u, table, True, *noise, 0, 0, False, False, 0.0)
     reference_fn, reference_args = ((reference._training_sample, args) if given else
                                     (reference_drawing_noise, (x0, sigma_r, sigma_s, u, table)))
     if variant == "ordered":
-        fused, compiled_fn = (lambda: kernel.launch(*args, ordered=True)), None
+        fused, compiled_fn = (lambda: kernel.launch(*args[:10], ordered=True)), None
     else:
         compiled = compile_reference(reference_fn)
         fused, compiled_fn = (lambda: torch.ops.svnr.training_sample(*args)), (lambda: compiled(*reference_args))

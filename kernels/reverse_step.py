@@ -117,6 +117,11 @@ def _reverse_step_kernel(x_ptr, eps_ptr, z_ptr, tau_ptr, delta_ptr, table_ptr, x
 def reverse_step(x, eps_hat, tau, delta, table, eta, z, clamp_min, clamp_max, seed, offset, return_x0_hat):
     """reverse_step on checked arguments (see svnr_fast.reference._reverse_step)."""
     B, C, H, W = x.shape
+    if tau.shape[1] != 1:
+        # TODO(triton): per-channel time maps are not in the kernel yet; the reference serves them
+        from svnr_fast import reference
+        return reference._reverse_step(x, eps_hat, tau, delta, table, eta, z, clamp_min, clamp_max, seed, offset,
+                                       return_x0_hat)
     x_new = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     tau_new = torch.empty(tau.shape, dtype=tau.dtype, device=tau.device)
     x0_hat = torch.empty(x.shape, dtype=x.dtype, device=x.device) if return_x0_hat else x.new_empty(0)

@@ -223,6 +223,12 @@ def launch(x0, sigma_r, sigma_s, u, table, correlated, eps_T, eps_prime, seed, o
     return y, x_t, tau, target
 
 
-def training_sample(x0, sigma_r, sigma_s, u, table, correlated, eps_T, eps_prime, seed, offset):
+def training_sample(x0, sigma_r, sigma_s, u, table, correlated, eps_T, eps_prime, seed, offset, per_channel, batch_t0,
+                    min_std):
     """training_sample on checked arguments (see svnr_fast.reference._training_sample)."""
+    if per_channel or batch_t0 or min_std > 0:
+        # TODO(triton): the other codebases' conventions are not in the kernel yet; the reference serves them
+        from svnr_fast import reference
+        return reference._training_sample(x0, sigma_r, sigma_s, u, table, correlated, eps_T, eps_prime, seed, offset,
+                                          per_channel, batch_t0, min_std)
     return launch(x0, sigma_r, sigma_s, u, table, correlated, eps_T, eps_prime, seed, offset)

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import _checks
+from .ops import _checks
 
 
 class TrainingSample(NamedTuple):
@@ -88,16 +88,8 @@ def top_up(y: torch.Tensor, variance: torch.Tensor, table: torch.Tensor, *, z: t
     y' = y + sqrt(max(gamma(tau*) - V_c, 0)) * z gives every channel of a pixel the variance
     gamma(tau*), tau* = tau(max_c V). `variance` is the per-channel noise variance of y, (B, C, H, W).
     """
-    _checks.tensor("y", y, ndim=4)
-    _checks.finite("y", y)
-    _checks.tensor("variance", variance, ndim=4)
-    _checks.same_shape("y", y, variance=variance)
-    _checks.same_device("y", y, variance=variance)
-    _checks.finite("variance", variance)
-    _checks.noise("z", z, "y", y)
-    _checks.rng_ints(seed, offset)
-    dtype = _checks.compute_dtype(y.dtype)
-    table = _checks.table(table, y.device).to(dtype)
+    table = _checks.top_up_args(y, variance, table, z, seed, offset)
+    dtype = table.dtype
     variance = variance.to(dtype)
     tau_star = _time_map(variance, table)
     z = _noise(z, y, dtype, generator(y.device, seed, offset) if z is None else None)
@@ -132,18 +124,26 @@ def _per_image(dtype: torch.dtype, *params: torch.Tensor) -> list[torch.Tensor]:
 
 def training_sample(x0: torch.Tensor, sigma_r, sigma_s, u, table: torch.Tensor, *, correlated: bool = True,
                     eps_T: torch.Tensor | None = None, eps_prime: torch.Tensor | None = None,
-                    seed: int = 0, offset: int = 0) -> TrainingSample:
+                    seed: int = 0, offset: int = 0, per_channel: bool = False, t0_per: str = "image",
+                    min_std: float = 0.0) -> TrainingSample:
     """One SVNR training sample from a clean batch x0 (B, C, H, W) in [0, 1].
 
     sigma_r, sigma_s: the Poisson-Gaussian noise of the photo to imitate; u in [0, 1]: how far back
-    from tau* (as a fraction of the image's largest tau*) the sample lies. All three per image.
+    from tau* (as a fraction of the largest tau*) the sample lies. All three per image.
+    Conventions of other SVNR codebases: per_channel=True gives every channel its own time map
+    tau*_c = tau(V_c) (tau comes back (B, C, H, W)) instead of the shared tau(max_c V); t0_per="batch"
+    takes one t0 for the whole batch, u times the largest tau* of the batch (u is then one value);
+    min_std floors the noise standard deviation that sets tau*: V = max(V, min_std^2).
     """
-    args = _checks.training_sample_args(x0, sigma_r, sigma_s, u, table, eps_T, eps_prime, seed, offset)
+    args = _checks.training_sample_args(x0, sigma_r, sigma_s, u, table, eps_T, eps_prime, seed, offset, t0_per,
+                                        min_std)
     return TrainingSample(*_training_sample(x0, args.sigma_r, args.sigma_s, args.u, args.table, correlated,
-                                            eps_T, eps_prime, seed, offset))
+                                            eps_T, eps_prime, seed, offset, bool(per_channel), t0_per == "batch",
+                                            args.min_std))
 
 
-def _training_sample(x0, sigma_r, sigma_s, u, table, correlated, eps_T, eps_prime, seed, offset):
+def _training_sample(x0, sigma_r, sigma_s, u, table, correlated, eps_T, eps_prime, seed, offset, per_channel,
+                     batch_t0, min_std):
     """training_sample on checked arguments; sigma_r, sigma_s, u are (B,) tensors."""
     dtype = _checks.compute_dtype(x0.dtype)
     table = table.to(dtype)
@@ -154,24 +154,26 @@ def _training_sample(x0, sigma_r, sigma_s, u, table, correlated, eps_T, eps_prim
     eps_prime = _noise(eps_prime, x0, dtype, gen)
 
     # 1. the true noise variance of x0 gives the time map; y' carries exactly gamma(tau*) of noise
-    variance = sigma_r**2 + sigma_s**2 * x.clamp_min(0)
-    tau_star = _time_map(variance, table)
+    variance = (sigma_r**2 + sigma_s**2 * x.clamp_min(0)).clamp_min(min_std**2)
+    tau_star = _time_from_variance(variance, table) if per_channel else _time_map(variance, table)
     g_star = _gamma(tau_star, table)
     y = x + g_star.sqrt() * eps_T
 
-    x_t, tau, target = bridge_sample(x, y, tau_star, u, table, correlated, eps_prime)
+    x_t, tau, target = bridge_sample(x, y, tau_star, u, table, correlated, eps_prime, batch_t0=batch_t0)
     return y.to(x0.dtype), x_t.to(x0.dtype), tau, target.to(x0.dtype)
 
 
 def bridge_sample(x0: torch.Tensor, y: torch.Tensor, tau_star: torch.Tensor, u: torch.Tensor, table: torch.Tensor,
-                  correlated: bool, eps_prime: torch.Tensor):
+                  correlated: bool, eps_prime: torch.Tensor, *, batch_t0: bool = False):
     """Steps 2-5 of the training sample: x_t between x0 and the condition y' (at tau*), and its target.
 
-    All tensors in one compute dtype; u is (B, 1, 1, 1). Returns (x_t, tau, target).
+    All tensors in one compute dtype; u is (B, 1, 1, 1); tau_star (B, 1, H, W) or (B, C, H, W).
+    Returns (x_t, tau, target).
     """
     g_star = _gamma(tau_star, table)
     # 2. every pixel steps back from tau* by the same amount t0, as the sampler moves
-    t0 = u * tau_star.amax(dim=(1, 2, 3), keepdim=True)
+    largest = tau_star.amax() if batch_t0 else tau_star.amax(dim=(1, 2, 3), keepdim=True)
+    t0 = u * largest
     tau = (tau_star - t0).clamp_min(0)
     g = _gamma(tau, table)
 

@@ -74,7 +74,7 @@ def test_bad_training_sample_arguments(impl, kwargs, message):
     ({"x": images(2, 3, 4)}, "x must have 4 dimensions"),
     ({"eps_hat": torch.randn(2, 3, 4, 6)}, "eps_hat must have the shape of x"),
     ({"eps_hat": torch.full((2, 3, 4, 5), float("inf"))}, "eps_hat contains NaN or inf"),
-    ({"tau": torch.zeros(2, 3, 4, 5)}, r"tau must be a time map of shape \(B, 1, H, W\)"),
+    ({"tau": torch.zeros(2, 2, 4, 5)}, r"tau must be a time map of shape \(B, 1, H, W\) = \(2, 1, 4, 5\) or \(B, C, H, W\)"),
     ({"tau": torch.zeros(2, 1, 4, 5, dtype=torch.float16)}, "tau must be float32"),
     ({"tau": torch.zeros(2, 1, 4, 5, device="meta")}, "tau is on meta but x is on cpu"),
     ({"delta": -1.0}, "delta must be >= 0"),

@@ -107,3 +107,20 @@ def test_ops_match_reference_on_cpu():
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     assert len(ops.reverse_step(x_t, eps, tau, 1.0, TABLE)) == 2
+
+
+@pytest.mark.parametrize("impl", [reference, ops])
+def test_per_channel_time_maps_step_each_channel_at_its_own_time(impl):
+    """A (B, C, H, W) time map: channel c gives what a shared map equal to channel c's times gives."""
+    gen = torch.Generator().manual_seed(3)
+    x, eps_hat, z = torch.randn(3, 2, 3, 4, 6, generator=gen, dtype=F64)
+    tau = torch.rand(2, 3, 4, 6, generator=gen, dtype=F64) * 40
+    tau[0, 1, :2] = 0.0      # finished pixels in one channel only
+    x_new, tau_new, x0_hat = impl.reverse_step(x, eps_hat, tau, torch.tensor([2.0, 7.0]), TABLE, eta=0.7, z=z,
+                                               return_x0_hat=True)
+    assert tau_new.shape == tau.shape
+    for c in range(3):
+        want = reference.reverse_step(x[:, c:c + 1], eps_hat[:, c:c + 1], tau[:, c:c + 1], torch.tensor([2.0, 7.0]),
+                                      TABLE, eta=0.7, z=z[:, c:c + 1], return_x0_hat=True)
+        for got, expected in zip((x_new[:, c:c + 1], tau_new[:, c:c + 1], x0_hat[:, c:c + 1]), want):
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-14)

@@ -3,11 +3,17 @@ import math
 
 import pytest
 import torch
-
 from conftest import requires_cuda
+
 from svnr_fast import PoissonGaussian, Schedule, reference
-from svnr_fast.sampling import (SamplerGraphs, SVNRScheduler, default_steps, plan_steps, sample_baseline,
-                                sample_svnr)
+from svnr_fast.app.sampling import (
+    SamplerGraphs,
+    SVNRScheduler,
+    default_steps,
+    plan_steps,
+    sample_baseline,
+    sample_svnr,
+)
 
 TABLE = Schedule().table
 
@@ -194,7 +200,7 @@ def test_cuda_graphs_are_kept_per_kind_of_call():
 
 @requires_cuda
 def test_cuda_graph_follows_the_model_weights():
-    from svnr_fast.models import SVNRUNet, preset
+    from svnr_fast.app.models import SVNRUNet, preset
 
     torch.manual_seed(0)
     model = SVNRUNet(preset("tiny")).cuda().eval()
@@ -220,8 +226,8 @@ def test_cuda_graph_follows_the_model_weights():
 
 def test_graph_state_follows_the_module_behind_a_bound_method():
     """SamplerGraphs keys and checks a bound method (model.network) by its module, whose weights it reads."""
-    from svnr_fast import models
-    from svnr_fast.sampling import _owner, _state
+    from svnr_fast.app import models
+    from svnr_fast.app.sampling import _owner, _state
     model = models.SVNRUNet(models.preset("tiny")).eval()
     assert _owner(model.network) is model and _owner(model) is model
     before = _state(model.network)

@@ -116,3 +116,33 @@ def test_ops_match_reference_on_cpu():
     for a, b in zip(got, expected):      # on CPU the op is served by the reference with the same noise stream
         assert a.shape == b.shape and a.dtype == b.dtype
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", [reference, ops])
+def test_other_codebases_conventions_follow_the_formulas(impl):
+    """per_channel: tau*_c = tau(V_c); t0_per='batch': t0 = u * the batch's largest tau*; min_std floors V."""
+    gen = torch.Generator().manual_seed(5)
+    x0 = torch.rand(3, 3, 4, 6, generator=gen, dtype=F64)
+    x0[1] *= 0.2
+    eps_T, eps_prime = torch.randn(2, *x0.shape, generator=gen, dtype=F64)
+    sigma_r, sigma_s, u, floor = torch.tensor([0.001, 0.02, 0.05], dtype=F64), 0.1, 0.4, 0.03
+    out = impl.training_sample(x0, sigma_r, sigma_s, u, TABLE, eps_T=eps_T, eps_prime=eps_prime, per_channel=True,
+                               t0_per="batch", min_std=floor)
+
+    table = TABLE.double()
+    variance = torch.maximum(sigma_r.view(3, 1, 1, 1) ** 2 + sigma_s**2 * x0, torch.tensor(floor**2, dtype=F64))
+    tau_star = reference._time_from_variance(variance, table)
+    assert out.tau.shape == x0.shape
+    torch.testing.assert_close(out.y, x0 + variance.sqrt() * eps_T, rtol=0, atol=1e-12)
+    tau = (tau_star - u * tau_star.max()).clamp_min(0)
+    torch.testing.assert_close(out.tau, tau, rtol=0, atol=1e-9)
+    g = reference._gamma(tau, table)
+    r = g / variance
+    torch.testing.assert_close(out.x_t, x0 + r * (out.y - x0) + (g * (1 - r)).sqrt() * eps_prime, rtol=0, atol=1e-12)
+
+
+def test_one_t0_per_batch_takes_one_u():
+    with pytest.raises(ValueError, match="t0_per='batch' takes one u"):
+        reference.training_sample(torch.rand(2, 3, 4, 4), 0.0, 0.1, torch.tensor([0.1, 0.2]), TABLE, t0_per="batch")
+    with pytest.raises(ValueError, match="t0_per must be 'image'"):
+        reference.training_sample(torch.rand(2, 3, 4, 4), 0.0, 0.1, 0.5, TABLE, t0_per="pixel")

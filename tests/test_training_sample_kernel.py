@@ -6,12 +6,19 @@ eager error (tests/triton_devices.py). In-kernel noise: statistics of the eps_T 
 """
 import pytest
 import torch
-
 from conftest import requires_cuda
-from svnr_fast import Schedule, ops, reference
 from svnr_fast.kernels import training_sample as kernel
-from triton_devices import (DEVICES, LOW_PRECISION, as_layout, assert_low_precision_ok, assert_matches,
-                            normal_statistics_ok, uncorrelated)
+from triton_devices import (
+    DEVICES,
+    LOW_PRECISION,
+    as_layout,
+    assert_low_precision_ok,
+    assert_matches,
+    normal_statistics_ok,
+    uncorrelated,
+)
+
+from svnr_fast import Schedule, ops, reference
 
 TABLE = Schedule().table
 
@@ -163,7 +170,7 @@ def test_opcheck(backend, device, name, layout):
     for noise in ((eps_T, eps_prime), (None, None)):
         for correlated in (True, False):
             torch.library.opcheck(torch.ops.svnr.training_sample,
-                                  (x0, sigma_r, sigma_s, u, table, correlated, *noise, 3, 1))
+                                  (x0, sigma_r, sigma_s, u, table, correlated, *noise, 3, 1, False, False, 0.0))
 
 
 @requires_cuda

@@ -88,12 +88,16 @@ def same_shape(reference_name: str, reference: torch.Tensor, **others: torch.Ten
                              f"got {tuple(value.shape)}")
 
 
-def time_map_shape(name: str, value: torch.Tensor, data_name: str, data: torch.Tensor) -> None:
+def time_map_shape(name: str, value: torch.Tensor, data_name: str, data: torch.Tensor, *,
+                   per_channel_allowed: bool = False) -> None:
+    """A time map shared by the channels, (B, 1, H, W), or (where allowed) one per channel, (B, C, H, W)."""
     tensor(name, value, ndim=4)
-    B, _, H, W = data.shape
-    if tuple(value.shape) != (B, 1, H, W):
-        raise ValueError(f"{name} must be a time map of shape (B, 1, H, W) = {(B, 1, H, W)} for "
-                         f"{data_name} of shape {tuple(data.shape)}, got {tuple(value.shape)}")
+    B, C, H, W = data.shape
+    if tuple(value.shape) == (B, 1, H, W) or (per_channel_allowed and tuple(value.shape) == (B, C, H, W)):
+        return
+    shapes = f"(B, 1, H, W) = {(B, 1, H, W)}" + (f" or (B, C, H, W) = {(B, C, H, W)}" if per_channel_allowed else "")
+    raise ValueError(f"{name} must be a time map of shape {shapes} for {data_name} of shape "
+                     f"{tuple(data.shape)}, got {tuple(value.shape)}")
 
 
 def table(value, device: torch.device | None = None) -> torch.Tensor:
@@ -202,6 +206,7 @@ class TrainingSampleArgs(NamedTuple):
     sigma_s: torch.Tensor
     u: torch.Tensor
     table: torch.Tensor
+    min_std: float
 
 
 class ReverseStepArgs(NamedTuple):
@@ -221,19 +226,40 @@ def noise(name: str, value: torch.Tensor | None, data_name: str, data: torch.Ten
 
 
 @one_read()
-def training_sample_args(x0, sigma_r, sigma_s, u, table_, eps_T, eps_prime, seed, offset) -> TrainingSampleArgs:
+def training_sample_args(x0, sigma_r, sigma_s, u, table_, eps_T, eps_prime, seed, offset, t0_per="image",
+                         min_std=0.0) -> TrainingSampleArgs:
     tensor("x0", x0, ndim=4)
     finite("x0", x0)
     B, device = x0.shape[0], x0.device
     noise("eps_T", eps_T, "x0", x0)
     noise("eps_prime", eps_prime, "x0", x0)
     rng_ints(seed, offset)
+    if t0_per not in ("image", "batch"):
+        raise ValueError(f"t0_per must be 'image' (one t0 per image) or 'batch' (one t0 for the batch), got {t0_per!r}")
+    if t0_per == "batch" and isinstance(u, torch.Tensor) and u.numel() != 1:
+        raise ValueError(f"t0_per='batch' takes one u for the whole batch (a float or a one-element tensor), "
+                         f"got u of shape {tuple(u.shape)}")
     dtype = compute_dtype(x0.dtype)
     return TrainingSampleArgs(
         sigma_r=per_image("sigma_r", sigma_r, B, device, dtype=dtype, low=0.0),
         sigma_s=per_image("sigma_s", sigma_s, B, device, dtype=dtype, low=0.0),
         u=per_image("u", u, B, device, dtype=dtype, low=0.0, high=1.0),
-        table=table(table_, device))
+        table=table(table_, device),
+        min_std=scalar("min_std", min_std, low=0.0))
+
+
+@one_read()
+def top_up_args(y, variance, table_, z, seed, offset) -> torch.Tensor:
+    """Checks the top-up's arguments; returns the table in the compute dtype of y."""
+    tensor("y", y, ndim=4)
+    finite("y", y)
+    tensor("variance", variance, ndim=4)
+    same_shape("y", y, variance=variance)
+    same_device("y", y, variance=variance)
+    finite("variance", variance)
+    noise("z", z, "y", y)
+    rng_ints(seed, offset)
+    return table(table_, y.device).to(compute_dtype(y.dtype))
 
 
 @one_read()
@@ -244,7 +270,7 @@ def reverse_step_args(x, eps_hat, tau, delta, table_, eta, z, clamp, seed, offse
     same_shape("x", x, eps_hat=eps_hat)
     same_device("x", x, eps_hat=eps_hat, tau=tau)
     finite("eps_hat", eps_hat)
-    time_map_shape("tau", tau, "x", x)
+    time_map_shape("tau", tau, "x", x, per_channel_allowed=True)
     if tau.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"tau must be float32 (or float64) like the time maps the ops return, got {tau.dtype}")
     finite("tau", tau)

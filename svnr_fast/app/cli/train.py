@@ -1,10 +1,10 @@
-"""`svnr train` and `torchrun --nproc_per_node N -m svnr_fast.train ...`.
+"""`svnr train` and `torchrun --nproc_per_node N -m svnr_fast.app.cli.train ...`.
 
 One process trains on one device; under torchrun every process trains one replica with
 DistributedDataParallel (NCCL on GPUs, gloo on CPUs), each on its own crops (the global batch is
 `--batch-size` times the number of processes). The run folder RUN holds:
   checkpoint.safetensors   everything needed to resume (`--resume`), written atomically
-  model.safetensors        the EMA weights at the last checkpoint (svnr_fast.models.load_model reads it)
+  model.safetensors        the EMA weights at the last checkpoint (svnr_fast.app.checkpoint.load_model reads it)
   best.safetensors         the EMA weights with the best held-out PSNR so far
   log.jsonl                loss, learning rate, it/s and held-out PSNR over time
 """
@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from . import data, training
-from .imageio import ImageError
-from .models import PRESETS, CheckpointError
+from .. import data, training
+from ..checkpoint import CheckpointError, load_checkpoint, read_checkpoint
+from ..imageio import ImageError
+from ..models import PRESETS
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -162,15 +163,15 @@ def _train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     out: Path = args.out
-    checkpoint = out / CHECKPOINT
+    checkpoint_path = out / CHECKPOINT
     saved_metadata: dict = {}
     if args.resume:
-        if not checkpoint.is_file():
+        if not checkpoint_path.is_file():
             raise UsageError(f"--resume: there is no {CHECKPOINT} in {out} to resume")
-        _, saved_metadata, saved_config = training.read_checkpoint(checkpoint)
+        _, saved_metadata, saved_config = read_checkpoint(checkpoint_path)
         config = resolve_config(args, saved_config)
     else:
-        if checkpoint.exists():
+        if checkpoint_path.exists():
             raise UsageError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
         config = resolve_config(args, None)
     data_dir = getattr(args, "data", None) or (Path(saved_metadata["data"]) if "data" in saved_metadata else None)
@@ -188,7 +189,7 @@ def _train(args: argparse.Namespace) -> int:
                                          world.rank)
         heldout = data.heldout_crops(data.find_images(heldout_dir), config.eval_crop) if heldout_dir else None
         if args.resume:
-            state = training.load_checkpoint(checkpoint, config, device, world)
+            state = load_checkpoint(checkpoint_path, config, device, world)
         else:
             state = training.new_state(config, device, world.rank)
         lead = world.rank == 0
@@ -222,7 +223,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m svnr_fast.train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m svnr_fast.app.cli.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _checks
+from ..ops import _checks
 
 WINDOW = 4            # HH coefficients per window side: 16 degrees of freedom per window variance
 QUANTILE = 0.2
