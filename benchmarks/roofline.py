@@ -14,13 +14,16 @@ Each op variant is compiled as a real launch at the GPU benchmark shape compiles
   template instances run, and their grid, block and dynamic shared memory, mirror the host code
   (groupnorm_film_forward_cuda / groupnorm_film_backward_cuda) at the UNet shapes.
 
-Per kernel: registers, local memory (spills), shared memory and blocks per SM come from the cubin
-(cuobjdump -res-usage) and the SM's limits. Instructions executed come from the SASS with source lines
-(nvdisasm -gi), counted per thread:
+Per kernel: registers, local memory (spills), shared memory and blocks per SM come from the cubin as built
+(cuobjdump -res-usage, ptxas -v) and the SM's limits. Instructions executed come from the SASS, with source
+lines (nvdisasm -gi), of the same PTX assembled again with every loop kept rolled (`.pragma "nounroll"`):
+ptxas unrolls loops of unknown trip count into an unrolled loop plus remainder code, whose executions the
+SASS alone cannot tell. Rolled, a source loop is one SASS loop; the count is then an upper bound of the
+built code's by the loop overhead unrolling saves. Counted per thread:
 - the control-flow graph is walked from the entry; calls to the slow-path subroutines (IEEE division and
   square root for special operands, 64-bit integer division when an operand needs more than 32 bits, none
   of which the benchmark data reach) and the divergent-warp fallbacks (BRA.DIV) are not counted;
-- a loop is a backward branch; its body is multiplied by a trip count taken from the kernel's facts below,
+- a loop is a backward branch; its body is multiplied by a trip count taken from the per-kernel facts below,
   found by the source line of the branch (the loop header), e.g. a time lookup's binary search runs
   bit_length(T - 1) times. A compare-and-swap retry loop counts one try (no contention). A loop with no
   trip count stops the tool: it never guesses;
@@ -838,7 +841,8 @@ def op_rows(op: Op, shape, dtype: str, arch: int, figures: list[LaunchFigures]) 
     for gpu in GPUS[arch]:
         issue, dram = gpu.issue_us(warp_instructions), gpu.dram_us(op.min_bytes(shape, s) * n)
         rows.append({
-            "kernel": op.name, "gpu": gpu.name, "dtype": dtype, "shape": "x".join(map(str, shape)), "arch": f"sm_{arch}",
+            "kernel": op.name, "gpu": gpu.name, "dtype": dtype, "shape": "x".join(map(str, shape)),
+            "arch": f"sm_{arch}",
             "instr_per_elem": round(instr_per_elem, 2), "bytes_per_elem": round(op.min_bytes(shape, s), 3),
             "pass_bytes_per_elem": round(op.pass_bytes(shape, s), 3),
             "issue_us": round(issue, 2), "dram_us": round(dram, 2),

@@ -23,16 +23,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
-TRITON_BIN = None
-try:
-    import triton
-    TRITON_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-except ImportError:
-    pass
-
-MISSING = [tool for tool in ("ptxas", "cuobjdump", "nvdisasm") if TRITON_BIN is None or not (TRITON_BIN / tool).exists()]
+triton = pytest.importorskip("triton", reason="triton is not installed")
+TRITON_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+MISSING = [tool for tool in ("ptxas", "cuobjdump", "nvdisasm") if not (TRITON_BIN / tool).exists()]
 pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"Triton's bundled {', '.join(MISSING)} not found")
-requires_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: the CUDA kernels are not built")
+requires_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None,
+                                   reason="nvcc not found: the CUDA kernels are not built")
 
 CI_OPS = ("reverse_step", "reverse_step[given z]", "training_sample", "groupnorm_film_fwd", "groupnorm_film_bwd")
 CUDA_OPS = ("groupnorm_film_fwd", "groupnorm_film_bwd")
