@@ -888,8 +888,8 @@ def build(arch: int = 90, *, kinds=("triton", "cuda"), names=None, all_shapes: b
 # Report
 # ---------------------------------------------------------------------------------------------------
 
-TABLE_COLUMNS = ("kernel", "shape", "dtype", "instr_per_elem", "bytes_per_elem", "issue_us", "dram_us", "ratio",
-                 "budget", "spills", "regs", "blocks_per_sm")
+TABLE_COLUMNS = ("kernel", "shape", "dtype", "instr_per_elem", "bytes_per_elem", "pass_bytes_per_elem", "issue_us",
+                 "dram_us", "ratio", "budget", "spills", "regs", "blocks_per_sm")
 
 
 def table(rows: list[dict], gpu: str) -> str:
