@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..sampling import MAX_STEPS
+from ...sampling import MAX_STEPS
 
 DEFAULT_LEVELS = ((0.02, 0.05), (0.05, 0.10), (0.10, 0.20))
 DEFAULT_METHODS = ("noisy", "svnr", "svnr-1", "svnr-2", "svnr-4", "svnr-8", "x0hat", "baseline", "baseline-25",
