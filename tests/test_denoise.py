@@ -70,13 +70,53 @@ def test_batch_and_auto_noise():
     ({"tile": 32, "overlap": 16}, ValueError, "overlap must be an int"),
     ({"tile": 64, "overlap": 0}, ValueError, "overlap must be an int"),
     ({"eta": 2.0}, ValueError, "eta must lie in"),
-    ({"steps": 0}, ValueError, "steps must be a positive int"),
+    ({"steps": 0}, ValueError, r"steps must be an int in \[1, 10000\]"),
+    ({"steps": 10**20}, ValueError, r"steps must be an int in \[1, 10000\]"),
+    ({"tile_batch": 0}, ValueError, "tile_batch must be an int >= 1"),
+    ({"noise": (5.0, 0.1)}, ValueError, r"noise reaches variance 25.*beyond the end of the model's schedule, "
+                                        r"gamma\(T\) = 5 .*not 0..255"),
+    ({"noise": (0.05, 10.0)}, ValueError, "beyond the end of the model's schedule"),
 ])
 def test_bad_arguments(kwargs, error, message):
     args = {"noise": (0.05, 0.1), "model": PixelwiseDenoiser()}
     args.update(kwargs)
+    model = args["model"]
     with pytest.raises(error, match=message):
         denoise(noisy_photo(shape=(3, 40, 40)), **args)
+    assert model.calls == 0     # refused before any network evaluation
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda y: y.permute(1, 2, 0).numpy(), TypeError, r"got a ndarray of shape \(40, 40, 3\); convert"),
+    (lambda y: y * 255, ValueError, r"means over 8x8-pixel blocks range from .*, outside \[-0.5, 1.5\].*divide "
+                                    "8-bit values by 255"),
+    (lambda y: (y.clamp(0, 1) * 255).to(torch.uint8), TypeError, r"floating-point.*got uint8.*y.float\(\) / 255"),
+    (lambda y: y[:, :0], ValueError, "y has no pixels"),
+    (lambda y: y[None, None], ValueError, r"a photo \(C, H, W\) or a batch \(B, C, H, W\)"),
+])
+def test_photos_that_are_not_photos_in_0_1_are_refused(make, error, message):
+    model = PixelwiseDenoiser()
+    with pytest.raises(error, match=message):
+        denoise(make(noisy_photo(shape=(3, 40, 40))), (0.05, 0.1), model=model)
+    assert model.calls == 0
+
+
+def test_noisy_values_beyond_0_1_are_accepted():
+    # the noisiest training level on a white photo: 8% of its values lie above 1.5, its block means do not
+    y = PoissonGaussian(0.2, 0.3).sample(torch.ones(1, 3, 64, 64), generator=torch.Generator().manual_seed(0))
+    assert float((y > 1.5).float().mean()) > 0.05
+    assert denoise(y, (0.2, 0.3), model=PixelwiseDenoiser(), steps=1).shape == y.shape
+
+
+def test_float64_photos_and_empty_batches():
+    from svnr_fast.app.models import SVNRUNet, preset
+    model = SVNRUNet(preset("tiny")).eval()
+    y = noisy_photo(shape=(3, 16, 16))
+    out = denoise(y.double(), (0.05, 0.1), model=model, steps=1)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, denoise(y, (0.05, 0.1), model=model, steps=1).double())
+    empty = torch.zeros(0, 3, 16, 16)
+    assert denoise(empty, (0.05, 0.1), model=model).shape == empty.shape
 
 
 def test_nan_photo_is_refused():

@@ -58,6 +58,52 @@ def default_model(device: Union[str, torch.device] = "cpu"):
         return load_model(BUNDLED_MODEL, device)
 
 
+PLAUSIBLE_MEANS = (-0.5, 1.5)   # of 8 x 8-pixel blocks: noise averages out over them, a wrong scale does not
+PLAUSIBILITY_BLOCK = 8
+
+
+def checked_photos(y) -> Tensor:
+    """y as a (B, C, H, W) floating-point batch, refused with a message saying how to fix it when it is not
+    photos in the signal domain [0, 1] plus noise (numpy arrays, integer data, 0..255 values, NaN/inf).
+
+    Noisy values leave [0, 1] (at the noise of svnr eval's highest level, 1% of a white photo's values pass
+    1.5), but the means of 8 x 8 blocks cut the noise eightfold: one outside [-0.5, 1.5] means a wrong scale.
+    """
+    if not isinstance(y, Tensor) and hasattr(y, "__array__"):
+        raise TypeError(f"y must be a torch.Tensor, got a {type(y).__name__} of shape {getattr(y, 'shape', '?')}; "
+                        "convert an (H, W, C) array with torch.from_numpy(array).permute(2, 0, 1)")
+    _checks.tensor("y", y, dtypes=None)
+    if y.dim() not in (3, 4):
+        raise ValueError(f"y must be a photo (C, H, W) or a batch (B, C, H, W), got shape {tuple(y.shape)}")
+    if not y.is_floating_point():
+        raise TypeError(f"y must be a floating-point tensor in [0, 1], got {str(y.dtype).replace('torch.', '')}; "
+                        "convert 8-bit data with y.float() / 255 (16-bit: / 65535)")
+    batch = y[None] if y.dim() == 3 else y
+    if batch.shape[-1] == 0 or batch.shape[-2] == 0:
+        raise ValueError(f"y has no pixels (shape {tuple(y.shape)})")
+    _checks.finite("y", batch)
+    low, high = PLAUSIBLE_MEANS
+    block = min(PLAUSIBILITY_BLOCK, *batch.shape[-2:])
+    means = torch.nn.functional.avg_pool2d(batch, block)
+    if batch.shape[0] and not bool(((means >= low) & (means <= high)).all()):
+        raise ValueError(f"y's means over {block}x{block}-pixel blocks range from {float(means.min()):g} to "
+                         f"{float(means.max()):g}, outside [{low}, {high}]; denoise expects the signal domain [0, 1] "
+                         "plus noise (which averages out over such blocks): divide 8-bit values by 255 (16-bit by "
+                         "65535)")
+    return batch
+
+
+def check_noise_within_schedule(photos: Tensor, noise: PoissonGaussian, table: Tensor) -> None:
+    """Refuses noise whose variance passes the end of the model's schedule, gamma(T): tau* would be clamped to
+    T and the model, never trained there, returns garbage. Typically sigmas in 0..255 units."""
+    largest, end = float(noise.variance(photos.clamp(0, 1)).amax()), float(table[-1])
+    if largest > end:
+        raise ValueError(f"the noise reaches variance {largest:.3g} (std {largest ** 0.5:.3g}), beyond the end of "
+                         f"the model's schedule, gamma(T) = {end:.3g} (std {end ** 0.5:.3g}): no diffusion time "
+                         "matches it. sigma_r and sigma_s are standard deviations in units of the pixel values "
+                         "0..1 (not 0..255)")
+
+
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     """Starts of full-size tiles covering [0, size) with at least `overlap` pixels shared by neighbours."""
     if size <= tile:
@@ -98,11 +144,10 @@ def denoise(y: Tensor, noise: NoiseSpec = "auto", model: Optional[Denoiser] = No
     into its graph), so they share one across the photos of a batch and across calls only. Results are
     those of cuda_graph=False.
     """
-    single = y.dim() == 3
-    batch = y[None] if single else y
-    _checks.tensor("y", batch, ndim=4)
-    _checks.finite("y", batch)
+    batch = checked_photos(y)
     _checks.scalar("eta", eta, low=0.0, high=1.0)
+    if isinstance(tile_batch, bool) or not isinstance(tile_batch, int) or tile_batch < 1:
+        raise ValueError(f"tile_batch must be an int >= 1 (tiles per network call), got {tile_batch!r}")
     if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 16):
         raise ValueError(f"tile must be None or an int >= 16 (pixels), got {tile!r}")
     if overlap is None:
@@ -110,13 +155,21 @@ def denoise(y: Tensor, noise: NoiseSpec = "auto", model: Optional[Denoiser] = No
     if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 1 or (tile and overlap >= tile // 2):
         raise ValueError(f"overlap must be an int in [1, tile / 2) (tile={tile!r}), got {overlap!r}; "
                          "pass a smaller overlap or a larger tile")
+    if batch.shape[0] == 0:
+        return y.clone()
     model = default_model(batch.device) if model is None else model
     table = model.variance_table.to(batch.device)
+    # the network runs in its weights' dtype (float64 photos into a float32 model, ...); the result comes
+    # back in y's
+    weights = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+    photos = batch if weights is None else batch.to(weights.dtype)
+    noise = noise_model(photos, noise)
+    check_noise_within_schedule(photos, noise, table)
 
-    y_prime, tau_star = observe(batch, noise_model(batch, noise), table, seed=seed)
+    y_prime, tau_star = observe(photos, noise, table, seed=seed)
     steps = default_steps(tau_star) if steps is None else steps
     tau_max = tau_star.amax(dim=(1, 2, 3))
-    H, W = batch.shape[-2:]
+    H, W = photos.shape[-2:]
     if tile is None or (H <= tile and W <= tile):
         windows = [(0, 0, H, W)]
     else:
@@ -147,13 +200,13 @@ def denoise(y: Tensor, noise: NoiseSpec = "auto", model: Optional[Denoiser] = No
             progress(done, total)
         return result
 
-    out = torch.empty_like(batch)
-    for b in range(len(batch)):
+    out = torch.empty_like(photos)
+    for b in range(len(photos)):
         if len(windows) == 1:
-            out[b:b + 1] = sampled(y_prime[b:b + 1], tau_star[b:b + 1], seed, tau_max[b:b + 1]).to(batch.dtype)
+            out[b:b + 1] = sampled(y_prime[b:b + 1], tau_star[b:b + 1], seed, tau_max[b:b + 1]).to(photos.dtype)
             continue
-        accumulated = torch.zeros(batch.shape[1:], dtype=torch.float32, device=batch.device)
-        weights = torch.zeros((1, H, W), dtype=torch.float32, device=batch.device)
+        accumulated = torch.zeros(photos.shape[1:], dtype=torch.float32, device=photos.device)
+        weights = torch.zeros((1, H, W), dtype=torch.float32, device=photos.device)
         for first in range(0, len(windows), tile_batch):
             group = windows[first:first + tile_batch]
             crops = [(slice(r, r + th), slice(c, c + tw)) for r, c, th, tw in group]
@@ -161,9 +214,10 @@ def denoise(y: Tensor, noise: NoiseSpec = "auto", model: Optional[Denoiser] = No
             tau_tiles = torch.stack([tau_star[b][:, rows, cols] for rows, cols in crops])
             tiles = sampled(y_tiles, tau_tiles, seed + 1 + first, tau_max[b].expand(len(group)))
             for tile_out, (r, c, th, tw), (rows, cols) in zip(tiles, group, crops):
-                weight = (blend_ramp(th, r, H, overlap, batch.device)[:, None]
-                          * blend_ramp(tw, c, W, overlap, batch.device)[None, :])
+                weight = (blend_ramp(th, r, H, overlap, photos.device)[:, None]
+                          * blend_ramp(tw, c, W, overlap, photos.device)[None, :])
                 accumulated[:, rows, cols] += tile_out.float() * weight
                 weights[:, rows, cols] += weight
-        out[b] = (accumulated / weights).to(batch.dtype)
-    return out[0] if single else out
+        out[b] = (accumulated / weights).to(photos.dtype)
+    out = out.to(y.dtype)
+    return out[0] if y.dim() == 3 else out
