@@ -1,4 +1,6 @@
-"""denoise(): noise handling, the top-up, tiling and blending."""
+"""denoise(): noise handling, the top-up, tiling and blending, the observed low band."""
+import math
+
 import pytest
 import torch
 from conftest import requires_cuda
@@ -146,3 +148,55 @@ def test_cuda_graph_gives_the_uncaptured_result(eta):
     # 3 x 4 tiles of a 70 x 90 photo in groups of 5, 5, 2: two shapes; with eta > 0 each group keeps its own seed
     assert len(graphs) == (2 if eta == 0 else 3)
     assert seen == [(3 * (i + 1), 2 * 3 * 3) for i in range(2 * 3)]   # each photo's 3 groups of 3 steps
+
+
+def test_gaussian_blur_is_the_metric_s_low_pass():
+    from svnr_fast.app import metrics
+    from svnr_fast.app.denoise import gaussian_blur
+    for shape, sigma in (((2, 3, 40, 52), 8.0), ((1, 1, 9, 12), 8.0), ((1, 3, 30, 20), 1.5)):
+        x = torch.rand(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        expected = torch.stack([torch.from_numpy(metrics.gaussian_blur(image.permute(1, 2, 0).numpy(), sigma))
+                                .permute(2, 0, 1) for image in x])
+        torch.testing.assert_close(gaussian_blur(x, sigma), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_expected_observation_is_the_mean_of_the_clipped_noisy_photo():
+    from svnr_fast.app.denoise import expected_observation
+    x = torch.tensor([0.0, 0.01, 0.1, 0.5, 0.97, 1.0]).view(1, 1, 1, 6)
+    noise = PoissonGaussian(0.05, 0.1)
+    draws = noise.sample(x.expand(200_000, 1, 1, 6).contiguous(), generator=torch.Generator().manual_seed(0))
+    for low, high, clipped in ((0.0, 1.0, draws.clamp(0, 1)), (-math.inf, math.inf, draws),
+                               (0.0, math.inf, draws.clamp_min(0))):
+        mean, slope = expected_observation(x, noise, torch.tensor([low]), torch.tensor([high]))
+        torch.testing.assert_close(mean[0], clipped.mean(0), atol=6e-4, rtol=0)   # ~4 standard errors
+        inside = ((draws > low) & (draws < high)).float().mean(0)
+        torch.testing.assert_close(slope[0], inside, atol=6e-3, rtol=0)
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_observed_low_band_removes_a_coarse_error_and_keeps_the_rest(clip):
+    from svnr_fast.app import metrics
+    from svnr_fast.app.denoise import gaussian_blur, observed_low_band
+    g = torch.Generator().manual_seed(0)
+    # a dark photo: 14% of its noisy values are below 0, which a file clips
+    clean = gaussian_blur(torch.rand(1, 3, 96, 96, generator=g, dtype=torch.float64), 2.0) * 0.1 + 0.01
+    noise = PoissonGaussian(0.05, 0.1)
+    observation = noise.sample(clean, generator=g)
+    y = observation.clamp(0, 1) if clip else observation
+    blotch = 0.06 * gaussian_blur(torch.randn(1, 3, 96, 96, generator=g, dtype=torch.float64), 16.0) * 16
+    detail = 0.02 * torch.randn(1, 3, 96, 96, generator=g, dtype=torch.float64)
+    out = clean + blotch + detail          # an output with a coarse error and a fine one
+    fixed = observed_low_band(out, y, noise, 8.0)
+
+    def low_pass_error(image):
+        return metrics.low_pass_error(image[0].permute(1, 2, 0).numpy(), clean[0].permute(1, 2, 0).numpy())
+
+    noise_own = low_pass_error(observation)       # the unclipped noise's, the bar for both
+    assert low_pass_error(out) > 4 * noise_own
+    assert low_pass_error(fixed) < 1.3 * noise_own
+    # a perfect output keeps its coarse picture: clipped shadows pull nothing (the naive G_8 * (y - out) would
+    # add the clipping's bias, 1.8x the noise's own low-pass error here)
+    assert low_pass_error(observed_low_band(clean, y, noise, 8.0)) < noise_own
+    # the fine error is left alone: the correction is smooth
+    high = (fixed - out) - gaussian_blur(fixed - out, 1.0)
+    assert float(high.abs().max()) < 1e-3
