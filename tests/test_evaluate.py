@@ -138,6 +138,25 @@ def test_noisy_row_is_the_psnr_of_the_clipped_noisy_photo(run, photos):
             row = next(r for r in rows if r["image"] == name and r["level"] == level and r["method"] == "noisy")
             assert float(row["psnr"]) == pytest.approx(psnr, abs=1e-4)
             assert float(row["hf_ratio"]) > 1
+            # its low-pass error is the unclipped observation's: the noise's own, the bar for the denoisers
+            assert float(row["lowpass_error"]) == pytest.approx(metrics.low_pass_error(noisy, clean), rel=1e-4)
+
+
+def test_tiles_and_the_observed_low_band_act_on_the_svnr_outputs(photos, models, tmp_path):
+    """An untrained model shrinks every photo toward 0.5: a coarse error the observed low band removes."""
+    rows = {}
+    for name, extra in (("plain", []), ("low-band", ["--low-band", "8", "--tile", "16"])):
+        code, _, stderr = run_cli(["--data", str(photos), "--crop", str(CROP), "--levels", "0.05,0.1", "--methods",
+                                   "noisy", "svnr-2", "x0hat", "--svnr", str(models["svnr"]), "--out",
+                                   str(tmp_path / name), "--quiet", *extra])
+        assert code == 0, stderr
+        rows[name] = {(r["image"], r["method"]): r for r in read_csv(tmp_path / name / "per_image.csv")}
+    assert "--low-band 8" in (tmp_path / "low-band" / "results.md").read_text()
+    for image in ("astronaut", "coffee"):
+        noisy = float(rows["plain"][(image, "noisy")]["lowpass_error"])
+        for method in ("svnr-2", "x0hat"):
+            plain, fixed = (float(rows[name][(image, method)]["lowpass_error"]) for name in ("plain", "low-band"))
+            assert plain > 2 * noisy and fixed < 0.5 * plain
 
 
 def test_low_pass_error_sees_shifts_and_blotches_not_fine_noise():

@@ -54,6 +54,7 @@ def command_line(args: argparse.Namespace, models: dict[str, Path | None]) -> st
     if args.limit is not None:
         parts += ["--limit", str(args.limit)]
     parts += ["--crop", str(args.crop), "--noise", args.noise, "--eta", f"{args.eta:g}", "--batch", str(args.batch),
+              *(["--tile", str(args.tile)] if args.tile else []), "--low-band", f"{args.low_band:g}",
               "--seed", str(args.seed), "--device", args.device, "--out", shlex.quote(str(args.out))]
     return " ".join(parts)
 
@@ -74,6 +75,10 @@ def run_eval(args: argparse.Namespace) -> int:
         fail(f"--batch must be >= 1, got {args.batch}")
     if not 0 <= args.eta <= 1:
         fail(f"--eta must lie in [0, 1], got {args.eta}")
+    if args.tile is not None and args.tile < 16:
+        fail(f"--tile must be >= 16 pixels, got {args.tile}")
+    if args.low_band != 0 and not args.low_band >= 0.5:
+        fail(f"--low-band must be 0 (off) or a Gaussian width >= 0.5 px, got {args.low_band}")
     device = pick_device(args.device)
     try:
         files, folder = image_files(args.data)
@@ -112,7 +117,8 @@ def run_eval(args: argparse.Namespace) -> int:
           file=sys.stderr)
     try:
         evaluation = evaluate(images, levels, methods, networks, device=device, batch=args.batch, eta=args.eta,
-                              seed=args.seed, noise=args.noise, progress=not args.quiet)
+                              seed=args.seed, noise=args.noise, progress=not args.quiet, tile=args.tile,
+                              low_band=args.low_band or None)
     except ValueError as err:
         fail(str(err))
     summary = summarise(evaluation)
@@ -121,7 +127,9 @@ def run_eval(args: argparse.Namespace) -> int:
               f"{args.crop}x{args.crop} px" if args.crop else f"data: {folder}, {len(images)} whole photo(s)",
               f"noise: Poisson-Gaussian, not clipped, seed {args.seed}; methods given the "
               + ("parameters estimated from each noisy photo" if args.noise == "estimated" else "true level"),
-              f"sampling: eta {args.eta:g}, x0_hat clamped to [0, 1], batches of up to {args.batch} photos",
+              f"sampling: eta {args.eta:g}, x0_hat clamped to [0, 1], batches of up to {args.batch} photos, "
+              + (f"tiles of {args.tile} px" if args.tile else "whole crops") + ", "
+              + (f"low band from the observation below G_{args.low_band:g}" if args.low_band else "no low-band step"),
               *[f"{role} model: {m.path} ({m.note})" for role, m in models.items()],
               f"machine: {machine_description(device)}",
               f"date: {datetime.datetime.now().isoformat(timespec='seconds')}, total {evaluation.seconds:.1f} s"]
@@ -158,6 +166,11 @@ def add_parser(sub) -> None:
                              "level")
     parser.add_argument("--eta", type=float, default=1.0, help="sampler eta (1: the paper's posterior sampling)")
     parser.add_argument("--batch", type=int, default=8, help="photos per network call")
+    parser.add_argument("--tile", type=int, default=None,
+                        help="sample svnr and the ablation in overlapping tiles of this size, as svnr denoise --tile")
+    parser.add_argument("--low-band", type=float, default=0.0, metavar="SIGMA",
+                        help="take the outputs' frequencies below ~1/SIGMA from the observation, as svnr denoise "
+                             "--low-band (0: off)")
     parser.add_argument("--out", type=Path, default=Path("svnr-eval"), help="output folder")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--seed", type=int, default=0)

@@ -12,7 +12,8 @@ import torch
 
 from ...schedule import PoissonGaussian
 from ..conditioning import observe as condition
-from ..metrics import image_metrics, to_hwc
+from ..denoise import check_tiling, observed_low_band, sample_photos
+from ..metrics import image_metrics, low_pass_error, to_hwc
 from ...sampling import default_steps, sample, sample_baseline
 from .methods import (
     SCHEME_OF_MODEL,
@@ -225,11 +226,13 @@ def plan(levels_observed: list[list[Observation]], methods: list[Method], batch:
 
 
 def run_task(task: Task, observations: list[Observation], models: dict[str, torch.nn.Module], *, eta: float,
-             seed: int, device: torch.device, on_network_call) -> tuple[torch.Tensor, float]:
+             seed: int, device: torch.device, on_network_call, tile: int | None = None,
+             low_band: float | None = None) -> tuple[torch.Tensor, float]:
     """(outputs (B, 3, H, W) on the CPU, seconds for the whole batch) of one task.
 
     `seed` drives the sampler's noise: the evaluation gives every method the same seed for the same batch,
-    so SVNR and the ablation, which also start from the same y', are compared on identical draws.
+    so SVNR and the ablation, which also start from the same y', are compared on identical draws. `tile` and
+    `low_band` act on the methods that sample from y' (svnr, x0hat, ablation) as in svnr_fast.denoise.
     """
     method = task.method
     members = [observations[i] for i in task.images]
@@ -259,8 +262,11 @@ def run_task(task: Task, observations: list[Observation], models: dict[str, torc
             on_network_call()
             out = model.predict(y_prime, y_prime, tau_star).x0_hat.clamp(*CLAMP)
         else:
-            out = sample(network, y_prime, y_prime, tau_star, table, steps=task.steps, eta=eta, clamp=CLAMP,
-                         seed=seed)
+            out = sample_photos(network, y_prime, tau_star, table, steps=task.steps, eta=eta, seed=seed, tile=tile,
+                                overlap=check_tiling(tile, None, 4), clamp=CLAMP)
+        if low_band is not None:
+            noise = PoissonGaussian(*(torch.tensor([m.noise[k] for m in members], device=device) for k in (0, 1)))
+            out = observed_low_band(out, torch.cat([m.noisy for m in members]), noise, low_band).clamp(*CLAMP)
     _synchronize(device)
     return out.float().cpu(), time.perf_counter() - start
 
@@ -286,7 +292,8 @@ def overhead_seconds(method: Method, observation: Observation) -> float:
 @torch.inference_mode()
 def evaluate(images: list[EvalImage], levels: list[tuple[float, float]], methods: list[Method],
              models: dict[str, torch.nn.Module], *, device: torch.device = torch.device("cpu"), batch: int = 8,
-             eta: float = 1.0, seed: int = 0, noise: str = "estimated", progress: bool = True) -> Evaluation:
+             eta: float = 1.0, seed: int = 0, noise: str = "estimated", progress: bool = True,
+             tile: int | None = None, low_band: float | None = None) -> Evaluation:
     """Every method at every level on every photo; see the module docstring for what is measured.
 
     models: role ("svnr", "ablation", "baseline") -> an SVNRUNet on `device`, for the methods that need one.
@@ -314,7 +321,7 @@ def evaluate(images: list[EvalImage], levels: list[tuple[float, float]], methods
         bar.set_description(f"{task.method.name} at {level_label(level)}")
         batch_seed = noise_seed(seed, "+".join(images[i].name for i in task.images), level, 2)
         outputs, seconds = run_task(task, observed[task.level], models, eta=eta, seed=batch_seed, device=device,
-                                    on_network_call=lambda: bar.update(1))
+                                    on_network_call=lambda: bar.update(1), tile=tile, low_band=low_band)
         if task.method.family == "classical":
             bar.update(1)
         for index, output in zip(task.images, outputs):
@@ -322,10 +329,12 @@ def evaluate(images: list[EvalImage], levels: list[tuple[float, float]], methods
             image = images[index]
             if index == 0:
                 first_outputs[(task.level, task.method.name)] = output.clamp(0, 1)
+            scores = image_metrics(to_hwc(output), to_hwc(image.clean))
+            if task.method.family == "noisy":   # the unclipped observation's: the noise's own, the bar to meet
+                scores["lowpass_error"] = low_pass_error(to_hwc(output), to_hwc(image.clean))
             rows.append({"image": image.name, "level": level_label(level), "sigma_r": level[0], "sigma_s": level[1],
                          "sigma_r_used": observation.noise[0], "sigma_s_used": observation.noise[1],
-                         "method": task.method.name, "family": task.method.family,
-                         **image_metrics(to_hwc(output), to_hwc(image.clean)), "nfe": task.steps,
+                         "method": task.method.name, "family": task.method.family, **scores, "nfe": task.steps,
                          "seconds": seconds / len(task.images) + overhead_seconds(task.method, observation)})
     bar.close()
     return Evaluation(list(levels), list(methods), images, rows, first_outputs, time.perf_counter() - start)
