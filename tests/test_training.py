@@ -301,6 +301,28 @@ def test_init_starts_from_a_model_file(tmp_path):
         training.new_state(tiny_config(init=str(tmp_path / "small.safetensors")), "cpu")
 
 
+def test_init_from_a_compact_checkpoint_continues_the_model_and_its_ema(photo_folder, tmp_path):
+    run = tmp_path / "run"
+    assert _cli(photo_folder, run, "--stop-at", "4") == 0
+    compact = tmp_path / "state.safetensors"
+    checkpoint.compact_checkpoint(run / "checkpoint.safetensors", compact, {"note": "kept"})
+    tensors, metadata = checkpoint.read_safetensors(compact, checkpoint.CHECKPOINT_FORMAT)
+    assert {k.split(".")[0] for k in tensors} == {"model", "ema"} and metadata["note"] == "kept"
+    assert compact.stat().st_size < 0.5 * (run / "checkpoint.safetensors").stat().st_size
+    full = checkpoint.load_checkpoint(run / "checkpoint.safetensors", tiny_config(), "cpu")
+    state = training.new_state(tiny_config(init=str(compact), seed=7), "cpu")
+    assert state.prior_steps == 4 and state.step == 0
+    for mine, theirs in ((state.model, full.model), (state.ema, full.ema)):
+        assert all(torch.equal(a, b) for a, b in zip(mine.state_dict().values(), theirs.state_dict().values()))
+    state.set_schedule(tiny_config())
+    assert float(state.ema_decay) == pytest.approx(training.ema_decay_at(4, 0.999))   # the EMA keeps warming
+    # a second generation counts the first one's steps too
+    second = tmp_path / "second"
+    assert _cli(photo_folder, second, "--init", str(compact), "--seed", "4", "--stop-at", "2") == 0
+    checkpoint.compact_checkpoint(second / "checkpoint.safetensors", tmp_path / "state2.safetensors")
+    assert training.new_state(tiny_config(init=str(tmp_path / "state2.safetensors")), "cpu").prior_steps == 6
+
+
 def test_sigterm_to_the_process_group_stops_with_a_checkpoint(photo_folder, tmp_path):
     """A scheduler's SIGTERM reaches the data workers too; the run must still end cleanly."""
     out = tmp_path / "run"

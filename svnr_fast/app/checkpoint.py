@@ -82,7 +82,7 @@ def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
     return sorted(name for name, t in tensors.items() if t.is_floating_point() and not bool(t.isfinite().all()))
 
 
-def read_safetensors(path, expected_format: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(path, expected_format: str | tuple[str, ...]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of an svnr_fast safetensors file; CheckpointError for anything else.
 
     The checksum svnr_fast writes into every file is verified (training checkpoints must have one; model
@@ -105,11 +105,12 @@ def read_safetensors(path, expected_format: str) -> tuple[dict[str, torch.Tensor
     except (SafetensorError, OSError, ValueError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from err
     found = metadata.get("format")
-    if found != expected_format:
+    formats = (expected_format,) if isinstance(expected_format, str) else expected_format
+    if found not in formats:
         what = f"an {found!r} file" if found else "a safetensors file without svnr_fast metadata"
-        raise CheckpointError(f"{path} is {what}, not an {expected_format!r} file; "
+        raise CheckpointError(f"{path} is {what}, not an {' or '.join(map(repr, formats))} file; "
                               + ("pass a model saved by svnr_fast (e.g. RUN/best.safetensors)"
-                                 if expected_format == MODEL_FORMAT else "pass RUN/checkpoint.safetensors of an "
+                                 if formats[0] == MODEL_FORMAT else "pass RUN/checkpoint.safetensors of an "
                                  "`svnr train` run"))
     _verify_checksum(data, path, required=found == CHECKPOINT_FORMAT)
     bad = _non_finite(tensors)
@@ -225,7 +226,7 @@ def save_checkpoint(path, state: TrainState, config: TrainConfig, world: World =
         rng_meta.append({"python": [rng["python"][0], list(rng["python"][1]), rng["python"][2]],
                          "numpy": [numpy_state[0], *[v for v in numpy_state[2:]]]})
     metadata = {"format": CHECKPOINT_FORMAT, "model_config": state.model.config.to_json(),
-                "train_config": config.to_json(), "step": str(state.step),
+                "train_config": config.to_json(), "step": str(state.step), "prior_steps": str(state.prior_steps),
                 "best_metric": json.dumps(state.best_metric), "rng": json.dumps(rng_meta),
                 **(extra_metadata or {})}
     atomic_save(tensors, metadata, path)
@@ -269,6 +270,7 @@ def load_checkpoint(path, config: TrainConfig, device, world: World = World()) -
     state.optimizer.load_state_dict({"state": optimizer_state,
                                      "param_groups": state.optimizer.state_dict()["param_groups"]})
     state.step = int(metadata["step"])
+    state.prior_steps = int(metadata.get("prior_steps", 0))
     state.best_metric = json.loads(metadata.get("best_metric", "null"))
     rng_meta = json.loads(metadata.get("rng", "[]"))
     if world.rank < len(rng_meta):
@@ -281,3 +283,38 @@ def load_checkpoint(path, config: TrainConfig, device, world: World = World()) -
             rng["cuda"] = tensors[prefix + "cuda"]
         _set_rng_state(rng, torch.device(device))
     return state
+
+
+def initial_weights(path, config: UNetConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, int]:
+    """What a run started with `--init PATH` begins from: (model weights, EMA weights or None, prior steps).
+
+    A model file gives its weights (the EMA starts as their copy, and warms up as in a fresh run); a training
+    checkpoint gives its model and EMA and the steps that made them, so that the new run's EMA keeps its
+    full decay. Either way the new run has its own optimiser (its warm-up re-warms the moments), schedule
+    and seed.
+    """
+    tensors, metadata = read_safetensors(path, (MODEL_FORMAT, CHECKPOINT_FORMAT))
+    if config_from_metadata(metadata, path) != config:
+        raise CheckpointError(f"{path}: --init model has another architecture than this run's --preset / "
+                              "--parametrisation")
+    if metadata["format"] == MODEL_FORMAT:
+        return tensors, None, 0
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    try:
+        prior = int(metadata["step"]) + int(metadata.get("prior_steps", 0))
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"{path}: the step count stored in the checkpoint is missing or invalid ({err})") \
+            from None
+    return part("model."), part("ema."), prior
+
+
+def compact_checkpoint(source, target, extra_metadata: dict[str, str] | None = None) -> None:
+    """The model and EMA of a training checkpoint, without optimiser moments and RNG states: what `--init`
+    continues from in a new run, at half the size (both in float32). Written atomically, with a checksum."""
+    tensors, metadata, _ = read_checkpoint(source)
+    kept = {k: v for k, v in tensors.items() if k.startswith(("model.", "ema."))}
+    dropped = ("rng", "best_metric", CHECKSUM_KEY)
+    atomic_save(kept, {**{k: v for k, v in metadata.items() if k not in dropped}, **(extra_metadata or {})}, target)

@@ -53,8 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="svnr schemes: the time map and y' from the clean image (true, DESIGN.md §1.4) or "
                              "from a noisy observation, as inference computes them (observed; see "
                              f"training.observed_sample) (default {defaults.time_map})")
-    parser.add_argument("--init", type=str, default=S, metavar="MODEL",
-                        help="start from the weights of this model file (e.g. a best.safetensors) instead of random ones")
+    parser.add_argument("--init", type=str, default=S, metavar="FILE",
+                        help="start from the weights of this model file (e.g. a best.safetensors), or from the model "
+                             "and EMA of a training checkpoint (continuing its EMA), instead of random ones; the "
+                             "run has its own optimiser, warm-up and schedule")
     parser.add_argument("--steps", type=int, default=S, help=f"total optimiser steps (default {defaults.steps})")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop cleanly, with a checkpoint, before this much wall time has passed")

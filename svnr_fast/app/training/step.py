@@ -143,6 +143,7 @@ class TrainState:
     step: int = 0                          # steps completed
     best_metric: float | None = None       # best held-out PSNR of the EMA weights so far
     ema_decay: torch.Tensor | None = None  # this step's EMA decay, on the device (set by set_schedule)
+    prior_steps: int = 0                   # steps of the runs whose EMA this one continues (--init CHECKPOINT)
 
     def set_schedule(self, config: TrainConfig) -> None:
         """The learning rate and EMA decay of this step, written into their device tensors (no host sync)."""
@@ -150,30 +151,31 @@ class TrainState:
             group["lr"].fill_(lr_at(self.step, config))
         if self.ema_decay is None:
             self.ema_decay = torch.zeros((), device=self.model.variance_table.device)
-        self.ema_decay.fill_(ema_decay_at(self.step, config.ema_decay))
+        self.ema_decay.fill_(ema_decay_at(self.prior_steps + self.step, config.ema_decay))
 
 
 def new_state(config: TrainConfig, device, rank: int = 0) -> TrainState:
-    """A freshly initialised model (seeded by config.seed), its EMA copy and optimiser.
+    """A freshly initialised model (seeded by config.seed) or the one `config.init` names
+    (checkpoint.initial_weights), its EMA and a new optimiser.
 
     Also seeds this process's global RNGs (used by dropout, if any) from (config.seed, rank).
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = SVNRUNet(config.model_config())
+    ema_weights, prior_steps = None, 0
     if config.init:
-        tensors, metadata = checkpoint.read_safetensors(config.init, checkpoint.MODEL_FORMAT)
-        if checkpoint.config_from_metadata(metadata, config.init) != model.config:
-            raise checkpoint.CheckpointError(f"{config.init}: --init model has another architecture than --preset "
-                                  f"{config.preset} / --parametrisation {config.parametrisation}")
-        checkpoint.load_weights(model, tensors, config.init)
+        weights, ema_weights, prior_steps = checkpoint.initial_weights(config.init, model.config)
+        checkpoint.load_weights(model, weights, config.init)
     process_seed = stream_seed(config.seed, rank)
     torch.manual_seed(process_seed)
     random.seed(process_seed)
     np.random.seed(process_seed % 2**32)
     model.to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    return TrainState(model, ema, make_optimizer(model, config))
+    if ema_weights is not None:
+        checkpoint.load_weights(ema, ema_weights, config.init)
+    return TrainState(model, ema, make_optimizer(model, config), prior_steps=prior_steps)
 
 
 def learn(state: TrainState, network: nn.Module, x0: torch.Tensor, sample: Sample,
