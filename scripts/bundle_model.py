@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from svnr_fast.app.checkpoint import (
+    CHECKSUM_KEY,
     MODEL_FORMAT,
     atomic_save,
     load_model,
@@ -21,23 +22,29 @@ from svnr_fast.app.checkpoint import (
 )
 
 
+def bundle(source: Path, target: Path) -> str:
+    """Writes the model file `source` as float16 to `target`; returns what was done (size, largest change)."""
+    _, metadata = read_safetensors(source, MODEL_FORMAT)
+    model = load_model(source)
+    weights = model.state_dict()
+    for name, value in weights.items():
+        if value.abs().max() > torch.finfo(torch.float16).max:
+            raise SystemExit(f"{name} does not fit float16")
+    half = {name: value.to(torch.float16).contiguous() for name, value in weights.items()}
+    worst = max(float((h.float() - w).abs().max() / w.abs().max().clamp_min(1e-12))
+                for h, w in zip(half.values(), weights.values()))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(half, {**{k: v for k, v in metadata.items() if k != CHECKSUM_KEY}, "bundled_from": source.name,
+                       "storage_dtype": "float16"}, target)
+    return f"{target}: {target.stat().st_size / 1e6:.1f} MB, largest relative weight change {worst:.1e}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("source", type=Path, help="a model file written by svnr train (best.safetensors)")
     parser.add_argument("target", type=Path)
     args = parser.parse_args()
-    _, metadata = read_safetensors(args.source, MODEL_FORMAT)
-    model = load_model(args.source)
-    weights = model.state_dict()
-    half = {name: value.to(torch.float16).contiguous() for name, value in weights.items()}
-    worst = max(float((h.float() - w).abs().max() / w.abs().max().clamp_min(1e-12))
-                for h, w in zip(half.values(), weights.values()))
-    for name, value in weights.items():
-        if value.abs().max() > torch.finfo(torch.float16).max:
-            raise SystemExit(f"{name} does not fit float16")
-    args.target.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(half, {**metadata, "bundled_from": args.source.name, "storage_dtype": "float16"}, args.target)
-    print(f"{args.target}: {args.target.stat().st_size / 1e6:.1f} MB, largest relative weight change {worst:.1e}")
+    print(bundle(args.source, args.target))
     return 0
 
 
