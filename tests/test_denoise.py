@@ -39,13 +39,16 @@ def test_tiles_blend_to_the_untiled_result(tile, overlap):
     torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-5)
 
 
-def test_default_steps_follow_the_noisiest_pixel():
+def test_the_paper_s_steps_follow_the_noisiest_pixel():
+    from svnr_fast.app.denoise import DEFAULT_STEPS, PAPER_SETTINGS
     y = noisy_photo(shape=(3, 16, 16))
-    model = PixelwiseDenoiser()
-    denoise(y, (0.05, 0.1), model=model)
     variance = PoissonGaussian(0.05, 0.1).variance(y[None].clamp(0, 1))
     tau_star = reference.time_map(variance, Schedule().table)
-    assert model.calls == int(torch.ceil(tau_star.max()))
+    for settings, calls in (({}, DEFAULT_STEPS), (PAPER_SETTINGS, int(torch.ceil(tau_star.max()))),
+                            ({"steps": None}, int(torch.ceil(tau_star.max())))):
+        model = PixelwiseDenoiser()
+        denoise(y, (0.05, 0.1), model=model, **settings)
+        assert model.calls == calls
 
 
 @pytest.mark.parametrize("size, tile, overlap", [(70, 32, 8), (64, 64, 8), (100, 48, 16), (33, 16, 4)])
@@ -73,6 +76,7 @@ def test_batch_and_auto_noise():
     ({"tile": 64, "overlap": 0}, ValueError, "overlap must be an int"),
     ({"eta": 2.0}, ValueError, "eta must lie in"),
     ({"steps": 0}, ValueError, r"steps must be an int in \[1, 10000\]"),
+    ({"steps": "many"}, ValueError, "steps must be an int, 'paper' or None"),
     ({"steps": 10**20}, ValueError, r"steps must be an int in \[1, 10000\]"),
     ({"tile_batch": 0}, ValueError, "tile_batch must be an int >= 1"),
     ({"noise": (5.0, 0.1)}, ValueError, r"noise reaches variance 25.*beyond the end of the model's schedule, "

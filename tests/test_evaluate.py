@@ -145,7 +145,7 @@ def test_noisy_row_is_the_psnr_of_the_clipped_noisy_photo(run, photos):
 def test_tiles_and_the_observed_low_band_act_on_the_svnr_outputs(photos, models, tmp_path):
     """An untrained model shrinks every photo toward 0.5: a coarse error the observed low band removes."""
     rows = {}
-    for name, extra in (("plain", []), ("low-band", ["--low-band", "8", "--tile", "16"])):
+    for name, extra in (("plain", ["--low-band", "0"]), ("low-band", ["--low-band", "8", "--tile", "16"])):
         code, _, stderr = run_cli(["--data", str(photos), "--crop", str(CROP), "--levels", "0.05,0.1", "--methods",
                                    "noisy", "svnr-2", "x0hat", "--svnr", str(models["svnr"]), "--out",
                                    str(tmp_path / name), "--quiet", *extra])

@@ -71,7 +71,11 @@ def test_gray_photo_with_alpha_and_estimated_noise(tmp_path, clean, noisy):
     ("ok.png", ["--noise", "auto", "--sigma-r", "0.1", "--sigma-s", "0.1"], "exclude each other"),
     ("ok.png", ["--steps", "0"], "--steps must be an int in [1, 10000], got 0"),
     ("ok.png", ["--steps", "100000000000000000000"], "--steps must be an int in [1, 10000]"),
+    ("ok.png", ["--steps", "1e20"], "--steps must be an int or 'paper'"),
+    ("ok.png", ["--paper", "--eta", "0"], "--paper sets --steps paper --eta 1 --low-band 0; drop --eta"),
+    ("ok.png", ["--low-band", "0.1"], "--low-band must be 0 (off) or a Gaussian width >= 0.5"),
     ("ok.png", ["--tile", "8"], "--tile must be >= 16"),
+    ("ok.png", ["--sigma-r", "5", "--sigma-s", "0.1"], "beyond the end of the model's schedule"),
     ("ok.png", ["--max-megapixels", "0.0001"], "16x16 = 0.0 megapixels, more than the limit of 0.0001"),
     ("ok.png", ["--eta", "2"], "eta"),
     ("small.png", [], "too small or too clipped to estimate its noise"),
@@ -153,3 +157,23 @@ def test_a_model_with_non_finite_weights_is_refused(tmp_path, noisy, no_denoisin
                                "--sigma-r", 0.05, "--sigma-s", 0.1)
     assert "--model:" in error and "holds NaN or infinite values in conv_out.bias" in error
     assert not (tmp_path / "out.png").exists()
+
+
+def test_paper_and_default_settings_reach_denoise(tmp_path, noisy, monkeypatch):
+    from svnr_fast.app import denoise as denoise_module
+    from svnr_fast.app.cli import denoise as denoise_command
+    seen = []
+
+    def recorded(y, noise, **kwargs):
+        seen.append({k: kwargs[k] for k in ("steps", "eta", "low_band", "tile")})
+        return y
+
+    monkeypatch.setattr(denoise_command, "denoise", recorded)
+    imageio.write_image(tmp_path / "in.png", noisy[:, :16, :16])
+    for extra in ([], ["--paper"], ["--steps", "paper", "--low-band", "0"]):
+        svnr_denoise(tmp_path / "in.png", "-o", tmp_path / "out.png", "--overwrite", "--sigma-r", 0.05, "--sigma-s",
+                     0.1, *extra)
+    defaults = {"steps": denoise_module.DEFAULT_STEPS, "eta": denoise_module.DEFAULT_ETA,
+                "low_band": denoise_module.DEFAULT_LOW_BAND, "tile": denoise_module.DEFAULT_TILE}
+    assert seen == [defaults, {**defaults, **denoise_module.PAPER_SETTINGS},
+                    {**defaults, "steps": "paper", "low_band": None}]

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .. import imageio
-from ..denoise import denoise
+from ..denoise import DEFAULT_ETA, DEFAULT_LOW_BAND, DEFAULT_STEPS, DEFAULT_TILE, PAPER_SETTINGS, denoise
 from ..noise_estimation import estimate_noise_robust
 from ...sampling import MAX_STEPS
 from .common import ProgressBar, load_model_for, pick_device
@@ -45,7 +45,7 @@ def denoise_photo(pixels: torch.Tensor, noise: tuple[float, float] | None, model
         estimate = estimate_noise_robust(y)
         noise = (estimate.sigma_r, estimate.sigma_s)
     out = denoise(y, noise, model=model, steps=args.steps, eta=args.eta, tile=args.tile, seed=args.seed,
-                  progress=progress, cuda_graph=args.cuda_graph)
+                  progress=progress, cuda_graph=args.cuda_graph, low_band=args.low_band)
     if args.linear:
         out = linear_to_srgb(out)
     out = out.clamp(0, 1).cpu()
@@ -80,21 +80,47 @@ def check_output(command: str, output: Path, overwrite: bool, source: Path | Non
 
 
 def check_noise_arguments(command: str, args: argparse.Namespace) -> None:
-    """The sampling options of `add_noise_arguments`, checked before any work."""
-    if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:
-        raise SystemExit(f"svnr {command}: --steps must be an int in [1, {MAX_STEPS}], got {args.steps}")
+    """The sampling options of `add_noise_arguments`, resolved (defaults, --paper) and checked before any work."""
+    def fail(message: str):
+        raise SystemExit(f"svnr {command}: {message}")
+
+    given = [f"--{name.replace('_', '-')}" for name in PAPER_SETTINGS if getattr(args, name) is not None]
+    if args.paper and given:
+        fail(f"--paper sets --steps paper --eta 1 --low-band 0; drop {' '.join(given)} or --paper")
+    settings = {**{"steps": DEFAULT_STEPS, "eta": DEFAULT_ETA, "low_band": DEFAULT_LOW_BAND},
+                **(PAPER_SETTINGS if args.paper else {})}
+    for name, value in settings.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.steps != "paper":
+        try:
+            args.steps = int(args.steps)
+        except ValueError:
+            fail(f"--steps must be an int or 'paper' (ceil(max tau*), the paper's count), got {args.steps!r}")
+        if not 1 <= args.steps <= MAX_STEPS:
+            fail(f"--steps must be an int in [1, {MAX_STEPS}], got {args.steps}")
     if not 0 <= args.eta <= 1:
-        raise SystemExit(f"svnr {command}: --eta must lie in [0, 1], got {args.eta}")
+        fail(f"--eta must lie in [0, 1], got {args.eta}")
     if args.tile < 16:
-        raise SystemExit(f"svnr {command}: --tile must be >= 16 pixels, got {args.tile}")
+        fail(f"--tile must be >= 16 pixels, got {args.tile}")
+    if args.low_band == 0:
+        args.low_band = None
+    elif args.low_band is not None and not args.low_band >= 0.5:
+        fail(f"--low-band must be 0 (off) or a Gaussian width >= 0.5 px, got {args.low_band}")
 
 
 def add_noise_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=None, help="network evaluations (default: ceil(max tau*), the paper)")
-    parser.add_argument("--eta", type=float, default=0.0,
-                        help="0 = deterministic (the default: the cleaner result with the bundled model), "
-                             "1 = posterior sampling (the paper)")
-    parser.add_argument("--tile", type=int, default=512, help="process larger photos in overlapping tiles of this size")
+    parser.add_argument("--steps", default=None,
+                        help=f"network evaluations, or 'paper' for ceil(max tau*) (default {DEFAULT_STEPS})")
+    parser.add_argument("--eta", type=float, default=None,
+                        help=f"0 = deterministic, 1 = posterior sampling, the paper (default {DEFAULT_ETA:g})")
+    parser.add_argument("--low-band", type=float, default=None, metavar="SIGMA",
+                        help="take the result's frequencies below ~1/SIGMA from the noisy photo, whose noise there "
+                             f"is tiny (0: off, the paper; default {DEFAULT_LOW_BAND:g})")
+    parser.add_argument("--paper", action="store_true",
+                        help="the paper's sampler: --steps paper --eta 1 --low-band 0")
+    parser.add_argument("--tile", type=int, default=DEFAULT_TILE,
+                        help="process larger photos in overlapping tiles of this size (default %(default)s)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cuda-graph", action="store_true",

@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..denoise import BUNDLED_MODEL
+from ..denoise import BUNDLED_MODEL, DEFAULT_ETA, DEFAULT_LOW_BAND
 from ..evaluation.methods import (
     DEFAULT_LEVELS,
     DEFAULT_METHODS,
@@ -164,13 +164,14 @@ def add_parser(sub) -> None:
     parser.add_argument("--noise", choices=["estimated", "true"], default="estimated",
                         help="noise parameters given to the methods: estimated from each noisy photo, or the true "
                              "level")
-    parser.add_argument("--eta", type=float, default=1.0, help="sampler eta (1: the paper's posterior sampling)")
+    parser.add_argument("--eta", type=float, default=DEFAULT_ETA,
+                        help="sampler eta (default %(default)g, svnr_fast.denoise's; 1: the paper's posterior sampling)")
     parser.add_argument("--batch", type=int, default=8, help="photos per network call")
     parser.add_argument("--tile", type=int, default=None,
                         help="sample svnr and the ablation in overlapping tiles of this size, as svnr denoise --tile")
-    parser.add_argument("--low-band", type=float, default=0.0, metavar="SIGMA",
+    parser.add_argument("--low-band", type=float, default=DEFAULT_LOW_BAND, metavar="SIGMA",
                         help="take the outputs' frequencies below ~1/SIGMA from the observation, as svnr denoise "
-                             "--low-band (0: off)")
+                             "--low-band (default %(default)g, svnr_fast.denoise's; 0: off, the paper)")
     parser.add_argument("--out", type=Path, default=Path("svnr-eval"), help="output folder")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--seed", type=int, default=0)

@@ -17,8 +17,10 @@ conditioned on the noisy photo itself.
 Methods (`--methods`; each is skipped, with the reason printed, when its model or package is missing):
 - `noisy`: the noisy input itself.
 - `svnr`: top-up y' and time map tau* (DESIGN.md §1.3), then the sampler from (y', tau*) with the
-  paper's ceil(max tau*) steps (per photo), eta = 1; `svnr-N`: N steps. x0_hat is clamped to [0, 1]
-  at every step, as in `svnr denoise`.
+  paper's ceil(max tau*) steps (per photo); `svnr-N`: N steps. x0_hat is clamped to [0, 1] at every step,
+  as in `svnr denoise`. `--eta` (default svnr_fast.denoise's, 0; the paper's is 1), `--tile` (default: whole
+  crops) and `--low-band` (default svnr_fast.denoise's; 0: off, the paper) act as in `svnr denoise`, on
+  `svnr`, `x0hat` and the ablation.
 - `x0hat`: one network evaluation, `model.predict(y', y', tau*).x0_hat`, clamped to [0, 1] (`svnr-1`
   computes the same picture through one reverse step).
 - `ablation` / `ablation-N`: the model trained with `--no-correlation`, sampled exactly like SVNR
@@ -34,6 +36,10 @@ Methods (`--methods`; each is skipped, with the reason printed, when its model o
 Metrics per method, level and photo, then their mean over photos. Outputs are clipped to [0, 1]
 first (what a saved photo holds; the noisy row too).
 - PSNR and SSIM: skimage.metrics with data_range=1 (SSIM over RGB with channel_axis).
+- Low-pass error (`low_pass_error`): the RMS over pixels and channels of G_8 * (output - clean), G_8 a
+  Gaussian of standard deviation 8 px: the error of the coarse picture (blotches, colour and brightness
+  shifts). The noisy row's is that of the unclipped observation, the noise's own: a denoiser should not
+  make the coarse picture worse than the noisy photo was.
 - HF ratio (`high_frequency_ratio`): the energy of a high-pass of the output over that of the clean
   photo. The high-pass is `H(x) = x - G_1 * x`, G_1 a Gaussian of standard deviation 1 pixel (truncated
   at 4 sigma, reflected borders, per channel), which passes mostly the top octave of frequencies; the
