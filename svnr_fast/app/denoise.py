@@ -33,7 +33,7 @@ StepsSpec = Union[int, str, None]
 # benchmarks/results/defaults/)
 DEFAULT_STEPS = 4
 DEFAULT_ETA = 0.0
-DEFAULT_TILE = 256
+DEFAULT_TILE = 64          # the training crops' size
 DEFAULT_LOW_BAND = 6.0
 # the paper: ceil(max tau*) steps (delta = 1), posterior sampling, the sampler's result as it is
 PAPER_SETTINGS = {"steps": "paper", "eta": 1.0, "low_band": None}
@@ -175,9 +175,11 @@ def observed_low_band(out: Tensor, y: Tensor, noise: PoissonGaussian, sigma: flo
     G_sigma * E[y | out + d] = G_sigma * y, to first order: d = G_sigma * (y - E[y | out]) / G_sigma * slope.
 
     The noise is zero-mean and white, so its share of y's low band is tiny (G_8 keeps 3.5% of its standard
-    deviation), while the network's coarse levels, trained on 64-px crops, add error there: measured on the
-    held-out photos, the model's error exceeds the noise's own below the G_8 band at every level, and this
-    brings the low-pass error down to the noisy photo's own while raising PSNR (benchmarks/results/defaults).
+    deviation), while the network adds error there that neither the noise nor a pull toward 0.5 explains:
+    measured on the held-out photos, the model's error passes the noise's own between the G_4-G_8 band (low
+    noise) and the G_8-G_16 band (high noise), and below them it is up to 4x the noise's. With sigma 6 the
+    low-pass error drops to the noisy photo's own at every level and PSNR rises 0.3-0.5 dB
+    (benchmarks/results/defaults/README.md).
     A photo stored in a file is clipped to [0, 1]: where it is (y never below 0, or never above 1), E[y | out]
     is the mean of the clipped observation and its slope in out is below 1 (`expected_observation`); where
     more than half the noise is clipped, the observation says less, and the step is shrunk
