@@ -14,10 +14,10 @@ import sys
 
 import pytest
 import torch
-
 from conftest import requires_cuda
-from svnr_fast import Schedule, ops
 from triton_devices import requires_interpreter
+
+from svnr_fast import Schedule, ops
 
 TABLE = Schedule().table
 BACKENDS = [("reference", "cpu"), pytest.param("triton", "cpu", marks=requires_interpreter),

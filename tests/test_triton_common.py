@@ -6,11 +6,11 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from triton_devices import DEVICES
 
 from svnr_fast import Schedule, reference
 from svnr_fast.kernels import _triton_common as common
 from svnr_fast.kernels import lookup
-from triton_devices import DEVICES
 
 
 @triton.jit

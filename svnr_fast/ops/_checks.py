@@ -180,16 +180,19 @@ def rng_ints(seed, offset) -> tuple[int, int]:
     return seed, offset
 
 
-def clamp_range(clamp) -> tuple[float, float] | None:
-    if clamp is None:
-        return None
+def ordered_pair(name: str, value, what: str = "a pair") -> tuple[float, float]:
+    """(low, high) as floats, low < high."""
     try:
-        low, high = (float(v) for v in clamp)
+        low, high = (float(v) for v in value)
     except (TypeError, ValueError):
-        raise TypeError(f"clamp must be None or a pair (low, high) of floats, got {clamp!r}") from None
+        raise TypeError(f"{name} must be {what} (low, high) of floats, got {value!r}") from None
     if not low < high:
-        raise ValueError(f"clamp must satisfy low < high, got {clamp!r}")
+        raise ValueError(f"{name} must satisfy low < high, got {value!r}")
     return low, high
+
+
+def clamp_range(clamp) -> tuple[float, float] | None:
+    return None if clamp is None else ordered_pair("clamp", clamp, "None or a pair")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -246,6 +249,20 @@ def training_sample_args(x0, sigma_r, sigma_s, u, table_, eps_T, eps_prime, seed
         u=per_image("u", u, B, device, dtype=dtype, low=0.0, high=1.0),
         table=table(table_, device),
         min_std=scalar("min_std", min_std, low=0.0))
+
+
+@one_read()
+def top_up_args(y, variance, table_, z, seed, offset) -> torch.Tensor:
+    """Checks the top-up's arguments; returns the table in the compute dtype of y."""
+    tensor("y", y, ndim=4)
+    finite("y", y)
+    tensor("variance", variance, ndim=4)
+    same_shape("y", y, variance=variance)
+    same_device("y", y, variance=variance)
+    finite("variance", variance)
+    noise("z", z, "y", y)
+    rng_ints(seed, offset)
+    return table(table_, y.device).to(compute_dtype(y.dtype))
 
 
 @one_read()
