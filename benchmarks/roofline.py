@@ -24,11 +24,11 @@ built code's by the loop overhead unrolling saves. Counted per thread:
   square root for special operands, 64-bit integer division when an operand needs more than 32 bits, none
   of which the benchmark data reach) and the divergent-warp fallbacks (BRA.DIV) are not counted;
 - a loop is a backward branch; its body is multiplied by a trip count taken from the per-kernel facts below,
-  found by the source line of the branch (the loop header), e.g. a time lookup's binary search runs
-  bit_length(T - 1) times. A compare-and-swap retry loop counts one try (no contention). A loop with no
-  trip count stops the tool: it never guesses;
+  found by the source line of the branch (the loop header), e.g. the time lookup's extra refinement steps,
+  which the prepared default schedule's header gives (none). A compare-and-swap retry loop counts one try
+  (no contention). A loop with no trip count stops the tool: it never guesses;
 - a forward branch's skipped code counts as executed (an upper bound), except the guards the facts give a
-  share for, e.g. the fourth of four unrolled channels is skipped when C = 3.
+  share for, e.g. the tau*max lookup that only an image's last max program of training_sample makes.
 Instructions per element = per-thread count x threads launched / elements. On a GPU model:
 issue time = warp instructions / (SMs x 4 schedulers x clock) (a lower bound: MUFU and FP64 issue at less
 than one warp instruction per cycle), DRAM time = minimal bytes / measured copy bandwidth. An op is
@@ -128,32 +128,27 @@ GROUPS, KNOTS = 32, 257              # groupnorm_film as benchmarks/bench_groupn
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def schedule_steps() -> int:
+def refinement_steps() -> int:
+    """Refinement steps the time lookup takes beyond its first for the default schedule (its prepared
+    schedule's header: kernels/_triton_common.py)."""
     from svnr_fast import Schedule
-    return Schedule().table.numel() - 1
+    from svnr_fast.kernels._triton_common import prepared_schedule
+    extra = int(prepared_schedule(Schedule().table)[1]) & 0xFFFFFFFF
+    return max(extra - 2**32 if extra >= 2**31 else extra, 0)
 
 
 def triton_loops(shape) -> dict[str, float]:
-    """Trip counts of the Triton kernels' loops, by the text of their header line."""
-    C = shape[1]
-    return {
-        "for c in range(0, C, 4):": math.ceil(C / 4),                 # channel groups of four
-        "for i in range(n_search):": (schedule_steps() - 1).bit_length(),   # the time lookup's binary search
-        "while tl.atomic_add(max_done_ptr": 1,                         # ordered launch's wait: one poll at least
-    }
+    """Trip counts of the Triton kernels' loops, by the text of their header line (the channel and tile
+    loops are unrolled at compile time)."""
+    return {"for _ in range(extra_steps):": refinement_steps()}
 
 
-def unrolled_channel_share(C: int) -> Callable[[tuple[str, ...]], float]:
-    """Share of the channel-loop iterations in which copy k of the four unrolled channels (`f(c + k, ...)`)
-    passes its `if c < C:` guard: ceil((C - k) / 4) of ceil(C / 4)."""
-    def share(call_sites: tuple[str, ...]) -> float:
-        k = next((int(m.group(1)) for text in call_sites if (m := re.search(r"\(c \+ (\d+),", text))), 0)
-        return max(math.ceil((C - k) / 4), 0) / math.ceil(C / 4)
-    return share
-
-
-def triton_guards(shape) -> dict[str, Callable[[tuple[str, ...]], float]]:
-    return {"if c < C:": unrolled_channel_share(shape[1])}
+def triton_guards(grid) -> dict[str, Callable[[tuple[str, ...]], float]]:
+    """Shares of a launch's runtime branches: of the `groups` max programs of an image in training_sample's
+    max phase, the last turns the image's maximum into tau*max."""
+    from svnr_fast.kernels import training_sample
+    groups = math.ceil(grid[0] / (training_sample.MAX_TILES // training_sample.SAMPLE_TILES))
+    return {"== groups - 1:": lambda sites: 1 / groups}
 
 
 @dataclass(frozen=True)
@@ -199,18 +194,17 @@ def _ops() -> list[Op]:
         Op("time_from_variance", "triton", image, _lookup("time_from_variance"),
            lambda sh, s: s + 4, lambda sh, s: s + 4),
         Op("time_map", "triton", image, _lookup("time_map"), lambda sh, s: s + 4 / sh[1], lambda sh, s: s + 4 / sh[1]),
-        # training_sample: x0 read; y', x_t, target written; tau (float32) per pixel; the two-pass launch reads x0
-        # twice, and so does the ordered one (the second read meant to come from L2)
+        # training_sample: x0 read; y', x_t, target written; tau (float32) per pixel. The max and the sample
+        # phases both read x0; on a GPU the second read comes from L2 (chunks of images whose x0 fits in it)
         Op("training_sample", "triton", image, _training_sample(),
            lambda sh, s: 4 * s + 4 / sh[1], lambda sh, s: 5 * s + 4 / sh[1]),
         Op("training_sample[uncorrelated]", "triton", image, _training_sample(correlated=False),
            lambda sh, s: 4 * s + 4 / sh[1], lambda sh, s: 5 * s + 4 / sh[1]),
         Op("training_sample[given noise]", "triton", image, _training_sample(given_noise=True),
            lambda sh, s: 6 * s + 4 / sh[1], lambda sh, s: 7 * s + 4 / sh[1]),
-        Op("training_sample[ordered]", "triton", image, _training_sample(ordered=True),
-           lambda sh, s: 4 * s + 4 / sh[1], lambda sh, s: 5 * s + 4 / sh[1], budgeted=False,
-           note="each program runs one phase, chosen at run time; both are counted for every program, so the "
-                "count is about twice the real one (not budgeted)"),
+        Op("training_sample[per-channel]", "triton", image, _training_sample(per_channel=True),
+           lambda sh, s: 4 * s + 4, lambda sh, s: 5 * s + 4, budgeted=False,
+           note="other codebases' convention: one time map per channel, the lookups per element (not budgeted)"),
         # reverse_step: x, eps_hat read, x_new written; tau read and tau_new written (float32 per pixel)
         Op("reverse_step", "triton", image, _reverse_step(eta=1.0),
            lambda sh, s: 3 * s + 8 / sh[1], lambda sh, s: 3 * s + 8 / sh[1]),
@@ -220,6 +214,9 @@ def _ops() -> list[Op]:
            lambda sh, s: 3 * s + 8 / sh[1], lambda sh, s: 3 * s + 8 / sh[1]),
         Op("reverse_step[x0_hat, clamp]", "triton", image, _reverse_step(eta=1.0, clamp=True, x0_hat=True),
            lambda sh, s: 4 * s + 8 / sh[1], lambda sh, s: 4 * s + 8 / sh[1]),
+        Op("reverse_step[per-channel]", "triton", image, _reverse_step(eta=1.0, per_channel=True),
+           lambda sh, s: 3 * s + 8, lambda sh, s: 3 * s + 8, budgeted=False,
+           note="other codebases' convention: one time map per channel, the lookups per element (not budgeted)"),
         # groupnorm_film (SiLU, NCHW): forward reads h and u (float32 per pixel), writes out, reads the table;
         # backward reads grad_out, h, u, writes grad_h, reads the table and writes its gradient; its reduce and
         # apply passes both read h, grad_out and u
@@ -232,7 +229,7 @@ def _ops() -> list[Op]:
 
 
 # Triton ops: each calls the op's launch function on meta tensors (coupling: these signatures, which are the
-# reference functions' signatures, and kernels/training_sample.launch's `ordered` flag)
+# reference functions' signatures)
 
 def _meta(shape, dtype=torch.float32):
     return torch.empty(shape, dtype=dtype, device="meta")
@@ -251,26 +248,26 @@ def _lookup(name: str):
     return launches
 
 
-def _training_sample(*, correlated=True, given_noise=False, ordered=False):
+def _training_sample(*, correlated=True, given_noise=False, per_channel=False):
     def launches(shape, dtype, arch):
         from svnr_fast.kernels import training_sample
         B = shape[0]
         noise = (_meta(shape, dtype), _meta(shape, dtype)) if given_noise else (None, None)
-        return triton_launches(lambda: training_sample.launch(
-            _meta(shape, dtype), _meta(B), _meta(B), _meta(B), _meta_table(), correlated, *noise, 0, 0,
-            ordered=ordered), shape, arch)
+        return triton_launches(lambda: training_sample.training_sample(
+            _meta(shape, dtype), _meta(B), _meta(B), _meta(B), _meta_table(), correlated, *noise, 0, 0, per_channel,
+            False, 0.0), shape, arch)
     return launches
 
 
-def _reverse_step(*, eta, given_z=False, clamp=False, x0_hat=False):
+def _reverse_step(*, eta, given_z=False, clamp=False, x0_hat=False, per_channel=False):
     def launches(shape, dtype, arch):
         from svnr_fast.kernels import reverse_step
         B, C, H, W = shape
         z = _meta(shape, dtype) if given_z else None
         low, high = (-1.0, 1.0) if clamp else (None, None)
         return triton_launches(lambda: reverse_step.reverse_step(
-            _meta(shape, dtype), _meta(shape, dtype), _meta((B, 1, H, W)), _meta(B), _meta_table(), eta, z, low, high,
-            0, 0, x0_hat), shape, arch)
+            _meta(shape, dtype), _meta(shape, dtype), _meta((B, C if per_channel else 1, H, W)), _meta(B),
+            _meta_table(), eta, z, low, high, 0, 0, x0_hat), shape, arch)
     return launches
 
 
@@ -557,11 +554,11 @@ def triton_launches(call: Callable[[], object], shape, arch: int) -> list[Launch
         if callable(grid):
             raise NotImplementedError(f"{fn.__name__}: grid functions are not supported")
         compiled = triton_compile(fn, args, kwargs, arch)
-        phase = {1: " max phase", 2: " sample phase"}.get(kwargs.get("PHASE"), "")
+        phase = {True: " max phase", False: " sample phase"}.get(kwargs.get("MAX_PHASE"), "")
         launches.append(Launch(fn.__name__ + phase, triton_cubin(compiled),
                                functools.partial(triton_rolled_cubin, compiled), compiled.metadata.name,
                                compiled.metadata.num_warps * 32, math.prod(grid), compiled.metadata.shared,
-                               triton_loops(shape), triton_guards(shape)))
+                               triton_loops(shape), triton_guards(grid)))
     return launches
 
 

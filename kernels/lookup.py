@@ -3,14 +3,20 @@
 Same signatures and results as svnr_fast.reference._gamma / _time_from_variance / _time_map (checked
 arguments: the table is already in the compute dtype of the data). Results are float32, or float64 for
 float64 input. Both directions are O(1) per value: gamma reads one 64-bit record of the prepared
-schedule, its inverse three (kernels/_triton_common.py), all from L1.
+schedule, its inverse four (kernels/_triton_common.py), all from L1.
 
-Bytes per element and the static roofline at 16x3x512x512 (12.6 M elements; sm_90 SASS, executed
-warp-instructions per element with loops counted; H200 model: 132 SMs x 4 schedulers x 1.98 GHz
-issue, 4,248 GB/s copy bandwidth):
+Bytes per element (gamma and time_from_variance read the data and write float32; time_map writes one
+float32 per pixel) and the static roofline on 16x3x512x512 elements (`python benchmarks/roofline.py`:
+sm_90 SASS, instructions executed per thread per element; H200 model, 132 SMs x 4 schedulers x 1.98 GHz
+issue, 4,248 GB/s):
 
-    kernel              dtype  B/elem  instr/elem  issue us  DRAM us  issue/DRAM  regs  spills
-    gamma               fp32   8       (filled in below)
+    kernel               dtype   B/elem  instr/elem  issue us  DRAM us  issue/DRAM  regs  spills
+    gamma                fp32    8.00    14.8         5.6      23.7     0.23        22    0
+                         bf16    6.00    16.3         6.1      17.8     0.34        22    0
+    time_from_variance   fp32    8.00    37.3        14.0      23.7     0.59        32    0
+                         bf16    6.00    38.8        14.6      17.8     0.82        32    0
+    time_map             fp32    5.33    14.3         5.4      15.8     0.34        32    0
+                         bf16    3.33    14.3         5.4       9.9     0.55        32    0
 """
 import torch
 import triton

@@ -8,13 +8,20 @@ out once per pixel; with one time map per channel (B, C, H, W) once per element.
 each channel draws it in the kernel, one Philox call per four pixels (eta = 0 needs no z at all and
 neither reads nor draws it).
 
-Bytes per element and the static roofline at 16x3x512x512, shared time map (12.6 M elements; sm_90
-SASS, executed warp-instructions per element; H200 model: 132 SMs x 4 schedulers x 1.98 GHz issue,
-4,248 GB/s copy bandwidth): x, eps_hat read and x_new written in the data dtype, tau read and s
-written in float32 per pixel, z read when given:
+Bytes per element (x, eps_hat read and x_new written in the data dtype, tau read and s written in float32
+per pixel, or per element with per-channel maps, z read when given) and the static roofline at
+16x3x512x512 (`python benchmarks/roofline.py`: sm_90 SASS, instructions executed per thread per element;
+H200 model, 132 SMs x 4 schedulers x 1.98 GHz issue, 4,248 GB/s):
 
-    variant        dtype  B/elem  instr/elem  issue us  DRAM us  issue/DRAM  regs  spills
-    (filled in below)
+    variant                dtype   B/elem  instr/elem  issue us  DRAM us  issue/DRAM  regs  spills
+    z drawn (eta = 1)      fp32    14.67   40.9        15.4      43.4     0.35        64    0
+                           bf16     8.67   45.7        17.2      25.7     0.67        62    0
+    z given                fp32    18.67   26.1         9.8      55.3     0.18        72    0
+                           bf16    10.67   33.0        12.4      31.6     0.39        56    0
+    eta = 0                fp32    14.67   22.8         8.6      43.4     0.20        64    0
+                           bf16     8.67   28.2        10.6      25.7     0.41        48    0
+    per-channel, z drawn   fp32    20.00   71.4        26.9      59.2     0.45        72    0
+                           bf16    14.00   76.6        28.8      41.5     0.69        64    0
 """
 import torch
 import triton

@@ -13,18 +13,28 @@ per-image maximum, before any pixel can be finished, so every tile of pixels is 
   1 / sqrt(gamma(tau)) (no division per element), then per element y', x_t and the target; noise from
   the tensors given or drawn in the kernel, one Philox call per four pixels for each of eps_T and eps'.
 
-The batch goes in chunks of images whose x0 fits in half the L2 cache: launch i runs the sample tiles of
-chunk i - 1 and the max tiles of chunk i, so an image's x0 is read from DRAM once, by its max tiles
-(loads that ask L2 to keep it), and again from L2 by its sample tiles one launch later (loads and
-stores that ask L2 to drop them first). Chunks + 1 launches; one t0 per batch needs every max before
-any sample: two launches over the whole batch, x0 read twice from DRAM.
+The batch goes in chunks of images whose x0 fits in half the L2 cache, two launches each (one constexpr
+phase each, so neither carries the other's code): the max phase reads x0 from DRAM (asking L2 to keep
+it), the sample phase right after reads it again from L2 (asking L2 to drop it and its outputs first).
+One t0 per batch needs every maximum before any sample: one chunk, the whole batch, x0 read twice from
+DRAM.
 
-Bytes per element and the static roofline at 16x3x512x512, correlated, noise drawn (12.6 M elements;
-sm_90 SASS, executed warp-instructions per element, max and sample tiles together; H200 model: 132 SMs x
-4 schedulers x 1.98 GHz issue, 4,248 GB/s copy bandwidth): x0 read, y', x_t, target written in the data
-dtype, tau written in float32 per pixel (+2 x itemsize with eps_T and eps' given):
+Bytes per element (x0 read, y', x_t, target written in the data dtype, tau written in float32 per pixel,
+or per element with per-channel maps; +2 x itemsize with eps_T and eps' given; the second read of x0
+comes from L2) and the static roofline at 16x3x512x512, correlated, both phases (`python
+benchmarks/roofline.py`: sm_90 SASS, instructions executed per thread per element; H200 model, 132 SMs x
+4 schedulers x 1.98 GHz issue, 4,248 GB/s):
 
-    (filled in below)
+    variant                dtype   B/elem  instr/elem  issue us  DRAM us  issue/DRAM  regs  spills
+    noise drawn            fp32    17.33   68.9        25.9      51.3     0.50        56    0
+                           bf16     9.33   71.4        26.8      27.7     0.97        64    0
+    noise given            fp32    25.33   43.1        16.2      75.0     0.22        72    0
+                           bf16    13.33   48.6        18.3      39.5     0.46        70    0
+    uncorrelated, drawn    fp32    17.33   62.0        23.3      51.3     0.45        56    0
+                           bf16     9.33   64.5        24.3      27.7     0.88        62    0
+    per-channel, drawn     fp32    20.00  120.8        45.4      59.2     0.77        56    0
+                           bf16    12.00  123.5        46.4      35.5     1.31        56    0
+The max phase is 3.4 of the 68.9 (fp32) instructions per element, with 32 registers.
 """
 import torch
 import triton
@@ -202,23 +212,22 @@ def _sample_tile(start, b, sigma_r2, sigma_s2, min_var, t0, x0_ptr, eps_t_ptr, e
 
 @triton.jit(do_not_specialize=["seed", "offset_lo", "offset_hi"])
 def _training_sample_kernel(x0_ptr, eps_t_ptr, eps_p_ptr, sigma_r_ptr, sigma_s_ptr, u_ptr, sched_ptr, y_ptr, x_t_ptr,
-                            tau_ptr, target_ptr, sync_ptr, HW, W, sb, sc, sh, sw, first_image, sample_images,
-                            end_image, min_var: tl.float64, seed, offset_lo, offset_hi,
+                            tau_ptr, target_ptr, sync_ptr, HW, W, sb, sc, sh, sw, first_image, end_image,
+                            min_var: tl.float64, seed, offset_lo, offset_hi,
                             C: tl.constexpr, T: tl.constexpr, COMPUTE: tl.constexpr, LAYOUT: tl.constexpr,
                             WIDE: tl.constexpr, EVEN: tl.constexpr, EPS_T_TENSOR: tl.constexpr,
                             EPS_PRIME_TENSOR: tl.constexpr, CORRELATED: tl.constexpr, PER_CHANNEL: tl.constexpr,
-                            BATCH_T0: tl.constexpr, MIN_VAR: tl.constexpr, BLOCK: tl.constexpr):
-    # grid (tiles / SAMPLE_TILES, rows): images first_image ... + sample_images - 1 sampled, one per row,
-    # then max rows for the images up to end_image; sync (int64): [batch tau*max | per image: max x0,
+                            BATCH_T0: tl.constexpr, MIN_VAR: tl.constexpr, MAX_PHASE: tl.constexpr,
+                            BLOCK: tl.constexpr):
+    # images first_image ... end_image - 1; grid (tiles / SAMPLE_TILES, rows): the sample phase one image per
+    # row, the max phase as many as fit (_max_tiles). sync (int64): [batch tau*max | per image: max x0,
     # finished max programs, tau*max], floats as _bits. EVEN: MAX_TILES * BLOCK divides H * W.
-    job = tl.program_id(1)
     min_var = tl.full([], min_var, COMPUTE)
-    if job >= sample_images:
-        _max_tiles(x0_ptr, sigma_r_ptr, sigma_s_ptr, sched_ptr, sync_ptr, job - sample_images,
-                   first_image + sample_images, end_image, HW, W, sb, sc, sh, sw, min_var, C, T, COMPUTE, LAYOUT, WIDE,
-                   EVEN, BATCH_T0, MIN_VAR, BLOCK)
+    if MAX_PHASE:
+        _max_tiles(x0_ptr, sigma_r_ptr, sigma_s_ptr, sched_ptr, sync_ptr, tl.program_id(1), first_image, end_image,
+                   HW, W, sb, sc, sh, sw, min_var, C, T, COMPUTE, LAYOUT, WIDE, EVEN, BATCH_T0, MIN_VAR, BLOCK)
     else:
-        b = first_image + job
+        b = first_image + tl.program_id(1)
         if WIDE:
             b = b.to(tl.int64)
         sigma_r2, sigma_s2 = _sigmas2(sigma_r_ptr, sigma_s_ptr, b, COMPUTE)
@@ -267,12 +276,12 @@ def training_sample(x0, sigma_r, sigma_s, u, table, correlated, eps_T, eps_prime
     tiles, _ = grid(H * W, B)
     programs = triton.cdiv(tiles, SAMPLE_TILES)
     images_per_max_row = programs // triton.cdiv(programs, MAX_TILES // SAMPLE_TILES)
-    # launch i: the sample tiles of chunk i - 1 (images first ... first + sampled - 1) beside the max
-    # tiles of chunk i (the images after them, up to end)
-    for first in range(0, B + chunk, chunk):
-        sampled = min(first, B) - max(first - chunk, 0)
+    scalars = (float(min_std) ** 2, seed, *split_offset(offset))
+    # per chunk, the max phase then the sample phase, which reads x0 again from L2
+    for first in range(0, B, chunk):
         end = min(first + chunk, B)
-        rows = sampled + triton.cdiv(end - min(first, B), images_per_max_row)
-        run(_training_sample_kernel, (programs, rows), x0, *args, max(first - chunk, 0), sampled, end,
-            float(min_std) ** 2, seed, *split_offset(offset), **constants)
+        run(_training_sample_kernel, (programs, triton.cdiv(end - first, images_per_max_row)), x0, *args, first, end,
+            *scalars, MAX_PHASE=True, **constants)
+        run(_training_sample_kernel, (programs, end - first), x0, *args, first, end, *scalars, MAX_PHASE=False,
+            **constants)
     return y, x_t, tau, target
