@@ -1,8 +1,8 @@
 """What the SVNR Triton kernels share: the prepared schedule and its lookups, in-kernel normals, addressing.
 
-Image kernels run one program per (tile of BLOCK pixels, image) and walk the channels inside (the channel
-count is a compile-time constant), so per-pixel work (table lookups, time maps) is done once per pixel,
-not once per channel. An input with a dense or channels_last layout is addressed as `pixel * stride`,
+Image kernels run one program per (tile of pixels, image) and walk the channels inside (the channel count
+is a compile-time constant), so per-pixel work (table lookups, time maps) is done once per pixel, not
+once per channel. An input with a dense or channels_last layout is addressed as `pixel * stride`,
 any other as `h * stride_h + w * stride_w` (one integer division per pixel); offsets are int32 unless a
 tensor spans 2**31 elements or more. Outputs are contiguous, as the fake kernels in svnr_fast/ops/
 declare.
