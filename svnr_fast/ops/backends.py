@@ -170,6 +170,12 @@ def implementation(op: str, device_type: str) -> Callable:
     return chosen
 
 
+def serve(op: str, device_type: str, implementation: Callable) -> None:
+    """Serve `op` on `device_type` with `implementation` until the next set_backend() or forget_choices()
+    (benchmarks/bench_host_path.py runs the CUDA implementations on CPU tensors so)."""
+    _chosen[(op, device_type)] = implementation
+
+
 def define(op: str, schema: str, *, fake: Callable, reference: Callable, **fast: str) -> None:
     """Defines svnr::<op> with its fake kernel and one kernel per device, which runs the chosen backend.
 

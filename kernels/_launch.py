@@ -1,0 +1,154 @@
+"""Launching a compiled Triton kernel in about a microsecond of Python.
+
+`kernel[grid](*args)` spends ~20 us of Python per launch in Triton's JITFunction.run: it binds ~35 positional
+arguments into a dict, specialises each one (type, 16-byte alignment of pointers, divisibility by 16 and
+== 1 of ints) into a list, turns that list and the options into a string key and looks the compiled kernel
+up by it. `Launcher` does that once per specialisation and then calls the kept CompiledKernel's launcher
+directly, with the arguments JITFunction.run would pass (tests/test_host_path.py compares them).
+
+The key of a call is computed by a small function generated for the kernel's argument layout (`_key_source`),
+equal for two calls exactly when Triton's specialisation is equal:
+- a tensor contributes its dtype, and all tensors together whether every data pointer is 16-byte aligned
+  (a call with any unaligned pointer takes Triton's path, which specialises each pointer on its own);
+- an int Triton specialises contributes its value; one it does not (`do_not_specialize`) the width class
+  of its value (i32 / i64 / u64), as Triton's type for it depends on that alone;
+- a float parameter annotated with its type contributes nothing (Triton fixes its type);
+- anything else is specialised by Triton's own specialize function;
+- the constexprs (keyword arguments) contribute their values.
+The knobs JITFunction.run folds into its options (debug, instrumentation mode, fpsan casts) and Triton's
+hooks (pre-run hooks, a stages inspection hook) are checked on every call: any change, and any call whose
+key is not cached yet, goes through JITFunction.run, which compiles as usual; the launch that follows fills
+the cache. Unlike JITFunction.run a cached launch does not re-check that module globals the kernel read
+when it was compiled still have their values (our kernels read no mutable globals).
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+from triton import knobs
+from triton._C.libtriton import native_specialize_impl
+from triton.runtime.driver import driver
+from triton.runtime.jit import JITFunction
+
+_INT32 = (-(1 << 31), 1 << 31)
+_INT64 = (-(1 << 63), 1 << 63)
+_FIXED_TYPES = ("u1", "fp", "bf")     # annotations Triton does not specialise on (create_function_from_signature)
+
+
+class _Entry(NamedTuple):
+    launcher: object            # the CompiledKernel's launcher (CompiledKernel.run)
+    function: int               # the CompiledKernel's function handle
+    packed_metadata: tuple
+    launch_metadata: object     # CompiledKernel.launch_metadata
+    constexprs: tuple           # the constexpr arguments in signature order (the launcher takes every parameter)
+
+
+def _options_state() -> tuple:
+    """What JITFunction.run reads from Triton's knobs into every call's options, and so into its key."""
+    return (knobs.runtime.debug, knobs.compilation.instrumentation_mode,
+            knobs.compilation.fpsan_homomorphic_casts)
+
+
+class Launcher:
+    """Launches one JITFunction: `launcher(grid, device, args, constants)` as `kernel[grid](*args, **constants)`
+    on `device` (an index; another device than the current one is switched to for the launch)."""
+
+    def __init__(self, kernel: JITFunction, options: dict):
+        self.kernel = kernel
+        self.options = options        # launch options (num_warps, ...), the same on every call
+        self._keys = {}               # number of positional arguments -> the generated key function
+        self._entries: dict[tuple, _Entry] = {}
+        self._state = None
+
+    def __call__(self, grid: tuple, device: int, args: tuple, constants: dict) -> None:
+        active = driver.active
+        current = active.get_current_device()
+        if device != current:
+            with torch.cuda.device(device):
+                return self(grid, device, args, constants)
+        key_of = self._keys.get(len(args))
+        if key_of is None:
+            key_of = self._keys[len(args)] = _key_function(self.kernel, args)
+        try:
+            key = key_of(*args)
+        except (AttributeError, TypeError):   # a tensor position given something else: Triton sorts it out
+            key = None
+        runtime = knobs.runtime
+        entry = None if key is None else self._entries.get((current, key, *constants.items()))
+        if entry is None or self.kernel.pre_run_hooks or runtime.add_stages_inspection_hook is not None \
+                or _options_state() != self._state:
+            self._launch_through_triton(None if key is None else (current, key, *constants.items()), grid, args,
+                                        constants)
+            return
+        stream = active.get_current_stream(current)
+        bound = args + entry.constexprs
+        dims = len(grid)
+        entry.launcher(grid[0], grid[1] if dims > 1 else 1, grid[2] if dims > 2 else 1, stream, entry.function,
+                       entry.packed_metadata, entry.launch_metadata(grid, stream, *bound), runtime.launch_enter_hook,
+                       runtime.launch_exit_hook, *bound)
+
+    def _launch_through_triton(self, key, grid, args, constants) -> None:
+        compiled = self.kernel[grid](*args, **constants, **self.options)
+        if key is None or compiled is None:
+            return
+        state = _options_state()
+        if state != self._state:
+            self._entries.clear()
+            self._state = state
+        later = self.kernel.params[len(args):]
+        constexprs = tuple(constants[p.name] if p.name in constants else p.default for p in later)
+        self._entries[key] = _Entry(compiled.run, compiled.function, compiled.packed_metadata,
+                                    compiled.launch_metadata, constexprs)
+
+
+def _key_function(kernel: JITFunction, args: tuple):
+    namespace = {"specialize": native_specialize_impl, "backend": None}
+    source = _key_source(kernel, args, namespace)
+    exec(source, namespace)
+    return namespace["key"]
+
+
+def _key_source(kernel: JITFunction, args: tuple, namespace: dict) -> str:
+    """The source of `key(a0, a1, ...)` for calls with the positional arguments laid out as `args` are."""
+    from triton.compiler import make_backend
+    namespace["backend"] = make_backend(driver.active.get_current_target())
+    names = [f"a{i}" for i in range(len(args))]
+    parts, pointers = [], []
+    for name, param, value in zip(names, kernel.params, args):
+        annotation = param.annotation_type
+        if param.is_constexpr:
+            parts.append(name)
+        elif isinstance(annotation, str) and annotation.startswith(_FIXED_TYPES):
+            continue
+        elif isinstance(value, torch.Tensor) and not (param.is_const or param.do_not_specialize
+                                                      or param.do_not_specialize_on_alignment or annotation):
+            parts.append(f"{name}.dtype")
+            pointers.append(f"{name}.data_ptr()")
+        elif type(value) is int and not (param.is_const or annotation):
+            if param.do_not_specialize:
+                parts.append(f"(0 if {_INT32[0]} <= {name} < {_INT32[1]} else "
+                             f"1 if {_INT64[0]} <= {name} < {_INT64[1]} else 2)")
+            else:
+                parts.append(name)
+        else:
+            parts.append(f"specialize(backend, {name}, {param.is_const}, {not param.do_not_specialize}, "
+                         f"{not param.do_not_specialize_on_alignment})")
+    # any unaligned pointer: Triton's key then depends on which ones, so the call is not keyed here
+    check = f"    if ({' | '.join(pointers)}) & 15:\n        return None\n" if pointers else ""
+    return f"def key({', '.join(names)}):\n{check}    return ({', '.join(parts)},)\n"
+
+
+_LAUNCHERS: dict[int, Launcher] = {}    # by id(kernel): a JITFunction's hash takes a lock and hashes its source
+
+
+def launcher(kernel, options: dict) -> Launcher | None:
+    """The Launcher of `kernel` (kept for the process), or None for a kernel Triton interprets
+    (TRITON_INTERPRET=1), which is launched as written."""
+    found = _LAUNCHERS.get(id(kernel))
+    if found is None:
+        if not isinstance(kernel, JITFunction):
+            return None
+        found = _LAUNCHERS[id(kernel)] = Launcher(kernel, options)
+    return found
