@@ -9,10 +9,11 @@ and `svnr_fast.nn` (the per-pixel FiLM module and its time embedding). The appli
 `svnr_fast.denoise(y, noise, ...)` is the main job (DESIGN.md §4); `svnr_fast.SVNRScheduler` the
 diffusers-style scheduler. Importing the package never initialises CUDA, Triton or the C++ module.
 """
-from . import ops, reference
+# the speed layer first, then the application built on it
+from . import ops, reference  # noqa: I001
 from .reference import TrainingSample
 from .schedule import PoissonGaussian, Schedule
-from .app.denoise import denoise  # noqa: I001  (the application after the speed layer it is built on)
+from .app.denoise import denoise
 from .app.sampling import SamplerGraphs, SVNRScheduler
 
 __version__ = "0.1.0"

@@ -144,3 +144,18 @@ def test_the_package_exposes_the_main_job_and_the_scheduler():
     out = svnr_fast.denoise(y, (0.0, 0.0), model=ZeroNoise())
     assert torch.equal(out, y)                   # no noise: time 0 everywhere, nothing to do
     assert svnr_fast.SVNRScheduler().config["num_train_timesteps"] == 1000
+
+
+def test_the_application_is_built_on_the_ops_not_on_the_reference():
+    """The reference is the tests' oracle and the CPU implementation behind the ops; application code never
+    imports it, and the Triton kernels import nothing from the package but their own helpers."""
+    import ast
+    from pathlib import Path
+
+    root = Path(svnr_fast.__file__).parent
+    for path in sorted((root / "app").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = {alias.name for alias in node.names}
+                assert "reference" not in (node.module or "").split(".") and "reference" not in names, \
+                    f"{path.relative_to(root)} imports the reference"

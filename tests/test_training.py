@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from svnr_fast import PoissonGaussian, Schedule, reference
-from svnr_fast.app import checkpoint, data, imageio, models, training
+from svnr_fast.app import checkpoint, conditioning, data, imageio, models, training
 from svnr_fast.app.checkpoint import CheckpointError
 from svnr_fast.app.cli import train
 from svnr_fast.app.training import TrainConfig, loop
@@ -60,7 +60,7 @@ def test_ema_starts_fast_then_uses_the_configured_decay():
     assert training.ema_decay_at(100_000, 0.999) == 0.999
     ema, model = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     before = [p.detach().clone() for p in ema.parameters()]
-    training.update_ema(ema, model, 0.75)
+    training.update_ema(ema, model, torch.tensor(0.75))
     for e, b, m in zip(ema.parameters(), before, model.parameters()):
         torch.testing.assert_close(e, 0.75 * b + 0.25 * m)
 
@@ -263,7 +263,7 @@ def test_observed_input_is_what_inference_builds():
     sigma_r, sigma_s = torch.tensor([0.02, 0.1]), torch.tensor([0.2, 0.05])
     eps_y, z = torch.randn(2, *x0.shape, generator=gen)
     table = Schedule().table
-    y_prime, tau_star = training.observed_input(x0, sigma_r, sigma_s, table, eps_y, z)
+    y_prime, tau_star = conditioning.observed_input(x0, sigma_r, sigma_s, table, eps_y, z)
     y = x0 + (sigma_r.view(2, 1, 1, 1) ** 2 + sigma_s.view(2, 1, 1, 1) ** 2 * x0).sqrt() * eps_y
     variance = PoissonGaussian(sigma_r, sigma_s).variance(y.clamp(0, 1))
     expected_y, expected_tau = reference.top_up(y, variance, table, z=z)

@@ -20,15 +20,13 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .. import reference
 from ..ops import _checks
 from ..schedule import PoissonGaussian
-from .noise_estimation import estimate_noise
+from .conditioning import observe
+from .noise_estimation import estimate_noise_model
 from .sampling import Denoiser, SamplerGraphs, default_steps, sample
 
 NoiseSpec = Union[str, PoissonGaussian, Sequence[float]]
-TOP_UP_OFFSET = 2**40     # the top-up's noise stream, far from the sampler's step offsets 0..N-1
-
 
 def noise_model(y: Tensor, noise: NoiseSpec) -> PoissonGaussian:
     """`noise` as a PoissonGaussian: "auto" estimates it per image from y (B, C, H, W)."""
@@ -37,9 +35,7 @@ def noise_model(y: Tensor, noise: NoiseSpec) -> PoissonGaussian:
     if isinstance(noise, str):
         if noise != "auto":
             raise ValueError(f"noise must be 'auto', (sigma_r, sigma_s) or a PoissonGaussian, got {noise!r}")
-        estimates = [estimate_noise(image) for image in y]
-        return PoissonGaussian(torch.tensor([e.sigma_r for e in estimates], device=y.device),
-                               torch.tensor([e.sigma_s for e in estimates], device=y.device))
+        return estimate_noise_model(y)
     try:
         sigma_r, sigma_s = noise
     except (TypeError, ValueError):
@@ -117,9 +113,7 @@ def denoise(y: Tensor, noise: NoiseSpec = "auto", model: Optional[Denoiser] = No
     model = default_model(batch.device) if model is None else model
     table = model.variance_table.to(batch.device)
 
-    noise = noise_model(batch, noise)
-    variance = noise.variance(batch.clamp(0, 1))
-    y_prime, tau_star = reference.top_up(batch, variance, table, seed=seed, offset=TOP_UP_OFFSET)
+    y_prime, tau_star = observe(batch, noise_model(batch, noise), table, seed=seed)
     steps = default_steps(tau_star) if steps is None else steps
     tau_max = tau_star.amax(dim=(1, 2, 3))
     H, W = batch.shape[-2:]

@@ -203,11 +203,6 @@ class SamplerGraphs:
         return loop.replay(condition, x, tau, table, plan)
 
 
-def sample_svnr(denoiser: Denoiser, y_prime: Tensor, tau_star: Tensor, table: Tensor, **kwargs) -> Tensor:
-    """SVNR: the topped-up observation is both the condition and the starting point."""
-    return sample(denoiser, y_prime, y_prime, tau_star, table, **kwargs)
-
-
 def sample_baseline(denoiser: Denoiser, y: Tensor, table: Tensor, *, steps: int | None = None, seed: int = 0,
                     **kwargs) -> Tensor:
     """The conventional conditional model: from x_T = 0.5 + sqrt(gamma(T)) z over all T steps (or `steps`)."""
@@ -231,7 +226,7 @@ class SVNRScheduler:
 
     ```
     scheduler = SVNRScheduler()
-    y_prime, tau = svnr_fast.reference.top_up(y, variance, scheduler.table)   # DESIGN.md §1.3
+    y_prime, tau = svnr_fast.ops.top_up(y, variance, scheduler.table)         # DESIGN.md §1.3
     scheduler.set_timesteps(None, tau)                                         # ceil(max tau*) steps
     x = y_prime
     for _ in scheduler.timesteps:

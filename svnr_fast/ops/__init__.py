@@ -13,12 +13,12 @@ The ops are defined with `torch.library.Library` rather than `custom_op` (whose 
 DESIGN.md §3).
 """
 # the ops register in this order, which `svnr info` keeps
-from .lookup import gamma, time_from_variance, time_map  # noqa: I001
+from .lookup import gamma, time_from_variance, time_map, top_up  # noqa: I001
 from .training_sample import training_sample
 from .reverse_step import reverse_step
 from .groupnorm_film import groupnorm_film
 from ..reference import TrainingSample
 from .backends import BackendUnavailable, set_backend
 
-__all__ = ["gamma", "time_from_variance", "time_map", "training_sample", "reverse_step", "groupnorm_film",
+__all__ = ["gamma", "time_from_variance", "time_map", "top_up", "training_sample", "reverse_step", "groupnorm_film",
            "TrainingSample", "BackendUnavailable", "set_backend"]

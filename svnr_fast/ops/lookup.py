@@ -62,3 +62,23 @@ def time_from_variance(v: Tensor, table: Tensor) -> Tensor:
 def time_map(variance: Tensor, table: Tensor) -> Tensor:
     """tau*(B, 1, H, W) = tau(max over channels of the variance map)."""
     return torch.ops.svnr.time_map(variance, _checked("variance", variance, table, ndim=4))
+
+
+def topped_up(y: Tensor, variance: Tensor, table: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+    """(y', tau*) on checked arguments, the table in the compute dtype of y: the time map and gamma run on
+    the ops' kernels. Loops that must not synchronise with the GPU call this directly."""
+    variance = variance.to(table.dtype)
+    tau_star = torch.ops.svnr.time_map(variance, table)
+    missing = (torch.ops.svnr.gamma(tau_star, table) - variance).clamp_min(0)
+    return (y.to(table.dtype) + missing.sqrt() * z.to(table.dtype)).to(y.dtype), tau_star
+
+
+def top_up(y: Tensor, variance: Tensor, table: Tensor, *, z: Tensor | None = None, seed: int = 0,
+           offset: int = 0) -> tuple[Tensor, Tensor]:
+    """The working observation y' = y + sqrt(max(gamma(tau*) - V_c, 0)) z and its time map tau* (DESIGN.md §1.3):
+    see svnr_fast.reference.top_up. z is drawn from (seed, offset) when not given."""
+    table = _checks.top_up_args(y, variance, table, z, seed, offset)
+    if z is None:
+        z = torch.randn(y.shape, generator=reference.generator(y.device, seed, offset), device=y.device,
+                        dtype=table.dtype)
+    return topped_up(y, variance, table, z)

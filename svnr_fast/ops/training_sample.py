@@ -1,6 +1,8 @@
-"""The training sample (DESIGN.md §1.4): svnr::training_sample.
+"""The training sample (DESIGN.md §1.4): svnr::training_sample, and svnr::bridge_sample (its steps 2-5 from a
+given condition y' and time map tau*, as training with observed time maps builds them).
 
-Kernels: kernels/training_sample.py (Triton, CUDA tensors). Reference: svnr_fast.reference._training_sample.
+Kernels: kernels/training_sample.py (Triton, CUDA tensors). Reference: svnr_fast.reference._training_sample,
+bridge_sample.
 """
 from __future__ import annotations
 
@@ -33,6 +35,26 @@ backends.define(
     "Tensor? eps_prime, SymInt seed, SymInt offset, bool per_channel, bool batch_t0, float min_std) "
     "-> (Tensor, Tensor, Tensor, Tensor)",
     fake=_fake, reference=_reference, triton="svnr_fast.kernels.training_sample:training_sample")
+
+
+def _bridge_fake(x0, y, tau_star, u, table, correlated, eps_prime):
+    image = lambda: torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)  # noqa: E731
+    return image(), torch.empty(tau_star.shape, dtype=tau_star.dtype, device=tau_star.device), image()
+
+
+def _bridge_reference(x0, y, tau_star, u, table, correlated, eps_prime):
+    dtype = _checks.compute_dtype(x0.dtype)
+    x_t, tau, target = reference.bridge_sample(x0.to(dtype), y.to(dtype), tau_star.to(dtype),
+                                               u.to(dtype).view(-1, 1, 1, 1), table.to(dtype), correlated,
+                                               eps_prime.to(dtype))
+    return x_t.to(x0.dtype).contiguous(), tau.contiguous(), target.to(x0.dtype).contiguous()
+
+
+backends.define(
+    "bridge_sample",
+    "(Tensor x0, Tensor y, Tensor tau_star, Tensor u, Tensor table, bool correlated, Tensor eps_prime) "
+    "-> (Tensor, Tensor, Tensor)",
+    fake=_bridge_fake, reference=_bridge_reference)
 
 
 def training_sample(x0: Tensor, sigma_r, sigma_s, u, table: Tensor, *, correlated: bool = True,

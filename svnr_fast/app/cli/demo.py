@@ -9,6 +9,7 @@ import torch
 
 from ...schedule import PoissonGaussian
 from .. import imageio
+from ..metrics import image_metrics, to_hwc
 from .common import ProgressBar, load_model_for, pick_device
 from .denoise import add_noise_arguments, denoise_photo
 
@@ -27,8 +28,6 @@ def demo_photo(size: int) -> torch.Tensor:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-
     device = pick_device(args.device)
     clean = demo_photo(args.size)
     generator = torch.Generator().manual_seed(args.seed)
@@ -43,9 +42,8 @@ def run_demo(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
 
     def scores(image: torch.Tensor) -> tuple[float, float]:
-        a, b = image.clamp(0, 1).permute(1, 2, 0).double().numpy(), clean.permute(1, 2, 0).double().numpy()
-        return (peak_signal_noise_ratio(b, a, data_range=1.0),
-                structural_similarity(b, a, data_range=1.0, channel_axis=2))
+        metrics = image_metrics(to_hwc(image), to_hwc(clean))
+        return metrics["psnr"], metrics["ssim"]
 
     noisy_psnr, noisy_ssim = scores(noisy)
     out_psnr, out_ssim = scores(out)

@@ -9,7 +9,7 @@ import torch
 
 from .. import imageio
 from ..denoise import denoise
-from ..noise_estimation import estimate_noise
+from ..noise_estimation import estimate_noise_robust
 from .common import ProgressBar, load_model_for, pick_device
 
 
@@ -40,7 +40,7 @@ def denoise_photo(pixels: torch.Tensor, noise: tuple[float, float] | None, model
     if args.linear:
         y = srgb_to_linear(y)
     if noise is None:
-        estimate = estimate_noise(y)
+        estimate = estimate_noise_robust(y)
         noise = (estimate.sigma_r, estimate.sigma_s)
     out = denoise(y, noise, model=model, steps=args.steps, eta=args.eta, tile=args.tile, seed=args.seed,
                   progress=progress, cuda_graph=args.cuda_graph)

@@ -59,8 +59,8 @@ def command_line(args: argparse.Namespace, models: dict[str, Path | None]) -> st
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from ..imageio import ImageError
     from ..checkpoint import CheckpointError
+    from ..imageio import ImageError
     from .common import pick_device
 
     def fail(message: str):

@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ... import reference
 from ...schedule import PoissonGaussian
-from ..denoise import TOP_UP_OFFSET
+from ..conditioning import observe as condition
 from ..metrics import image_metrics, to_hwc
 from ..sampling import default_steps, sample, sample_baseline
 from .methods import (
@@ -172,14 +171,11 @@ def _synchronize(device: torch.device) -> None:
 
 def estimated_noise(noisy: torch.Tensor, name: str) -> tuple[float, float]:
     """(sigma_r, sigma_s) estimated from one noisy photo (3, H, W); small crops are fitted on 2 intensity bins."""
-    from ..noise_estimation import estimate_noise
+    from ..noise_estimation import estimate_noise_robust
     try:
-        estimate = estimate_noise(noisy)
-    except ValueError:
-        try:
-            estimate = estimate_noise(noisy, bins=2, min_windows=8)
-        except ValueError as err:
-            raise ValueError(f"{name}: {err}; evaluate with --noise true or a larger --crop") from None
+        estimate = estimate_noise_robust(noisy)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}; evaluate with --noise true or a larger --crop") from None
     return estimate.sigma_r, estimate.sigma_s
 
 
@@ -201,9 +197,8 @@ def observe(images: list[EvalImage], level: tuple[float, float], models: dict[st
                 continue
             start = time.perf_counter()
             table = models[role].variance_table
-            variance = PoissonGaussian(*params).variance(noisy.clamp(0, 1))
-            y_prime, tau_star = reference.top_up(noisy, variance, table, seed=noise_seed(seed, image.name, level, 1),
-                                                 offset=TOP_UP_OFFSET)
+            y_prime, tau_star = condition(noisy, PoissonGaussian(*params), table,
+                                          seed=noise_seed(seed, image.name, level, 1))
             _synchronize(device)
             observation.top_ups[role] = (y_prime, tau_star, time.perf_counter() - start)
         observations.append(observation)

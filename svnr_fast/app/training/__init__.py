@@ -13,34 +13,11 @@ autocast on CUDA. Every random draw of step s on rank r comes from generators se
 so a run is deterministic on a CPU and a resumed run continues exactly; the loop synchronises with
 the device only every `log_every` steps.
 """
-from .config import (
-                   NOISE_DISTRIBUTIONS,
-                   RUNTIME_OPTIONS,
-                   SCHEMES,
-                   TIME_MAPS,
-                   TrainConfig,
-                   World,
-)
+from .config import NOISE_DISTRIBUTIONS, RUNTIME_OPTIONS, SCHEMES, TIME_MAPS, TrainConfig, World
 from .loop import fit
-from .step import (
-                   NetworkOutput,
-                   Sample,
-                   TrainState,
-                   ema_decay_at,
-                   heldout_psnr,
-                   lr_at,
-                   make_optimizer,
-                   make_sample,
-                   masked_mse,
-                   new_state,
-                   observed_input,
-                   observed_sample,
-                   stream_seed,
-                   train_step,
-                   update_ema,
-)
+from .step import (NetworkOutput, Sample, TrainState, ema_decay_at, heldout_psnr, lr_at, make_optimizer, make_sample,
+                   masked_mse, new_state, observed_sample, stream_seed, train_step, update_ema)
 
 __all__ = ["TrainConfig", "World", "SCHEMES", "NOISE_DISTRIBUTIONS", "TIME_MAPS", "RUNTIME_OPTIONS", "fit",
            "NetworkOutput", "Sample", "TrainState", "ema_decay_at", "heldout_psnr", "lr_at", "make_optimizer",
-           "make_sample", "masked_mse", "new_state", "observed_input", "observed_sample", "stream_seed",
-           "train_step", "update_ema"]
+           "make_sample", "masked_mse", "new_state", "observed_sample", "stream_seed", "train_step", "update_ema"]

@@ -14,7 +14,7 @@ from torch import nn
 from .. import checkpoint
 from .. import data as data_lib
 from .config import TrainConfig, World
-from .step import NetworkOutput, TrainState, heldout_psnr, lr_at, train_step
+from .step import NetworkOutput, StepGraph, TrainState, heldout_psnr, lr_at, train_step
 
 
 class _StopRequest:
@@ -51,12 +51,13 @@ def _log(run_dir: Path | None, record: dict) -> None:
 def fit(state: TrainState, config: TrainConfig, dataset: data_lib.RandomCropBatches, *, run_dir=None,
         heldout: list[torch.Tensor] | None = None, world: World = World(), max_minutes: float | None = None,
         workers: int = 0, progress: bool = True, checkpoint_metadata: dict[str, str] | None = None,
-        stop_at: int | None = None, compile_network: bool = False) -> TrainState:
+        stop_at: int | None = None, compile_network: bool = False, cuda_graph: bool = False) -> TrainState:
     """Train from `state.step` to `config.steps`, or until step `stop_at`, `max_minutes` or a SIGINT/SIGTERM.
 
     Writes `run_dir/checkpoint.safetensors` every `checkpoint_every` steps and when it stops,
     `run_dir/model.safetensors` (the EMA weights) with it, `run_dir/best.safetensors` whenever the
     held-out PSNR of the EMA weights improves, and `run_dir/log.jsonl`. Under DDP every rank calls it.
+    `cuda_graph` replays each step after its sample from a CUDA graph (StepGraph; CUDA, one process).
     `compile_network` runs the network through torch.compile (the svnr ops stay opaque custom ops inside
     the graph); it changes speed, not the math, so a run may be resumed with or without it.
     """
@@ -72,6 +73,10 @@ def fit(state: TrainState, config: TrainConfig, dataset: data_lib.RandomCropBatc
         network = nn.parallel.DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
     if compile_network:
         network = torch.compile(network)
+    if cuda_graph and (device.type != "cuda" or world.size > 1 or compile_network):
+        raise ValueError(f"cuda_graph replays one process's steps on a CUDA device (got {device}, {world.size} "
+                         f"process(es){', a compiled network' if compile_network else ''}); drop it there")
+    graph = StepGraph() if cuda_graph else None
     last = config.steps if stop_at is None else min(stop_at, config.steps)
     loader = data_lib.batch_loader(dataset, state.step, last, workers, pin_memory=device.type == "cuda")
     bar = tqdm(total=config.steps, initial=state.step, disable=not (progress and lead), dynamic_ncols=True,
@@ -81,7 +86,7 @@ def fit(state: TrainState, config: TrainConfig, dataset: data_lib.RandomCropBatc
     loss_sum, loss_count = torch.zeros((), device=device), 0
     with _StopRequest() as stop_request:
         for x0 in loader:
-            loss_sum += train_step(state, network, x0.to(device, non_blocking=True), config, world.rank)
+            loss_sum += train_step(state, network, x0.to(device, non_blocking=True), config, world.rank, graph)
             loss_count += 1
             bar.update(1)
             step, stop = state.step, False

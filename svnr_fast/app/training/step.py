@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ... import reference
+from ...schedule import poisson_gaussian_sample
 from .. import checkpoint
+from ..conditioning import observed_input
 from ..metrics import psnr
 from ..models import SVNRUNet
 from .config import TrainConfig
@@ -31,17 +32,6 @@ def _uniform(generator: torch.Generator, n: int, low: float, high: float, log: b
     if log:
         return torch.exp(math.log(low) + (math.log(high) - math.log(low)) * r)
     return low + (high - low) * r
-
-
-def poisson_gaussian(x0: torch.Tensor, sigma_r: torch.Tensor, sigma_s: torch.Tensor,
-                     eps: torch.Tensor) -> torch.Tensor:
-    """y = x0 + sqrt(sigma_r^2 + sigma_s^2 max(x0, 0)) eps (DESIGN.md §1.1) with (B,) parameters.
-
-    `svnr_fast.PoissonGaussian` computes the same but validates its parameters' values, which reads
-    them back from the device; training draws them itself and must not synchronise.
-    """
-    sr, ss = sigma_r.view(-1, 1, 1, 1), sigma_s.view(-1, 1, 1, 1)
-    return x0 + (sr**2 + ss**2 * x0.clamp_min(0)).sqrt() * eps
 
 
 class Sample(NamedTuple):
@@ -65,7 +55,7 @@ def make_sample(model: SVNRUNet, x0: torch.Tensor, config: TrainConfig, step: in
         eps_y = torch.randn(x0.shape, generator=generator, device=device)
         eps = torch.randn(x0.shape, generator=generator, device=device)
         x_t = x0 + model.gamma(tau).sqrt() * eps
-        return Sample(poisson_gaussian(x0, sigma_r, sigma_s, eps_y), x_t, tau, eps)
+        return Sample(poisson_gaussian_sample(x0, sigma_r, sigma_s, eps_y), x_t, tau, eps)
     u = torch.rand(B, generator=generator, device=device)
     if config.time_map == "observed":
         return observed_sample(model, x0, sigma_r, sigma_s, u, config.scheme == "svnr", generator)
@@ -74,17 +64,6 @@ def make_sample(model: SVNRUNet, x0: torch.Tensor, config: TrainConfig, step: in
                                                       config.scheme == "svnr", None, None, kernel_seed, 0, False,
                                                       False, 0.0)
     return Sample(y, x_t, tau, eps)
-
-
-def observed_input(x0: torch.Tensor, sigma_r: torch.Tensor, sigma_s: torch.Tensor, table: torch.Tensor,
-                   noise: torch.Tensor, top_up: torch.Tensor):
-    """(y', tau*) as inference builds them (DESIGN.md §1.3) from an observation y = x0 + noise:
-    V = sigma_r^2 + sigma_s^2 clip(y, 0, 1), tau* = tau(max_c V), y' = y + sqrt(max(gamma(tau*) - V_c, 0)) z."""
-    y = poisson_gaussian(x0, sigma_r, sigma_s, noise)
-    variance = sigma_r.view(-1, 1, 1, 1) ** 2 + sigma_s.view(-1, 1, 1, 1) ** 2 * y.clamp(0, 1)
-    tau_star = torch.ops.svnr.time_map(variance, table)
-    g_star = torch.ops.svnr.gamma(tau_star, table)
-    return y + (g_star - variance).clamp_min(0).sqrt() * top_up, tau_star
 
 
 def observed_sample(model: SVNRUNet, x0: torch.Tensor, sigma_r: torch.Tensor, sigma_s: torch.Tensor,
@@ -97,12 +76,12 @@ def observed_sample(model: SVNRUNet, x0: torch.Tensor, sigma_r: torch.Tensor, si
     with the clean image's time map and 24.1 dB with the map inference can compute from the noisy photo
     (astronaut, (0.05, 0.10), one step). Here y is a noisy observation, the time map and the top-up
     come from it exactly as at inference (`observed_input`), and x_t is the bridge sample between x0 and
-    that y' (reference.bridge_sample, steps 2-5 of §1.4).
+    that y' (svnr::bridge_sample, steps 2-5 of §1.4).
     """
     noise, top_up, eps_prime = (torch.randn(x0.shape, generator=generator, device=x0.device) for _ in range(3))
     table = model.variance_table
     y_prime, tau_star = observed_input(x0, sigma_r, sigma_s, table, noise, top_up)
-    x_t, tau, eps = reference.bridge_sample(x0, y_prime, tau_star, u.view(-1, 1, 1, 1), table, correlated, eps_prime)
+    x_t, tau, eps = torch.ops.svnr.bridge_sample(x0, y_prime, tau_star, u, table, correlated, eps_prime)
     return Sample(y_prime, x_t, tau, eps)
 
 
@@ -134,11 +113,13 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """Fused AdamW with its learning rate in a device tensor: the step counter and the learning rate stay on
+    the device, so a step reads nothing back to the host and a CUDA graph of it replays with each step's rate."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     keep = [p for p in model.parameters() if p.dim() < 2]
-    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    lr = torch.tensor(config.lr, device=next(model.parameters()).device)
     return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                              {"params": keep, "weight_decay": 0.0}], lr=config.lr, **fused)
+                              {"params": keep, "weight_decay": 0.0}], lr=lr, fused=True)
 
 
 def ema_decay_at(step: int, decay: float) -> float:
@@ -147,8 +128,11 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 
 @torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+def update_ema(ema: nn.Module, model: nn.Module, decay: torch.Tensor) -> None:
+    """ema <- decay * ema + (1 - decay) * model, with the decay a device tensor (no host read, capturable)."""
+    ema_parameters = list(ema.parameters())
+    torch._foreach_mul_(ema_parameters, decay)
+    torch._foreach_add_(ema_parameters, torch._foreach_mul(list(model.parameters()), 1 - decay))
 
 
 @dataclass
@@ -158,6 +142,15 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     step: int = 0                          # steps completed
     best_metric: float | None = None       # best held-out PSNR of the EMA weights so far
+    ema_decay: torch.Tensor | None = None  # this step's EMA decay, on the device (set by set_schedule)
+
+    def set_schedule(self, config: TrainConfig) -> None:
+        """The learning rate and EMA decay of this step, written into their device tensors (no host sync)."""
+        for group in self.optimizer.param_groups:
+            group["lr"].fill_(lr_at(self.step, config))
+        if self.ema_decay is None:
+            self.ema_decay = torch.zeros((), device=self.model.variance_table.device)
+        self.ema_decay.fill_(ema_decay_at(self.step, config.ema_decay))
 
 
 def new_state(config: TrainConfig, device, rank: int = 0) -> TrainState:
@@ -183,24 +176,73 @@ def new_state(config: TrainConfig, device, rank: int = 0) -> TrainState:
     return TrainState(model, ema, make_optimizer(model, config))
 
 
-def train_step(state: TrainState, network: nn.Module, x0: torch.Tensor, config: TrainConfig,
-               rank: int = 0) -> torch.Tensor:
-    """One optimiser step on the clean batch x0; returns the loss as a device tensor (no sync)."""
-    model, step = state.model, state.step
-    for group in state.optimizer.param_groups:
-        group["lr"] = lr_at(step, config)
-    sample = make_sample(model, x0, config, step, rank)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x0.is_cuda):
-        output = network(sample.condition, sample.x_t, sample.tau)
-    target, mask = model.network_target(x0, sample.x_t, sample.tau, sample.eps)
-    loss = masked_mse(output.float(), target, mask)
+def learn(state: TrainState, network: nn.Module, x0: torch.Tensor, sample: Sample,
+          config: TrainConfig) -> torch.Tensor:
+    """Everything of a step after its sample: forward, loss, backward, clipping, optimiser and EMA, on the
+    device with nothing read back (so a CUDA graph can capture it). Returns the loss as a device tensor."""
     state.optimizer.zero_grad(set_to_none=True)
+    # no autocast cache: a CUDA graph must not keep casts made during its capture
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x0.is_cuda, cache_enabled=False):
+        output = network(sample.condition, sample.x_t, sample.tau)
+    target, mask = state.model.network_target(x0, sample.x_t, sample.tau, sample.eps)
+    loss = masked_mse(output.float(), target, mask)
     loss.backward()
-    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    nn.utils.clip_grad_norm_(state.model.parameters(), config.grad_clip)
     state.optimizer.step()
-    update_ema(state.ema, model, ema_decay_at(step, config.ema_decay))
-    state.step += 1
+    update_ema(state.ema, state.model, state.ema_decay)
     return loss.detach()
+
+
+def train_step(state: TrainState, network: nn.Module, x0: torch.Tensor, config: TrainConfig, rank: int = 0,
+               graph: "StepGraph | None" = None) -> torch.Tensor:
+    """One optimiser step on the clean batch x0; returns the loss as a device tensor (no sync).
+
+    With a StepGraph (CUDA) the step after its sample is replayed from a CUDA graph: the same arithmetic."""
+    sample = make_sample(state.model, x0, config, state.step, rank)
+    state.set_schedule(config)
+    loss = learn(state, network, x0, sample, config) if graph is None else graph.learn(state, network, x0, sample,
+                                                                                       config)
+    state.step += 1
+    return loss
+
+
+class StepGraph:
+    """`learn` replayed from a CUDA graph, one process, fixed batch shape.
+
+    The sample stays eager (its noise comes from per-step seeded generators, which a graph would freeze) and
+    is copied into static buffers; everything after it (~3 launches per op of the network, forward and
+    backward, plus the optimiser and the EMA) replays as one graph. The first WARM_UP steps run eagerly on a
+    side stream (lazy initialisation, cuDNN autotuning, the optimiser state), as CUDA graph capture requires;
+    they are steps of the run like any other.
+    """
+
+    WARM_UP = 3
+
+    def __init__(self):
+        self.warmed_up = 0
+        self.graph = None
+        self.inputs: tuple[torch.Tensor, ...] = ()
+        self.loss: torch.Tensor | None = None
+
+    def learn(self, state: TrainState, network: nn.Module, x0: torch.Tensor, sample: Sample,
+              config: TrainConfig) -> torch.Tensor:
+        if self.warmed_up < self.WARM_UP:
+            self.warmed_up += 1
+            side = torch.cuda.Stream(x0.device)
+            side.wait_stream(torch.cuda.current_stream(x0.device))
+            with torch.cuda.stream(side):
+                loss = learn(state, network, x0, sample, config)
+            torch.cuda.current_stream(x0.device).wait_stream(side)
+            return loss
+        if self.graph is None:
+            self.inputs = tuple(t.clone() for t in (x0, *sample))
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.loss = learn(state, network, self.inputs[0], Sample(*self.inputs[1:]), config)
+        for static, value in zip(self.inputs, (x0, *sample)):
+            static.copy_(value)
+        self.graph.replay()
+        return self.loss
 
 
 @torch.no_grad()
@@ -223,7 +265,7 @@ def heldout_psnr(model: SVNRUNet, crops: list[torch.Tensor], scheme: str, noise=
         sigma_s = torch.full((1,), float(noise[1]), device=device)
         generator = torch.Generator(device=device).manual_seed(stream_seed(seed, i, _EVAL_STREAM))
         eps_y, z = (torch.randn(x0.shape, generator=generator, device=device) for _ in range(2))
-        y = poisson_gaussian(x0, sigma_r, sigma_s, eps_y)
+        y = poisson_gaussian_sample(x0, sigma_r, sigma_s, eps_y)
         if scheme == "baseline":
             tau = torch.full_like(x0[:, :1], float(model.schedule.T))
             x0_hat = model.predict(y, 0.5 + model.gamma(tau).sqrt() * z, tau).x0_hat
