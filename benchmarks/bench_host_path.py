@@ -27,9 +27,9 @@ the fixed cost of a dispatcher call from Python.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
-import sys
 import time
 from typing import Callable, NamedTuple
 
@@ -89,9 +89,13 @@ def _stub_triton_driver():
             self.launch_pdl = metadata.launch_pdl
 
     class StubUtils:
-        @staticmethod
-        def load_binary(name, kernel, shared, device):
-            return 1, 1, 0, 0, 1024    # module, function, registers, spills, max threads per block
+        handles = itertools.count(1)
+
+        def load_binary(self, name, kernel, shared, device):
+            # module, function (one handle per loaded kernel, so tests can tell kernels apart), registers,
+            # spills, max threads per block
+            handle = next(self.handles)
+            return handle, handle, 0, 0, 1024
 
         @staticmethod
         def unload_module(module):

@@ -23,14 +23,19 @@ when it was compiled still have their values (our kernels read no mutable global
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 from triton import knobs
 from triton._C.libtriton import native_specialize_impl
+from triton.knobs import HookChain
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
+
+try:
+    from triton.backends.nvidia.driver import CudaLauncher
+except ImportError:   # a Triton without the NVIDIA backend: launches go through the launcher's __call__
+    CudaLauncher = None
 
 _INT32 = (-(1 << 31), 1 << 31)
 _INT64 = (-(1 << 63), 1 << 63)
@@ -38,10 +43,13 @@ _FIXED_TYPES = ("u1", "fp", "bf")     # annotations Triton does not specialise o
 
 
 class _Entry(NamedTuple):
-    launcher: object            # the CompiledKernel's launcher (CompiledKernel.run)
-    function: int               # the CompiledKernel's function handle
-    packed_metadata: tuple
-    launch_metadata: object     # CompiledKernel.launch_metadata
+    compiled: object            # the CompiledKernel
+    launcher: object            # its launcher (CompiledKernel.run; Triton's CudaLauncher on NVIDIA GPUs)
+    # the launcher's C launch function and its fixed arguments, when the launcher's __call__ would only
+    # forward to it (no scratch memory to allocate, no sanitizer); else None
+    launch: object
+    fixed: tuple                # (function, cooperative grid, PDL, packed metadata) / (annotations, signature)
+    fixed_tail: tuple
     constexprs: tuple           # the constexpr arguments in signature order (the launcher takes every parameter)
 
 
@@ -75,19 +83,32 @@ class Launcher:
             key = key_of(*args)
         except (AttributeError, TypeError):   # a tensor position given something else: Triton sorts it out
             key = None
+        if key is not None:
+            key = (current, key, *constants.items())
+        entry = self._entries.get(key)
         runtime = knobs.runtime
-        entry = None if key is None else self._entries.get((current, key, *constants.items()))
         if entry is None or self.kernel.pre_run_hooks or runtime.add_stages_inspection_hook is not None \
                 or _options_state() != self._state:
-            self._launch_through_triton(None if key is None else (current, key, *constants.items()), grid, args,
-                                        constants)
+            self._launch_through_triton(key, grid, args, constants)
             return
         stream = active.get_current_stream(current)
         bound = args + entry.constexprs
         dims = len(grid)
-        entry.launcher(grid[0], grid[1] if dims > 1 else 1, grid[2] if dims > 2 else 1, stream, entry.function,
-                       entry.packed_metadata, entry.launch_metadata(grid, stream, *bound), runtime.launch_enter_hook,
-                       runtime.launch_exit_hook, *bound)
+        grid_1 = grid[1] if dims > 1 else 1
+        grid_2 = grid[2] if dims > 2 else 1
+        enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+        if (enter is None or type(enter) is HookChain and not enter.calls) and \
+                (leave is None or type(leave) is HookChain and not leave.calls):
+            # the C launcher would call hook chains with nothing in them with this metadata: skip building it
+            metadata = enter = leave = None
+        else:
+            metadata = entry.compiled.launch_metadata(grid, stream, *bound)
+        if entry.launch is not None:
+            entry.launch(grid[0], grid_1, grid_2, stream, *entry.fixed, metadata, enter, leave, None, None,
+                         *entry.fixed_tail, bound)
+        else:
+            entry.launcher(grid[0], grid_1, grid_2, stream, entry.compiled.function, entry.compiled.packed_metadata,
+                           metadata, enter, leave, *bound)
 
     def _launch_through_triton(self, key, grid, args, constants) -> None:
         compiled = self.kernel[grid](*args, **constants, **self.options)
@@ -99,8 +120,21 @@ class Launcher:
             self._state = state
         later = self.kernel.params[len(args):]
         constexprs = tuple(constants[p.name] if p.name in constants else p.default for p in later)
-        self._entries[key] = _Entry(compiled.run, compiled.function, compiled.packed_metadata,
-                                    compiled.launch_metadata, constexprs)
+        launcher = compiled.run
+        direct = _forwards_to_launch(launcher)
+        self._entries[key] = _Entry(
+            compiled, launcher, launcher.launch if direct else None,
+            (compiled.function, launcher.launch_cooperative_grid, launcher.launch_pdl, compiled.packed_metadata)
+            if direct else (),
+            (launcher.arg_annotations, launcher.kernel_signature) if direct else (), constexprs)
+
+
+def _forwards_to_launch(launcher) -> bool:
+    """Whether calling `launcher` (Triton's CudaLauncher) only forwards to its C launch function: no global
+    or profile scratch memory to allocate, no sanitizer. Its __call__ then passes None for both scratches."""
+    if CudaLauncher is None or type(launcher).__call__ is not CudaLauncher.__call__:
+        return False
+    return not (launcher.gsan_enabled or launcher.global_scratch_size or launcher.profile_scratch_size)
 
 
 def _key_function(kernel: JITFunction, args: tuple):

@@ -174,15 +174,25 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def table_args(table: torch.Tensor) -> tuple[int, int, int]:
     """(T, search_top, n_search) for time_lookup on a table of T + 1 entries."""
-    T = table.numel() - 1
+    return table_size_args(table.numel())
+
+
+def table_size_args(size: int) -> tuple[int, int, int]:
+    """table_args of a table of `size` entries."""
+    T = size - 1
     n_search = (T - 1).bit_length()
     return T, (1 << (n_search - 1)) if n_search else 0, n_search
 
 
 def dense_plane(t: torch.Tensor) -> bool:
     """Whether pixel (h, w) of every (b, c) plane of `t` sits at offset h * W + w."""
-    H, W = t.shape[-2:]
-    return (W == 1 or t.stride(-1) == 1) and (H == 1 or t.stride(-2) == W)
+    return dense_strides(t.shape, t.stride())
+
+
+def dense_strides(shape: tuple, strides: tuple) -> bool:
+    """dense_plane of a tensor with this shape and these strides."""
+    H, W = shape[-2:]
+    return (W == 1 or strides[-1] == 1) and (H == 1 or strides[-2] == W)
 
 
 def image_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
@@ -214,4 +224,4 @@ def run(kernel, grid: tuple, data: torch.Tensor, *args, **constants) -> None:
 
 
 def tiles(HW: int) -> int:
-    return triton.cdiv(HW, BLOCK)
+    return -(-HW // BLOCK)   # triton.cdiv, without its constexpr unwrapping (a microsecond a call)
