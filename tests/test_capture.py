@@ -13,7 +13,7 @@ from svnr_fast import Schedule
 from svnr_fast.app import training
 from svnr_fast.app.cli import train
 from svnr_fast.app.models import SVNRUNet, preset
-from svnr_fast.app.sampling import _loop, plan_steps, sample
+from svnr_fast.sampling import _loop, plan_steps, sample
 from svnr_fast.app.training import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -111,3 +111,15 @@ def test_captured_training_steps_equal_eager_ones(options):
     torch.testing.assert_close(graph_losses, eager_losses, rtol=1e-5, atol=1e-6)
     for got, want in zip(graph_ema, eager_ema):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_launch_counts_see_the_graph_replace_the_step():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import count_launches
+
+    counts = count_launches.training_counts("tiny", 2, 16)
+    assert counts["eager"] > 10 * counts["cuda_graph"] > 10
+    sampling = count_launches.sampling_counts("tiny", 1, 16, 2)
+    assert sampling["eager_per_step"] > 20 and sampling["cuda_graph_per_step"] == 0.5
