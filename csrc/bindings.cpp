@@ -1,4 +1,7 @@
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
 
 #include "svnr_kernels.h"
 
@@ -35,72 +38,77 @@ py::dict build_info() {
   return info;
 }
 
-svnr::GroupNormFilmShape groupnorm_film_shape(int dtype, std::int64_t batch, std::int64_t channels,
-                                               std::int64_t pixels, std::int64_t groups, std::int64_t knots,
-                                               bool channels_last) {
-  return svnr::GroupNormFilmShape{batch, channels, pixels, groups, knots, channels_last, dtype};
+// A tensor's address as Python's `tensor.data_ptr()` gives it (0 for none).
+using Address = std::uintptr_t;
+
+void* pointer(Address address) { return reinterpret_cast<void*>(address); }
+
+// groupnorm_film's Python arguments: shape = (dtype code, B, C, H*W, groups, K, channels_last) and the
+// addresses of (h, u, table, weight, bias, out, mean, rstd, grad_out, grad_h, grad_table, grad_weight,
+// grad_bias), 0 for those the pass does not use.
+using FilmShape = std::array<std::int64_t, 7>;
+using FilmTensors = std::array<Address, 13>;
+
+svnr::GroupNormFilmArgs film_args(const FilmShape& shape, const FilmTensors& t, double eps, bool silu) {
+  svnr::GroupNormFilmArgs args;
+  args.dtype = int(shape[0]);
+  args.batch = shape[1];
+  args.channels = shape[2];
+  args.pixels = shape[3];
+  args.groups = shape[4];
+  args.knots = shape[5];
+  args.channels_last = shape[6] != 0;
+  args.h = pointer(t[0]);
+  args.u = pointer(t[1]);
+  args.table = pointer(t[2]);
+  args.weight = pointer(t[3]);
+  args.bias = pointer(t[4]);
+  args.out = pointer(t[5]);
+  args.mean = pointer(t[6]);
+  args.rstd = pointer(t[7]);
+  args.grad_out = pointer(t[8]);
+  args.grad_h = pointer(t[9]);
+  args.grad_table = pointer(t[10]);
+  args.grad_weight = pointer(t[11]);
+  args.grad_bias = pointer(t[12]);
+  args.eps = eps;
+  args.silu = silu;
+  return args;
 }
 
+svnr::Pass pass_of(bool backward) { return backward ? svnr::Pass::kBackward : svnr::Pass::kForward; }
+
 void bind_groupnorm_film(py::module_& m) {
-  using std::int64_t;
-  using std::uintptr_t;
-  const char* shape_doc = "dtype (0 float32, 1 float64, 2 bfloat16, 3 float16), B, C, H*W, groups, K, channels_last";
-  m.def("groupnorm_film_forward_cpu",
-        [](int dtype, int64_t batch, int64_t channels, int64_t pixels, int64_t groups, int64_t knots,
-           bool channels_last, uintptr_t h, uintptr_t u, uintptr_t table, uintptr_t weight, uintptr_t bias,
-           uintptr_t out, uintptr_t mean, uintptr_t rstd, double eps, bool silu, int threads) {
-          svnr::groupnorm_film_forward_cpu(
-              groupnorm_film_shape(dtype, batch, channels, pixels, groups, knots, channels_last), h, u, table,
-              weight, bias, out, mean, rstd, eps, silu, threads);
-        },
-        py::call_guard<py::gil_scoped_release>(), shape_doc);
-  m.def("groupnorm_film_backward_cpu",
-        [](int dtype, int64_t batch, int64_t channels, int64_t pixels, int64_t groups, int64_t knots,
-           bool channels_last, uintptr_t grad_out, uintptr_t h, uintptr_t u, uintptr_t table, uintptr_t weight,
-           uintptr_t bias, uintptr_t mean, uintptr_t rstd, uintptr_t grad_h, uintptr_t grad_table,
-           uintptr_t grad_weight, uintptr_t grad_bias, bool silu, int threads) {
-          svnr::groupnorm_film_backward_cpu(
-              groupnorm_film_shape(dtype, batch, channels, pixels, groups, knots, channels_last), grad_out, h, u,
-              table, weight, bias, mean, rstd, grad_h, grad_table, grad_weight, grad_bias, silu, threads);
-        },
-        py::call_guard<py::gil_scoped_release>(), shape_doc);
+  const char* doc =
+      "groupnorm_film_<device>(backward, shape, tensors, eps, silu, ...): shape = (dtype code (0 float32, 1 "
+      "float64, 2 bfloat16, 3 float16), B, C, H*W, groups, K, channels_last), tensors = the addresses of (h, u, "
+      "table, weight, bias, out, mean, rstd, grad_out, grad_h, grad_table, grad_weight, grad_bias), 0 where unused";
+  m.def(
+      "groupnorm_film_cpu",
+      [](bool backward, const FilmShape& shape, const FilmTensors& tensors, double eps, bool silu, int threads) {
+        svnr::groupnorm_film_cpu(pass_of(backward), film_args(shape, tensors, eps, silu), threads);
+      },
+      py::call_guard<py::gil_scoped_release>(), doc);
 #ifdef SVNR_WITH_CUDA
-  m.def("groupnorm_film_cuda_workspace_bytes",
-        [](int dtype, int64_t batch, int64_t channels, int64_t pixels, int64_t groups, int64_t knots,
-           bool channels_last) {
-          return svnr::groupnorm_film_cuda_workspace_bytes(
-              groupnorm_film_shape(dtype, batch, channels, pixels, groups, knots, channels_last));
-        },
-        shape_doc);
-  m.def("groupnorm_film_forward_cuda",
-        [](int dtype, int64_t batch, int64_t channels, int64_t pixels, int64_t groups, int64_t knots,
-           bool channels_last, uintptr_t h, uintptr_t u, uintptr_t table, uintptr_t weight, uintptr_t bias,
-           uintptr_t out, uintptr_t mean, uintptr_t rstd, double eps, bool silu, uintptr_t workspace,
-           int device, uintptr_t stream) {
-          svnr::groupnorm_film_forward_cuda(
-              groupnorm_film_shape(dtype, batch, channels, pixels, groups, knots, channels_last), h, u, table,
-              weight, bias, out, mean, rstd, eps, silu, workspace, device, stream);
-        },
-        py::call_guard<py::gil_scoped_release>(), shape_doc);
-  m.def("groupnorm_film_backward_cuda",
-        [](int dtype, int64_t batch, int64_t channels, int64_t pixels, int64_t groups, int64_t knots,
-           bool channels_last, uintptr_t grad_out, uintptr_t h, uintptr_t u, uintptr_t table, uintptr_t weight,
-           uintptr_t bias, uintptr_t mean, uintptr_t rstd, uintptr_t grad_h, uintptr_t grad_table,
-           uintptr_t grad_weight, uintptr_t grad_bias, bool silu, uintptr_t workspace, int device,
-           uintptr_t stream) {
-          svnr::groupnorm_film_backward_cuda(
-              groupnorm_film_shape(dtype, batch, channels, pixels, groups, knots, channels_last), grad_out, h, u,
-              table, weight, bias, mean, rstd, grad_h, grad_table, grad_weight, grad_bias, silu, workspace,
-              device, stream);
-        },
-        py::call_guard<py::gil_scoped_release>(), shape_doc);
+  m.def(
+      "groupnorm_film_cuda_workspace_bytes",
+      [](const FilmShape& shape) { return svnr::groupnorm_film_cuda_workspace_bytes(film_args(shape, {}, 0, 0)); },
+      "Bytes of device scratch groupnorm_film_cuda needs for this shape");
+  m.def(
+      "groupnorm_film_cuda",
+      [](bool backward, const FilmShape& shape, const FilmTensors& tensors, double eps, bool silu,
+         Address workspace, int device, Address stream) {
+        svnr::groupnorm_film_cuda(pass_of(backward), film_args(shape, tensors, eps, silu),
+                                  {pointer(workspace), device, pointer(stream)});
+      },
+      py::call_guard<py::gil_scoped_release>(), doc);
 #endif
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "svnr_fast C++/CUDA kernels (no libtorch dependency: tensors arrive as pointers)";
+  m.doc() = "svnr_fast C++/CUDA kernels (no libtorch dependency: tensors arrive as addresses)";
   m.def("build_info", &build_info, "What this module was compiled with");
 #ifdef SVNR_WITH_CUDA
   m.def("cuda_driver_version", &svnr::cuda_driver_version,

@@ -40,7 +40,7 @@
 
 namespace svnr {
 
-void check_groupnorm_film_shape(const GroupNormFilmShape& shape) {
+void check_groupnorm_film_shape(const GroupNormFilmArgs& shape) {
   auto fail = [](const std::string& what) { throw std::invalid_argument("groupnorm_film: " + what); };
   if (shape.batch < 1 || shape.channels < 1 || shape.pixels < 1)
     fail("h must have at least one image, channel and pixel");
@@ -83,12 +83,62 @@ constexpr std::int64_t kSumBlock = 2048;
 // Pixel block of the NHWC tasks.
 constexpr std::int64_t kPixelBlock = 256;
 
-template <typename Fn>
-void dispatch(int dtype, bool silu, Fn&& fn) {
-  dispatch_storage<BFloat16, Float16>(dtype, silu, std::forward<Fn>(fn));
+int thread_count(int requested) { return requested < 1 ? 1 : requested; }
+
+// GroupNormFilmArgs with typed pointers and the shape as the kernels use it.
+template <typename S>
+struct Film {
+  using T = Compute<S>;
+  std::int64_t B, C, HW, G;
+  int K;
+  const S* h;
+  const T* u;
+  const T* table;   // (K, 2C)
+  const T* weight;
+  const T* bias;
+  S* out;
+  T* mean;
+  T* rstd;
+  const S* grad_out;
+  S* grad_h;
+  T* grad_table;
+  T* grad_weight;
+  T* grad_bias;
+  double eps;
+};
+
+template <typename S>
+Film<S> typed(const GroupNormFilmArgs& a) {
+  using T = Compute<S>;
+  return {a.batch,
+          a.channels,
+          a.pixels,
+          a.groups,
+          int(a.knots),
+          static_cast<const S*>(a.h),
+          static_cast<const T*>(a.u),
+          static_cast<const T*>(a.table),
+          static_cast<const T*>(a.weight),
+          static_cast<const T*>(a.bias),
+          static_cast<S*>(a.out),
+          static_cast<T*>(a.mean),
+          static_cast<T*>(a.rstd),
+          static_cast<const S*>(a.grad_out),
+          static_cast<S*>(a.grad_h),
+          static_cast<T*>(a.grad_table),
+          static_cast<T*>(a.grad_weight),
+          static_cast<T*>(a.grad_bias),
+          a.eps};
 }
 
-int thread_count(int requested) { return requested < 1 ? 1 : requested; }
+// The table's scale and shift columns, (2C, K): the NCHW kernels lerp one channel over many pixels.
+template <typename T>
+std::vector<T> table_columns(const T* table, std::int64_t C, std::int64_t K) {
+  std::vector<T> columns(static_cast<std::size_t>(2 * C * K));
+  for (std::int64_t k = 0; k < K; ++k)
+    for (std::int64_t j = 0; j < 2 * C; ++j) columns[j * K + k] = table[k * 2 * C + j];
+  return columns;
+}
 
 // Per pixel of every image: the table segment k and frac of u (math::knot).
 template <typename T>
@@ -155,38 +205,34 @@ void forward_plane(const S* x, S* out, std::int64_t pixels, const std::int32_t* 
   using T = Compute<S>;
 #pragma omp simd
   for (std::int64_t p = 0; p < pixels; ++p) {
-    const std::int32_t k = knot_k[p];
-    const T frac = knot_frac[p];
-    const T scale = math::lerp(scale_column[k], scale_column[k + 1], frac);
-    const T shift = math::lerp(shift_column[k], shift_column[k + 1], frac);
+    const math::ScaleShift<T> film = math::film_at(scale_column, shift_column, 1, {knot_k[p], knot_frac[p]});
     const T n = math::normalize(load(x[p]), mean, rstd) * w + b;
-    store(out[p], math::activate<Silu>(math::film(n, scale, shift)));
+    store(out[p], math::activate<Silu>(math::film(n, film.scale, film.shift)));
   }
 }
 
 template <typename S, bool Silu>
-void forward_nchw(const GroupNormFilmShape& shape, const S* h, const Compute<S>* u, const Compute<S>* table_t,
-                  const Compute<S>* weight, const Compute<S>* bias, S* out, Compute<S>* mean,
-                  Compute<S>* rstd, double eps, int threads) {
+void forward_nchw(const Film<S>& f, int threads) {
   using T = Compute<S>;
-  const std::int64_t B = shape.batch, C = shape.channels, HW = shape.pixels, G = shape.groups;
-  const int K = int(shape.knots);
+  const std::int64_t B = f.B, C = f.C, HW = f.HW, G = f.G;
+  const int K = f.K;
   const std::int64_t per_group = C / G, count = per_group * HW;
-  const Knots<T> knots = knots_of(u, B * HW, K, threads);
+  const Knots<T> knots = knots_of(f.u, B * HW, K, threads);
+  const std::vector<T> columns = table_columns(f.table, C, K);
 
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (std::int64_t task = 0; task < B * G; ++task) {
     const std::int64_t b = task / G, g = task % G;
-    const S* x = h + (b * C + g * per_group) * HW;
+    const S* x = f.h + (b * C + g * per_group) * HW;
     const T mu = T(sum_of(x, count) / double(count));
-    const T rs = T(1.0 / std::sqrt(squared_deviations(x, count, mu) / double(count) + eps));
-    mean[task] = mu;
-    rstd[task] = rs;
+    const T rs = T(1.0 / std::sqrt(squared_deviations(x, count, mu) / double(count) + f.eps));
+    f.mean[task] = mu;
+    f.rstd[task] = rs;
     for (std::int64_t i = 0; i < per_group; ++i) {
       const std::int64_t c = g * per_group + i;
-      forward_plane<S, Silu>(x + i * HW, out + (b * C + c) * HW, HW, knots.k.data() + b * HW,
-                             knots.frac.data() + b * HW, table_t + c * K, table_t + (C + c) * K, mu, rs,
-                             weight[c], bias[c]);
+      forward_plane<S, Silu>(x + i * HW, f.out + (b * C + c) * HW, HW, knots.k.data() + b * HW,
+                             knots.frac.data() + b * HW, columns.data() + c * K, columns.data() + (C + c) * K, mu,
+                             rs, f.weight[c], f.bias[c]);
     }
   }
 }
@@ -210,12 +256,9 @@ PlaneSums backward_plane(const S* grad_out, const S* x, std::int64_t pixels, con
     T sum_dn = 0, sum_dn_xhat = 0;
 #pragma omp simd reduction(+ : sum_dn, sum_dn_xhat)
     for (std::int64_t p = start; p < end; ++p) {
-      const std::int32_t k = knot_k[p];
-      const T frac = knot_frac[p];
-      const T scale = math::lerp(scale_column[k], scale_column[k + 1], frac);
-      const T shift = math::lerp(shift_column[k], shift_column[k + 1], frac);
+      const math::ScaleShift<T> film = math::film_at(scale_column, shift_column, 1, {knot_k[p], knot_frac[p]});
       const T xhat = math::normalize(load(x[p]), mean, rstd);
-      const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(grad_out[p])), xhat, w, b, scale, shift);
+      const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(grad_out[p])), xhat, w, b, film.scale, film.shift);
       dn[p] = grad.dn;
       dscale[p] = grad.dscale;
       dshift[p] = grad.dpre;
@@ -279,15 +322,13 @@ void accumulate_segments(SegmentSums* segments, std::int64_t pixels, const std::
 }
 
 template <typename S, bool Silu>
-void backward_nchw(const GroupNormFilmShape& shape, const S* grad_out, const S* h, const Compute<S>* u,
-                   const Compute<S>* table_t, const Compute<S>* weight, const Compute<S>* bias,
-                   const Compute<S>* mean, const Compute<S>* rstd, S* grad_h, Compute<S>* grad_table,
-                   Compute<S>* grad_weight, Compute<S>* grad_bias, int threads) {
+void backward_nchw(const Film<S>& f, int threads) {
   using T = Compute<S>;
-  const std::int64_t B = shape.batch, C = shape.channels, HW = shape.pixels, G = shape.groups;
-  const int K = int(shape.knots);
+  const std::int64_t B = f.B, C = f.C, HW = f.HW, G = f.G;
+  const int K = f.K;
   const std::int64_t per_group = C / G, count = per_group * HW;
-  const Knots<T> knots = knots_of(u, B * HW, K, threads);
+  const Knots<T> knots = knots_of(f.u, B * HW, K, threads);
+  const std::vector<T> columns = table_columns(f.table, C, K);
 
   // one task per (group, slice of the images); the task owns its group's channels in its slice's buffer
   const std::int64_t slices = slice_count(std::min<std::int64_t>(B, (kSliceTasks + G - 1) / G), B * C * HW, C, K);
@@ -301,29 +342,30 @@ void backward_nchw(const GroupNormFilmShape& shape, const S* grad_out, const S* 
         dshift(static_cast<std::size_t>(HW));
     for (std::int64_t b = slice * B / slices; b < (slice + 1) * B / slices; ++b) {
       const std::int64_t group_offset = (b * C + g * per_group) * HW;
-      const T mu = mean[b * G + g], rs = rstd[b * G + g];
+      const T mu = f.mean[b * G + g], rs = f.rstd[b * G + g];
       const std::int32_t* knot_k = knots.k.data() + b * HW;
       const T* knot_frac = knots.frac.data() + b * HW;
       double sum_dxhat = 0, sum_dxhat_xhat = 0;
       for (std::int64_t i = 0; i < per_group; ++i) {
         const std::int64_t c = g * per_group + i, offset = group_offset + i * HW;
         const PlaneSums sums = backward_plane<S, Silu>(
-            grad_out + offset, h + offset, HW, knot_k, knot_frac, table_t + c * K, table_t + (C + c) * K, mu,
-            rs, weight[c], bias[c], dn.data() + i * HW, dscale.data(), dshift.data());
+            f.grad_out + offset, f.h + offset, HW, knot_k, knot_frac, columns.data() + c * K,
+            columns.data() + (C + c) * K, mu, rs, f.weight[c], f.bias[c], dn.data() + i * HW, dscale.data(),
+            dshift.data());
         accumulate_segments(segments.data() + (slice * C + c) * K, HW, knot_k, knot_frac, dscale.data(),
                             dshift.data());
         plane_dn[b * C + c] = sums.dn;
         plane_dn_xhat[b * C + c] = sums.dn_xhat;
-        sum_dxhat += weight[c] * sums.dn;
-        sum_dxhat_xhat += weight[c] * sums.dn_xhat;
+        sum_dxhat += f.weight[c] * sums.dn;
+        sum_dxhat_xhat += f.weight[c] * sums.dn_xhat;
       }
       const T mean_dxhat = T(sum_dxhat / double(count)), mean_dxhat_xhat = T(sum_dxhat_xhat / double(count));
       for (std::int64_t i = 0; i < per_group; ++i) {
         const std::int64_t offset = group_offset + i * HW;
-        const T w = weight[g * per_group + i];
-        const S* x = h + offset;
+        const T w = f.weight[g * per_group + i];
+        const S* x = f.h + offset;
         const T* dn_plane = dn.data() + i * HW;
-        S* out = grad_h + offset;
+        S* out = f.grad_h + offset;
 #pragma omp simd
         for (std::int64_t p = 0; p < HW; ++p) {
           const T xhat = math::normalize(load(x[p]), mu, rs);
@@ -336,15 +378,15 @@ void backward_nchw(const GroupNormFilmShape& shape, const S* grad_out, const S* 
   std::vector<double> grad(static_cast<std::size_t>(K * 2 * C), 0.0);
   for (std::int64_t slice = 0; slice < slices; ++slice)
     add_segment_rows(segments.data() + slice * C * K, C, K, grad.data());
-  for (std::int64_t i = 0; i < K * 2 * C; ++i) grad_table[i] = T(grad[i]);
+  for (std::int64_t i = 0; i < K * 2 * C; ++i) f.grad_table[i] = T(grad[i]);
   for (std::int64_t c = 0; c < C; ++c) {
     double dw = 0, db = 0;
     for (std::int64_t b = 0; b < B; ++b) {
       dw += plane_dn_xhat[b * C + c];
       db += plane_dn[b * C + c];
     }
-    grad_weight[c] = T(dw);
-    grad_bias[c] = T(db);
+    f.grad_weight[c] = T(dw);
+    f.grad_bias[c] = T(db);
   }
 }
 
@@ -359,10 +401,9 @@ struct ChannelStats {
 };
 
 template <typename S>
-ChannelStats<Compute<S>> statistics_nhwc(const GroupNormFilmShape& shape, const S* h, Compute<S>* mean,
-                                         Compute<S>* rstd, double eps, int threads) {
+ChannelStats<Compute<S>> statistics_nhwc(const Film<S>& f, int threads) {
   using T = Compute<S>;
-  const std::int64_t B = shape.batch, C = shape.channels, HW = shape.pixels, G = shape.groups;
+  const std::int64_t B = f.B, C = f.C, HW = f.HW, G = f.G;
   const std::int64_t per_group = C / G, blocks = (HW + kPixelBlock - 1) / kPixelBlock;
   // per (image, block, channel): sums of x - shift and (x - shift)^2, shift = the channel's first pixel
   std::vector<double> partial(static_cast<std::size_t>(B * blocks * C * 2));
@@ -373,7 +414,7 @@ ChannelStats<Compute<S>> statistics_nhwc(const GroupNormFilmShape& shape, const 
 #pragma omp for schedule(static)
     for (std::int64_t task = 0; task < B * blocks; ++task) {
       const std::int64_t b = task / blocks, block = task % blocks;
-      const S* image = h + b * HW * C;
+      const S* image = f.h + b * HW * C;
       for (std::int64_t c = 0; c < C; ++c) shift[c] = load(image[c]);
       std::fill(sum.begin(), sum.end(), T(0));
       std::fill(sum_sq.begin(), sum_sq.end(), T(0));
@@ -404,12 +445,12 @@ ChannelStats<Compute<S>> statistics_nhwc(const GroupNormFilmShape& shape, const 
           sum += partial[((b * blocks + block) * C + c) * 2];
           sum_sq += partial[((b * blocks + block) * C + c) * 2 + 1];
         }
-        group = math::merge(group, math::moments_from_shifted_sums(double(HW), double(load(h[b * HW * C + c])),
+        group = math::merge(group, math::moments_from_shifted_sums(double(HW), double(load(f.h[b * HW * C + c])),
                                                                    sum, sum_sq));
       }
-      const T mu = T(group.mean), rs = T(math::inverse_std(group.m2, group.count, eps));
-      mean[b * G + g] = mu;
-      rstd[b * G + g] = rs;
+      const T mu = T(group.mean), rs = T(math::inverse_std(group.m2, group.count, f.eps));
+      f.mean[b * G + g] = mu;
+      f.rstd[b * G + g] = rs;
       for (std::int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
         stats.mean[b * C + c] = mu;
         stats.rstd[b * C + c] = rs;
@@ -420,14 +461,11 @@ ChannelStats<Compute<S>> statistics_nhwc(const GroupNormFilmShape& shape, const 
 }
 
 template <typename S, bool Silu>
-void forward_nhwc(const GroupNormFilmShape& shape, const S* h, const Compute<S>* u, const Compute<S>* table,
-                  const Compute<S>* weight, const Compute<S>* bias, S* out, Compute<S>* mean,
-                  Compute<S>* rstd, double eps, int threads) {
+void forward_nhwc(const Film<S>& f, int threads) {
   using T = Compute<S>;
-  const std::int64_t B = shape.batch, C = shape.channels, HW = shape.pixels;
-  const int K = int(shape.knots);
+  const std::int64_t B = f.B, C = f.C, HW = f.HW;
   const std::int64_t blocks = (HW + kPixelBlock - 1) / kPixelBlock;
-  const ChannelStats<T> stats = statistics_nhwc(shape, h, mean, rstd, eps, threads);
+  const ChannelStats<T> stats = statistics_nhwc(f, threads);
 
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (std::int64_t task = 0; task < B * blocks; ++task) {
@@ -435,36 +473,30 @@ void forward_nhwc(const GroupNormFilmShape& shape, const S* h, const Compute<S>*
     const T* mu = stats.mean.data() + b * C;
     const T* rs = stats.rstd.data() + b * C;
     for (std::int64_t p = block * kPixelBlock; p < std::min(HW, (block + 1) * kPixelBlock); ++p) {
-      const math::Knot<T> knot = math::knot(u[b * HW + p], K);
-      const T* row = table + knot.k * 2 * C;
-      const T* next = row + 2 * C;
-      const S* x = h + (b * HW + p) * C;
-      S* y = out + (b * HW + p) * C;
+      const math::Knot<T> knot = math::knot(f.u[b * HW + p], f.K);
+      const S* x = f.h + (b * HW + p) * C;
+      S* y = f.out + (b * HW + p) * C;
 #pragma omp simd
       for (std::int64_t c = 0; c < C; ++c) {
-        const T scale = math::lerp(row[c], next[c], knot.frac);
-        const T shift = math::lerp(row[C + c], next[C + c], knot.frac);
-        const T n = math::normalize(load(x[c]), mu[c], rs[c]) * weight[c] + bias[c];
-        store(y[c], math::activate<Silu>(math::film(n, scale, shift)));
+        const math::ScaleShift<T> film = math::film_at(f.table + c, f.table + C + c, 2 * C, knot);
+        const T n = math::normalize(load(x[c]), mu[c], rs[c]) * f.weight[c] + f.bias[c];
+        store(y[c], math::activate<Silu>(math::film(n, film.scale, film.shift)));
       }
     }
   }
 }
 
 template <typename S, bool Silu>
-void backward_nhwc(const GroupNormFilmShape& shape, const S* grad_out, const S* h, const Compute<S>* u,
-                   const Compute<S>* table, const Compute<S>* weight, const Compute<S>* bias,
-                   const Compute<S>* mean, const Compute<S>* rstd, S* grad_h, Compute<S>* grad_table,
-                   Compute<S>* grad_weight, Compute<S>* grad_bias, int threads) {
+void backward_nhwc(const Film<S>& f, int threads) {
   using T = Compute<S>;
-  const std::int64_t B = shape.batch, C = shape.channels, HW = shape.pixels, G = shape.groups;
-  const int K = int(shape.knots);
+  const std::int64_t B = f.B, C = f.C, HW = f.HW, G = f.G;
+  const int K = f.K;
   const std::int64_t per_group = C / G, count = per_group * HW;
   const std::int64_t blocks = (HW + kPixelBlock - 1) / kPixelBlock;
   std::vector<T> mean_c(static_cast<std::size_t>(B * C)), rstd_c(static_cast<std::size_t>(B * C));
   for (std::int64_t i = 0; i < B * C; ++i) {
-    mean_c[i] = mean[i / C * G + i % C / per_group];
-    rstd_c[i] = rstd[i / C * G + i % C / per_group];
+    mean_c[i] = f.mean[i / C * G + i % C / per_group];
+    rstd_c[i] = f.rstd[i / C * G + i % C / per_group];
   }
   // per (image, block, channel): sums of dn and dn * xhat
   std::vector<double> partial(static_cast<std::size_t>(B * blocks * C * 2));
@@ -485,19 +517,17 @@ void backward_nhwc(const GroupNormFilmShape& shape, const S* grad_out, const S* 
       std::fill(sum_dn.begin(), sum_dn.end(), T(0));
       std::fill(sum_dn_xhat.begin(), sum_dn_xhat.end(), T(0));
       for (std::int64_t p = block * kPixelBlock; p < std::min(HW, (block + 1) * kPixelBlock); ++p) {
-        const math::Knot<T> knot = math::knot(u[b * HW + p], K);
-        const T* row = table + knot.k * 2 * C;
-        const T* next = row + 2 * C;
+        const math::Knot<T> knot = math::knot(f.u[b * HW + p], K);
         SegmentSums* seg = slice_segments + knot.k * C;
         const double frac = knot.frac;
-        const S* x = h + (b * HW + p) * C;
-        const S* dy = grad_out + (b * HW + p) * C;
+        const S* x = f.h + (b * HW + p) * C;
+        const S* dy = f.grad_out + (b * HW + p) * C;
 #pragma omp simd
         for (std::int64_t c = 0; c < C; ++c) {
-          const T scale = math::lerp(row[c], next[c], knot.frac);
-          const T shift = math::lerp(row[C + c], next[C + c], knot.frac);
+          const math::ScaleShift<T> film = math::film_at(f.table + c, f.table + C + c, 2 * C, knot);
           const T xhat = math::normalize(load(x[c]), mu[c], rs[c]);
-          const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(dy[c])), xhat, weight[c], bias[c], scale, shift);
+          const math::FilmGrad<T> grad =
+              math::film_grad<Silu>(T(load(dy[c])), xhat, f.weight[c], f.bias[c], film.scale, film.shift);
           sum_dn[c] += grad.dn;
           sum_dn_xhat[c] += grad.dn * xhat;
           seg[c].scale += grad.dscale;
@@ -522,7 +552,7 @@ void backward_nhwc(const GroupNormFilmShape& shape, const S* grad_out, const S* 
       for (std::int64_t c = 0; c < C; ++c) by_channel[c * K + k] = segments[(slice * K + k) * C + c];
     add_segment_rows(by_channel.data(), C, K, grad.data());
   }
-  for (std::int64_t i = 0; i < K * 2 * C; ++i) grad_table[i] = T(grad[i]);
+  for (std::int64_t i = 0; i < K * 2 * C; ++i) f.grad_table[i] = T(grad[i]);
 
   // per (image, channel): the group means of dxhat and dxhat * xhat, broadcast to the group's channels
   std::vector<T> mean_dxhat(static_cast<std::size_t>(B * C)), mean_dxhat_xhat(static_cast<std::size_t>(B * C));
@@ -538,8 +568,8 @@ void backward_nhwc(const GroupNormFilmShape& shape, const S* grad_out, const S* 
         }
         db[c] += s_dn;
         dw[c] += s_dn_xhat;
-        sum_dxhat += weight[c] * s_dn;
-        sum_dxhat_xhat += weight[c] * s_dn_xhat;
+        sum_dxhat += f.weight[c] * s_dn;
+        sum_dxhat_xhat += f.weight[c] * s_dn_xhat;
       }
       for (std::int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
         mean_dxhat[b * C + c] = T(sum_dxhat / double(count));
@@ -548,8 +578,8 @@ void backward_nhwc(const GroupNormFilmShape& shape, const S* grad_out, const S* 
     }
   }
   for (std::int64_t c = 0; c < C; ++c) {
-    grad_weight[c] = T(dw[c]);
-    grad_bias[c] = T(db[c]);
+    f.grad_weight[c] = T(dw[c]);
+    f.grad_bias[c] = T(db[c]);
   }
 
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -560,19 +590,17 @@ void backward_nhwc(const GroupNormFilmShape& shape, const S* grad_out, const S* 
     const T* m1 = mean_dxhat.data() + b * C;
     const T* m2 = mean_dxhat_xhat.data() + b * C;
     for (std::int64_t p = block * kPixelBlock; p < std::min(HW, (block + 1) * kPixelBlock); ++p) {
-      const math::Knot<T> knot = math::knot(u[b * HW + p], K);
-      const T* row = table + knot.k * 2 * C;
-      const T* next = row + 2 * C;
-      const S* x = h + (b * HW + p) * C;
-      const S* dy = grad_out + (b * HW + p) * C;
-      S* dx = grad_h + (b * HW + p) * C;
+      const math::Knot<T> knot = math::knot(f.u[b * HW + p], K);
+      const S* x = f.h + (b * HW + p) * C;
+      const S* dy = f.grad_out + (b * HW + p) * C;
+      S* dx = f.grad_h + (b * HW + p) * C;
 #pragma omp simd
       for (std::int64_t c = 0; c < C; ++c) {
-        const T scale = math::lerp(row[c], next[c], knot.frac);
-        const T shift = math::lerp(row[C + c], next[C + c], knot.frac);
+        const math::ScaleShift<T> film = math::film_at(f.table + c, f.table + C + c, 2 * C, knot);
         const T xhat = math::normalize(load(x[c]), mu[c], rs[c]);
-        const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(dy[c])), xhat, weight[c], bias[c], scale, shift);
-        store(dx[c], math::groupnorm_grad_input(grad.dn, weight[c], xhat, rs[c], m1[c], m2[c]));
+        const math::FilmGrad<T> grad =
+            math::film_grad<Silu>(T(load(dy[c])), xhat, f.weight[c], f.bias[c], film.scale, film.shift);
+        store(dx[c], math::groupnorm_grad_input(grad.dn, f.weight[c], xhat, rs[c], m1[c], m2[c]));
       }
     }
   }
@@ -580,37 +608,19 @@ void backward_nhwc(const GroupNormFilmShape& shape, const S* grad_out, const S* 
 
 }  // namespace
 
-void groupnorm_film_forward_cpu(const GroupNormFilmShape& shape, std::uintptr_t h, std::uintptr_t u,
-                                std::uintptr_t table, std::uintptr_t weight, std::uintptr_t bias,
-                                std::uintptr_t out, std::uintptr_t mean, std::uintptr_t rstd, double eps,
-                                bool silu, int threads) {
-  check_groupnorm_film_shape(shape);
+void groupnorm_film_cpu(Pass pass, const GroupNormFilmArgs& args, int threads) {
+  check_groupnorm_film_shape(args);
   threads = thread_count(threads);
-  dispatch(shape.dtype, silu, [&](auto storage, auto act) {
+  dispatch_dtype<BFloat16, Float16>(args.dtype, "groupnorm_film", [&](auto storage) {
     using S = decltype(storage);
-    using T = Compute<S>;
-    constexpr bool Silu = decltype(act)::value;
-    auto run = shape.channels_last ? forward_nhwc<S, Silu> : forward_nchw<S, Silu>;
-    run(shape, as<const S>(h), as<const T>(u), as<const T>(table), as<const T>(weight), as<const T>(bias),
-        as<S>(out), as<T>(mean), as<T>(rstd), eps, threads);
-  });
-}
-
-void groupnorm_film_backward_cpu(const GroupNormFilmShape& shape, std::uintptr_t grad_out, std::uintptr_t h,
-                                 std::uintptr_t u, std::uintptr_t table, std::uintptr_t weight,
-                                 std::uintptr_t bias, std::uintptr_t mean, std::uintptr_t rstd,
-                                 std::uintptr_t grad_h, std::uintptr_t grad_table, std::uintptr_t grad_weight,
-                                 std::uintptr_t grad_bias, bool silu, int threads) {
-  check_groupnorm_film_shape(shape);
-  threads = thread_count(threads);
-  dispatch(shape.dtype, silu, [&](auto storage, auto act) {
-    using S = decltype(storage);
-    using T = Compute<S>;
-    constexpr bool Silu = decltype(act)::value;
-    auto run = shape.channels_last ? backward_nhwc<S, Silu> : backward_nchw<S, Silu>;
-    run(shape, as<const S>(grad_out), as<const S>(h), as<const T>(u), as<const T>(table), as<const T>(weight),
-        as<const T>(bias), as<const T>(mean), as<const T>(rstd), as<S>(grad_h), as<T>(grad_table),
-        as<T>(grad_weight), as<T>(grad_bias), threads);
+    const Film<S> film = typed<S>(args);
+    dispatch_act(args.silu, [&](auto act) {
+      constexpr bool Silu = decltype(act)::value;
+      if (pass == Pass::kForward)
+        (args.channels_last ? forward_nhwc<S, Silu> : forward_nchw<S, Silu>)(film, threads);
+      else
+        (args.channels_last ? backward_nhwc<S, Silu> : backward_nchw<S, Silu>)(film, threads);
+    });
   });
 }
 

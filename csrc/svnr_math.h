@@ -202,6 +202,19 @@ SVNR_HD Knot<T> knot(T u, int K) {
 template <typename T>
 SVNR_HD T lerp(T lo, T hi, T frac) { return lo + frac * (hi - lo); }
 
+template <typename T>
+struct ScaleShift {
+  T scale, shift;
+};
+
+// One channel's scale and shift lerped at `knot`; knot row k of the channel sits at scale[k * stride] and
+// shift[k * stride]: stride 1 in a channel's column of the transposed table, 2C in the (K, 2C) rows.
+template <typename T>
+SVNR_HD ScaleShift<T> film_at(const T* scale, const T* shift, std::int64_t stride, Knot<T> knot) {
+  const std::int64_t low = knot.k * stride, high = low + stride;
+  return {lerp(scale[low], scale[high], knot.frac), lerp(shift[low], shift[high], knot.frac)};
+}
+
 // ---------------------------------------------------------------------------------------------------
 // GroupNorm + FiLM, forward and backward per element
 // ---------------------------------------------------------------------------------------------------
