@@ -2,6 +2,7 @@
 #include <pybind11/stl.h>
 
 #include <array>
+#include <optional>
 
 #include "svnr_kernels.h"
 
@@ -28,6 +29,7 @@ py::dict build_info() {
 #endif
   info["cxx_compiler"] = SVNR_CXX_COMPILER;
   info["build_type"] = SVNR_BUILD_TYPE;
+  info["cpu_isas"] = svnr::cpu_isas();
 #ifdef _OPENMP
   info["openmp"] = true;
   info["openmp_max_threads"] = omp_get_max_threads();
@@ -105,6 +107,103 @@ void bind_groupnorm_film(py::module_& m) {
 #endif
 }
 
+// A tensor viewed as (B, C, H*W): (address, dtype code, stride_b, stride_c, stride_p); address 0 for none.
+using View = std::array<std::int64_t, 5>;
+// (B, C, H*W)
+using Sizes = std::array<std::int64_t, 3>;
+// A variance table: (address, T) for T + 1 entries.
+using TableArg = std::array<std::int64_t, 2>;
+
+svnr::Strided strided(const View& v) { return {pointer(Address(v[0])), int(v[1]), v[2], v[3], v[4]}; }
+
+svnr::Table table_of(const TableArg& t) { return {pointer(Address(t[0])), int(t[1])}; }
+
+void bind_cpu_ops(py::module_& m) {
+  m.def("cpu_isa", &svnr::cpu_isa, "The instruction set the CPU kernels run with");
+  m.def("cpu_isas", &svnr::cpu_isas, "The instruction sets compiled in that this CPU supports, best first");
+  m.def("set_cpu_isa", &svnr::set_cpu_isa, "Run the CPU kernels with another of cpu_isas()");
+  m.def(
+      "lookup_cpu",
+      [](int op, const Sizes& sizes, int dtype, const View& input, const TableArg& table, Address out, int threads) {
+        svnr::LookupArgs args;
+        args.op = static_cast<svnr::Lookup>(op);
+        args.batch = sizes[0];
+        args.channels = sizes[1];
+        args.pixels = sizes[2];
+        args.dtype = dtype;
+        args.input = strided(input);
+        args.table = table_of(table);
+        args.out = pointer(out);
+        svnr::lookup_cpu(args, threads);
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "lookup_cpu(op (0 gamma, 1 time_from_variance, 2 time_map), (B, C, H*W), compute dtype code, input view, "
+      "(table address, T), out address, threads)");
+  m.def(
+      "reverse_step_cpu",
+      [](const Sizes& sizes, const std::array<View, 4>& views, bool per_channel, const std::array<Address, 4>& tensors,
+         const TableArg& table, double eta, std::optional<std::array<double, 2>> clamp, std::uint64_t seed,
+         std::uint64_t offset, int threads) {
+        svnr::ReverseStepArgs args;
+        args.batch = sizes[0];
+        args.channels = sizes[1];
+        args.pixels = sizes[2];
+        args.x = strided(views[0]);
+        args.eps_hat = strided(views[1]);
+        args.z = strided(views[2]);
+        args.tau = strided(views[3]);
+        args.per_channel = per_channel;
+        args.delta = pointer(tensors[0]);
+        args.x_new = pointer(tensors[1]);
+        args.tau_new = pointer(tensors[2]);
+        args.x0_hat = pointer(tensors[3]);
+        args.table = table_of(table);
+        args.eta = eta;
+        args.clamp = clamp.has_value();
+        if (clamp) {
+          args.clamp_min = (*clamp)[0];
+          args.clamp_max = (*clamp)[1];
+        }
+        args.seed = seed;
+        args.offset = offset;
+        svnr::reverse_step_cpu(args, threads);
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "reverse_step_cpu((B, C, H*W), views of (x, eps_hat, z, tau), per_channel, addresses of (delta, x_new, "
+      "tau_new, x0_hat), (table address, T), eta, (clamp_min, clamp_max) or None, seed, offset, threads)");
+  m.def(
+      "training_sample_cpu",
+      [](const Sizes& sizes, const std::array<View, 3>& views, const std::array<Address, 7>& tensors,
+         const TableArg& table, bool correlated, bool per_channel, bool batch_t0, double min_std, std::uint64_t seed,
+         std::uint64_t offset, int threads) {
+        svnr::TrainingSampleArgs args;
+        args.batch = sizes[0];
+        args.channels = sizes[1];
+        args.pixels = sizes[2];
+        args.x0 = strided(views[0]);
+        args.eps_T = strided(views[1]);
+        args.eps_prime = strided(views[2]);
+        args.sigma_r = pointer(tensors[0]);
+        args.sigma_s = pointer(tensors[1]);
+        args.u = pointer(tensors[2]);
+        args.y = pointer(tensors[3]);
+        args.x_t = pointer(tensors[4]);
+        args.tau = pointer(tensors[5]);
+        args.target = pointer(tensors[6]);
+        args.table = table_of(table);
+        args.correlated = correlated;
+        args.per_channel = per_channel;
+        args.batch_t0 = batch_t0;
+        args.min_std = min_std;
+        args.seed = seed;
+        args.offset = offset;
+        svnr::training_sample_cpu(args, threads);
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "training_sample_cpu((B, C, H*W), views of (x0, eps_T, eps_prime), addresses of (sigma_r, sigma_s, u, y, x_t, "
+      "tau, target), (table address, T), correlated, per_channel, batch_t0, min_std, seed, offset, threads)");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -115,4 +214,5 @@ PYBIND11_MODULE(_C, m) {
         "The installed driver's CUDA version, 0 when no driver is present, -1 on error");
 #endif
   bind_groupnorm_film(m);
+  bind_cpu_ops(m);
 }
