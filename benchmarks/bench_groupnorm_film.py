@@ -12,9 +12,10 @@ bytes_moved (the fewest bytes each pass must move; roofline in csrc/groupnorm_fi
 """
 import pytest
 import torch
-
 from common import Case, dtype_name
-from svnr_fast import backends, reference
+
+from svnr_fast import reference
+from svnr_fast.ops import backends
 
 SHAPES = [(8, 64, 128, 128), (8, 128, 64, 64), (8, 256, 32, 32)]
 DRY_RUN_SHAPES = [(2, 64, 16, 16)]   # gpu_cases on a machine without a GPU: checks the cases build and run

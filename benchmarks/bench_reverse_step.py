@@ -7,12 +7,21 @@ pixel), plus z read when it is given; see kernels/reverse_step.py for the roofli
 """
 import pytest
 import torch
-
 from common import Case, dtype_name
+from triton_cases import (
+    BENCHMARK_SHAPE,
+    GPU_DTYPES,
+    benchmark_device,
+    compile_reference,
+    elements,
+    require_triton,
+    run,
+    shape_name,
+    sizes,
+)
+
 from svnr_fast import Schedule, reference
-from svnr_fast._checks import compute_dtype
-from triton_cases import (BENCHMARK_SHAPE, GPU_DTYPES, benchmark_device, compile_reference, elements,
-                          require_triton, run, shape_name, sizes)
+from svnr_fast.ops._checks import compute_dtype
 
 
 def inputs(shape, dtype, device):

@@ -8,7 +8,9 @@ autocast); the eager column forces the reference for every svnr op. A compiled c
 whole training step (minutes on a CPU), so the pytest benchmark has none; `bytes_moved` is 0 because a
 training step has no meaningful minimum traffic (its GB/s columns do not apply).
 
-On a GPU, `gpu_cases` adds `training_step_<preset>_compiled_network` (`svnr train --compile`): fused =
+On a GPU, `gpu_cases` adds `training_step_<preset>_cuda_graph` at batch 64 (`svnr train --cuda-graph`: fused =
+the step after its sample replayed from a CUDA graph, eager = the eager reference step at that batch) and
+`training_step_<preset>_compiled_network` (`svnr train --compile`): fused =
 the fused ops inside torch.compile(network), eager = the plain eager reference step (the first case's
 eager column). The sample, the loss, the optimiser and the EMA stay eager, as in `svnr train`. It has no
 compiled column either: inside a compiled network the svnr ops stay opaque custom ops, so "compiled
@@ -16,28 +18,31 @@ reference" there would still run the reference groupnorm_film eagerly, not torch
 """
 import pytest
 import torch
-
 from common import Case, with_backend
-from svnr_fast import backends, training
+
+from svnr_fast.app import training
+from svnr_fast.ops import backends
 
 BATCH, CROP = 16, 64
+GRAPH_BATCH = 64
 
 
 def training_step(device: str, preset: str = "small", batch: int = BATCH, crop: int = CROP,
-                  compile_network: bool = False):
+                  compile_network: bool = False, cuda_graph: bool = False):
     """A callable that runs one training step on a fixed batch of smooth random images."""
     config = training.TrainConfig(preset=preset, batch_size=batch, crop=crop)
     state = training.new_state(config, device)
     network = training.NetworkOutput(state.model)
     if compile_network:
         network = torch.compile(network)
+    graph = training.StepGraph() if cuda_graph else None
     generator = torch.Generator().manual_seed(0)
     coarse = torch.rand(batch, 3, crop // 8, crop // 8, generator=generator)
     x0 = torch.nn.functional.interpolate(coarse, size=(crop, crop), mode="bicubic").clamp(0, 1).to(device)
     synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def step():
-        training.train_step(state, network, x0, config)
+        training.train_step(state, network, x0, config, 0, graph)
         synchronize()
     return step
 
@@ -60,6 +65,10 @@ def gpu_cases(device: str):
         yield Case(op=f"training_step_{preset}_compiled_network", shape=shape, dtype=dtype, bytes_moved=0,
                    fused=with_backend(None, training_step(device, preset, batch, compile_network=True)), eager=eager,
                    compiled=None)
+        # issue 11's target: >= 100 steps/s at batch 64 and >= 3x the eager reference step
+        yield Case(op=f"training_step_{preset}_cuda_graph", shape=f"{GRAPH_BATCH}x3x{CROP}x{CROP}", dtype=dtype,
+                   bytes_moved=0, fused=with_backend(None, training_step(device, preset, GRAPH_BATCH, cuda_graph=True)),
+                   eager=with_backend("reference", training_step(device, preset, GRAPH_BATCH)), compiled=None)
 
 
 @pytest.mark.parametrize("impl", ["eager", "fused"])

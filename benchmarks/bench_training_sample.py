@@ -9,13 +9,22 @@ eps' read when given; see kernels/training_sample.py for the roofline.
 """
 import pytest
 import torch
-
 from common import Case, dtype_name
-from svnr_fast import Schedule, reference
-from svnr_fast._checks import compute_dtype
 from svnr_fast.kernels import training_sample as kernel
-from triton_cases import (BENCHMARK_SHAPE, GPU_DTYPES, benchmark_device, compile_reference, elements,
-                          require_triton, run, shape_name, sizes)
+from triton_cases import (
+    BENCHMARK_SHAPE,
+    GPU_DTYPES,
+    benchmark_device,
+    compile_reference,
+    elements,
+    require_triton,
+    run,
+    shape_name,
+    sizes,
+)
+
+from svnr_fast import Schedule, reference
+from svnr_fast.ops._checks import compute_dtype
 
 
 def inputs(shape, dtype, device):

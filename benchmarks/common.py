@@ -20,6 +20,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from svnr_fast.ops import backends
+
 RESULTS = Path(__file__).resolve().parent / "results"
 CSV_COLUMNS = ("op,impl,shape,dtype,device,ms_median,gb_per_s,pct_copy_bw,speedup_vs_eager,"
                "speedup_vs_compiled,torch,triton,git_sha,date").split(",")
@@ -121,15 +123,12 @@ def append_rows(path: Path, rows: list[dict]) -> None:
 
 
 def with_backend(backend: str | None, fn: Callable[[], object]) -> Callable[[], object]:
-    """fn run with SVNR_FAST_BACKEND set to `backend` (None: automatic choice), restored afterwards."""
+    """fn run with `backend` forced (None: automatic choice), as SVNR_FAST_BACKEND does; restored afterwards."""
     def run():
-        before = os.environ.pop("SVNR_FAST_BACKEND", None)
-        if backend is not None:
-            os.environ["SVNR_FAST_BACKEND"] = backend
+        before = backends.forced()
+        backends.set_backend(backend)
         try:
             return fn()
         finally:
-            os.environ.pop("SVNR_FAST_BACKEND", None)
-            if before is not None:
-                os.environ["SVNR_FAST_BACKEND"] = before
+            backends.set_backend(before)
     return run

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from svnr_fast import backends
+from svnr_fast.ops import backends
 
 # 16x3x512x512 first: it is the size of the targets, and its compiled baseline is the static-shape one
 # (later sizes may reuse a dynamic-shape compile)

@@ -3,7 +3,7 @@
 Image kernels run one program per (image b, tile of BLOCK pixels) and loop over the channels inside,
 so per-pixel work (table lookups, time maps) is done once per pixel, not once per channel. Inputs keep
 their own strides (channels_last and sliced tensors are read in place, never copied); outputs are
-contiguous, as the fake kernels in svnr_fast/ops.py declare. A tensor whose (H, W) plane is dense
+contiguous, as the fake kernels in svnr_fast/ops/ declare. A tensor whose (H, W) plane is dense
 (stride_w = 1, stride_h = W) is read with plain `hw` offsets, which lets Triton vectorise; any other
 layout pays one integer division per pixel to find (h, w).
 

@@ -13,7 +13,12 @@ from pathlib import Path
 
 import torch
 
-from svnr_fast.models import atomic_save, load_model, read_safetensors, MODEL_FORMAT
+from svnr_fast.app.checkpoint import (
+    MODEL_FORMAT,
+    atomic_save,
+    load_model,
+    read_safetensors,
+)
 
 
 def main() -> int:

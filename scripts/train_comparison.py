@@ -50,7 +50,7 @@ def main() -> int:
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the arguments of svnr train")
     args = parser.parse_args()
     train_args = [a for a in args.train_args if a != "--"]
-    svnr = [sys.executable, "-m", "svnr_fast.cli"]
+    svnr = [sys.executable, "-m", "svnr_fast.app.cli"]
 
     for name, scheme_args in MODELS.items():
         run = args.out / name

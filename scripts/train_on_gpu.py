@@ -72,7 +72,7 @@ def main() -> int:
     env = dict(os.environ)
     if not fused_ops_work():
         env["SVNR_FAST_BACKEND"] = "reference"
-    svnr = [sys.executable, "-m", "svnr_fast.cli", "train", "--out", str(args.out), "--device", "cuda", "--no-progress"]
+    svnr = [sys.executable, "-m", "svnr_fast.app.cli", "train", "--out", str(args.out), "--device", "cuda", "--no-progress"]
 
     def minutes_left() -> float:
         return max(deadline - time.monotonic(), 1.0) / 60

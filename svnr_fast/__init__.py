@@ -1,15 +1,20 @@
 """svnr_fast: fast, exact SVNR (spatially-variant noise removal with denoising diffusion).
 
+Two layers. The speed layer, what other SVNR codebases drop in: `Schedule` and `PoissonGaussian`
+(schedule.py), `svnr_fast.reference` (the eager math of every op, the tests' oracle), `svnr_fast.ops` (the
+same ops, dispatched to fused Triton / C++ / CUDA kernels; the Triton kernels live in svnr_fast.kernels)
+and `svnr_fast.nn` (the per-pixel FiLM module and its time embedding). The application built on it,
+`svnr_fast.app`: the UNet, training, sampling, `denoise`, evaluation, image IO and the `svnr` command line.
+
 `svnr_fast.denoise(y, noise, ...)` is the main job (DESIGN.md §4); `svnr_fast.SVNRScheduler` the
-diffusers-style scheduler. `svnr_fast.reference` holds the eager PyTorch version of every op,
-`svnr_fast.ops` the dispatched fast one with the same signatures. Importing the package never
-initialises CUDA, Triton or the C++ module.
+diffusers-style scheduler. Importing the package never initialises CUDA, Triton or the C++ module.
 """
-from . import ops, reference
+# the speed layer first, then the application built on it
+from . import ops, reference  # noqa: I001
 from .reference import TrainingSample
 from .schedule import PoissonGaussian, Schedule
-from .sampling import SamplerGraphs, SVNRScheduler
-from .denoise import denoise   # the function; its module stays importable as `from svnr_fast.denoise import ...`
+from .app.denoise import denoise
+from .app.sampling import SamplerGraphs, SVNRScheduler
 
 __version__ = "0.1.0"
 

@@ -6,7 +6,8 @@ import platform
 
 import torch
 
-from . import __version__, backends
+from . import __version__
+from .ops import backends
 
 
 def report() -> str:
@@ -29,11 +30,11 @@ def report() -> str:
     # torch.cuda.is_available() asks the driver without creating a context
     gpu = torch.cuda.is_available()
     lines.append(f"CUDA GPU: {torch.cuda.get_device_name(0) if gpu else 'none visible to torch'}")
-    lines.append(f"SVNR_FAST_BACKEND={os.environ.get('SVNR_FAST_BACKEND', 'auto') or 'auto'}")
+    lines.append(f"SVNR_FAST_BACKEND={backends.forced() or 'auto'}")
     lines.append("")
     devices = ["cpu", "cuda"]
-    width = max(len(op) for op in backends.OPS)
-    for op in backends.OPS:
+    width = max(len(op) for op in backends.ops())
+    for op in backends.ops():
         for device in devices:
             try:
                 choice = backends.choose(op, device)

@@ -1,10 +1,18 @@
-"""Modules around the fused ops."""
+"""Modules around the fused ops: the per-pixel FiLM and the tabulated time embedding that feeds it.
+
+A UNet conditioned on a per-pixel time map (DESIGN.md §1.6) warps the map to knot units
+(`warp`), builds one (K, E) feature table at the K knot times (`TimeEmbedding`), turns it into a
+(K, 2C) [scale | shift] table per block (a Linear of its own) and modulates each GroupNorm with
+`GroupNormSpatialFiLM(h, u, table)`.
+"""
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
-from . import _checks
+from .ops import _checks
 
 
 class GroupNormSpatialFiLM(nn.Module):
@@ -32,3 +40,35 @@ class GroupNormSpatialFiLM(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.channels}, groups={self.groups}, eps={self.eps}, act={self.act!r}"
+
+
+def sinusoidal(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """ADM's sinusoidal embedding of (continuous) times t (N,) -> (N, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+def warp(tau: torch.Tensor, T: int, knots: int) -> torch.Tensor:
+    """Warped time in knot units: u = sqrt(tau / T) * (K - 1)."""
+    return (tau.clamp(0, T) / T).sqrt() * (knots - 1)
+
+
+def knot_times(T: int, knots: int) -> torch.Tensor:
+    """tau_k = T * (k / (K - 1))^2: the inverse warp at the knots."""
+    return T * (torch.arange(knots, dtype=torch.float64) / (knots - 1)) ** 2
+
+
+class TimeEmbedding(nn.Module):
+    """MLP(sinusoidal(tau_k)) at the K knots: the shared (K, E) features every ResBlock's table is made from."""
+
+    def __init__(self, channels: int, embed_channels: int, T: int, knots: int):
+        super().__init__()
+        self.channels = channels
+        self.register_buffer("knot_times", knot_times(T, knots).float(), persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(channels, embed_channels), nn.SiLU(),
+                                 nn.Linear(embed_channels, embed_channels))
+
+    def forward(self) -> torch.Tensor:
+        return self.mlp(sinusoidal(self.knot_times, self.channels).to(self.mlp[0].weight.dtype))

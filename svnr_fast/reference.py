@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import _checks
+from .ops import _checks
 
 
 class TrainingSample(NamedTuple):
@@ -88,16 +88,8 @@ def top_up(y: torch.Tensor, variance: torch.Tensor, table: torch.Tensor, *, z: t
     y' = y + sqrt(max(gamma(tau*) - V_c, 0)) * z gives every channel of a pixel the variance
     gamma(tau*), tau* = tau(max_c V). `variance` is the per-channel noise variance of y, (B, C, H, W).
     """
-    _checks.tensor("y", y, ndim=4)
-    _checks.finite("y", y)
-    _checks.tensor("variance", variance, ndim=4)
-    _checks.same_shape("y", y, variance=variance)
-    _checks.same_device("y", y, variance=variance)
-    _checks.finite("variance", variance)
-    _checks.noise("z", z, "y", y)
-    _checks.rng_ints(seed, offset)
-    dtype = _checks.compute_dtype(y.dtype)
-    table = _checks.table(table, y.device).to(dtype)
+    table = _checks.top_up_args(y, variance, table, z, seed, offset)
+    dtype = table.dtype
     variance = variance.to(dtype)
     tau_star = _time_map(variance, table)
     z = _noise(z, y, dtype, generator(y.device, seed, offset) if z is None else None)

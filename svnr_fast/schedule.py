@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks
+from .ops import _checks
 
 
 class Schedule:
@@ -52,6 +52,20 @@ class Schedule:
         return ops.time_from_variance(variance, self.table_on(variance.device))
 
 
+def poisson_gaussian_variance(x: torch.Tensor, sigma_r: torch.Tensor, sigma_s: torch.Tensor) -> torch.Tensor:
+    """sigma_r^2 + sigma_s^2 * max(x, 0) for x (B, ...) and per-image (B,) parameters, unchecked: loops that must
+    not synchronise with the GPU call this; PoissonGaussian checks its parameters first."""
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    return sigma_r.view(shape) ** 2 + sigma_s.view(shape) ** 2 * x.clamp_min(0)
+
+
+def poisson_gaussian_sample(x: torch.Tensor, sigma_r: torch.Tensor, sigma_s: torch.Tensor,
+                            eps: torch.Tensor) -> torch.Tensor:
+    """y = x + sqrt(var(x)) * eps (DESIGN.md §1.1), unchecked, computed in the dtype of the parameters."""
+    variance = poisson_gaussian_variance(x.to(sigma_r.dtype), sigma_r, sigma_s)
+    return (x.to(variance.dtype) + variance.sqrt() * eps.to(variance.dtype)).to(x.dtype)
+
+
 class PoissonGaussian:
     """`var(x) = sigma_r^2 + sigma_s^2 * max(x, 0)`; `y = x + sqrt(var(x)) * eps` (not clipped).
 
@@ -71,21 +85,20 @@ class PoissonGaussian:
     def __repr__(self) -> str:
         return f"PoissonGaussian(sigma_r={self.sigma_r}, sigma_s={self.sigma_s})"
 
-    def _per_image(self, x: torch.Tensor):
-        B, dtype = x.shape[0], _checks.compute_dtype(x.dtype)
-        sigma_r = _checks.per_image("sigma_r", self.sigma_r, B, x.device, dtype=dtype, low=0.0)
-        sigma_s = _checks.per_image("sigma_s", self.sigma_s, B, x.device, dtype=dtype, low=0.0)
-        shape = (B,) + (1,) * (x.dim() - 1)
-        return sigma_r.view(shape), sigma_s.view(shape)
-
-    def variance(self, x: torch.Tensor) -> torch.Tensor:
+    def per_image(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigma_r, sigma_s) as checked (B,) tensors in the compute dtype of x (B, ...)."""
         _checks.tensor("x", x)
         if x.dim() < 1:
             raise ValueError("x must have a batch dimension")
-        sigma_r, sigma_s = self._per_image(x)
-        return sigma_r**2 + sigma_s**2 * x.to(sigma_r.dtype).clamp_min(0)
+        B, dtype = x.shape[0], _checks.compute_dtype(x.dtype)
+        return (_checks.per_image("sigma_r", self.sigma_r, B, x.device, dtype=dtype, low=0.0),
+                _checks.per_image("sigma_s", self.sigma_s, B, x.device, dtype=dtype, low=0.0))
+
+    def variance(self, x: torch.Tensor) -> torch.Tensor:
+        sigma_r, sigma_s = self.per_image(x)
+        return poisson_gaussian_variance(x.to(sigma_r.dtype), sigma_r, sigma_s)
 
     def sample(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        variance = self.variance(x)
-        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=variance.dtype)
-        return (x.to(variance.dtype) + variance.sqrt() * eps).to(x.dtype)
+        sigma_r, sigma_s = self.per_image(x)
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=sigma_r.dtype)
+        return poisson_gaussian_sample(x, sigma_r, sigma_s, eps)

@@ -13,11 +13,22 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 
 @pytest.fixture
-def backend(monkeypatch):
-    """Force SVNR_FAST_BACKEND for one test: `backend("triton")`."""
-    def force(name: str) -> None:
-        monkeypatch.setenv("SVNR_FAST_BACKEND", name)
-    return force
+def backend():
+    """Force a backend for one test, as SVNR_FAST_BACKEND does: `backend("triton")`; `backend("auto")` the
+    automatic choice."""
+    from svnr_fast.ops import backends
+    before = backends.forced()
+    yield backends.set_backend
+    backends.set_backend(before)
+
+
+@pytest.fixture(autouse=True)
+def fresh_backend_choices():
+    """Each test chooses backends anew: tests change the machine's state (a missing extension, TRITON_INTERPRET)."""
+    from svnr_fast.ops import backends
+    backends.forget_choices()
+    yield
+    backends.forget_choices()
 
 
 @pytest.fixture(scope="module")

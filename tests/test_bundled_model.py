@@ -5,8 +5,8 @@ import sys
 import torch
 
 from svnr_fast import PoissonGaussian
-from svnr_fast.denoise import BUNDLED_MODEL, default_model, denoise
-from svnr_fast.photo import demo_photo
+from svnr_fast.app.cli.demo import demo_photo
+from svnr_fast.app.denoise import BUNDLED_MODEL, default_model, denoise
 
 
 def psnr(image: torch.Tensor, clean: torch.Tensor) -> float:
@@ -24,7 +24,7 @@ def test_bundled_model_denoises_a_held_out_photo():
 
 def test_svnr_demo_runs(tmp_path):
     assert BUNDLED_MODEL.is_file()
-    result = subprocess.run([sys.executable, "-m", "svnr_fast.cli", "demo", "--size", "64", "--steps", "2", "--quiet",
+    result = subprocess.run([sys.executable, "-m", "svnr_fast.app.cli", "demo", "--size", "64", "--steps", "2", "--quiet",
                              "-o", str(tmp_path / "demo.png")], capture_output=True, text=True, check=True)
     assert "denoised: PSNR" in result.stdout and (tmp_path / "demo.png").is_file()
 

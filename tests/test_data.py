@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from svnr_fast import data, imageio
+from svnr_fast.app import data, imageio
 
 
 def write_images(folder, sizes, seed=0, channels=3):

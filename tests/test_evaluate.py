@@ -13,8 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from svnr_fast import PoissonGaussian, cli, evaluate
-from svnr_fast.models import SVNRUNet, preset, save_model
+from svnr_fast import PoissonGaussian
+from svnr_fast.app import cli, metrics
+from svnr_fast.app.checkpoint import save_model
+from svnr_fast.app.cli import eval as eval_command
+from svnr_fast.app.evaluation import methods, report, runner
+from svnr_fast.app.models import SVNRUNet, preset
 
 CROP = 32
 LEVELS = ["0.02,0.05", "0.05,0.1"]
@@ -75,17 +79,17 @@ def read_csv(path):
 
 
 def ran_methods():
-    return [m for m in METHODS if evaluate.classical_unavailable(m) is None]
+    return [m for m in METHODS if methods.classical_unavailable(m) is None]
 
 
 def test_end_to_end_writes_every_table_and_figure(run):
     out, stdout, stderr = run
     summary = read_csv(out / "results.csv")
-    assert tuple(summary[0]) == evaluate.SUMMARY_COLUMNS
+    assert tuple(summary[0]) == report.SUMMARY_COLUMNS
     assert [(r["level"], r["method"]) for r in summary] == [(level, m) for level in LEVELS for m in ran_methods()]
     assert all(r["images"] == "2" for r in summary)
     per_image = read_csv(out / "per_image.csv")
-    assert tuple(per_image[0]) == evaluate.PER_IMAGE_COLUMNS
+    assert tuple(per_image[0]) == report.PER_IMAGE_COLUMNS
     assert len(per_image) == 2 * len(LEVELS) * len(ran_methods())
     markdown = (out / "results.md").read_text()
     assert "| method | level | PSNR | SSIM | HF ratio | NFE | seconds |" in markdown
@@ -126,8 +130,8 @@ def test_noisy_row_is_the_psnr_of_the_clipped_noisy_photo(run, photos):
         top, left = (clean.shape[0] - CROP) // 2, (clean.shape[1] - CROP) // 2
         clean = clean[top:top + CROP, left:left + CROP]
         for level in LEVELS:
-            sigmas = evaluate.parse_level(level)
-            generator = torch.Generator().manual_seed(evaluate.noise_seed(0, name, sigmas))
+            sigmas = methods.parse_level(level)
+            generator = torch.Generator().manual_seed(runner.noise_seed(0, name, sigmas))
             x = torch.from_numpy(clean).permute(2, 0, 1).float()[None]
             noisy = PoissonGaussian(*sigmas).sample(x, generator=generator)[0].permute(1, 2, 0).double().numpy()
             psnr = 10 * np.log10(1 / np.mean((np.clip(noisy, 0, 1) - clean) ** 2))
@@ -141,15 +145,15 @@ def test_high_frequency_ratio_sees_noise_and_blur():
     clean = photo("astronaut")[100:164, 180:244].astype(np.float64) / 255
     noisy = clean + 0.05 * np.random.default_rng(0).standard_normal(clean.shape)
     blurred = gaussian(clean, sigma=2, channel_axis=-1)
-    assert evaluate.high_frequency_ratio(clean, clean) == pytest.approx(1.0)
-    assert evaluate.high_frequency_ratio(noisy, clean) > 1.5
-    assert evaluate.high_frequency_ratio(blurred, clean) < 0.3
+    assert metrics.high_frequency_ratio(clean, clean) == pytest.approx(1.0)
+    assert metrics.high_frequency_ratio(noisy, clean) > 1.5
+    assert metrics.high_frequency_ratio(blurred, clean) < 0.3
 
 
 @pytest.mark.parametrize("sigma_r, sigma_s", [(0.02, 0.05), (0.1, 0.2), (0.05, 0.0), (0.0, 0.1)])
 def test_anscombe_round_trip_on_noise_free_values(sigma_r, sigma_s):
     x = np.linspace(0, 1, 101)
-    back = evaluate.inverse_anscombe(evaluate.anscombe(x, sigma_r, sigma_s), sigma_r, sigma_s, unbiased=False)
+    back = methods.inverse_anscombe(methods.anscombe(x, sigma_r, sigma_s), sigma_r, sigma_s, unbiased=False)
     np.testing.assert_allclose(back, x, rtol=0, atol=1e-12)
 
 
@@ -158,23 +162,23 @@ def test_anscombe_stabilises_and_the_unbiased_inverse_undoes_the_mean(sigma_r, s
     rng = np.random.default_rng(1)
     for x in (0.05, 0.3, 0.9):
         y = x + np.sqrt(sigma_r**2 + sigma_s**2 * x) * rng.standard_normal(200_000)
-        f = evaluate.anscombe(y, sigma_r, sigma_s)
+        f = methods.anscombe(y, sigma_r, sigma_s)
         assert f.var() == pytest.approx(1.0, abs=0.15)
         # an ideal denoiser returns E[f(y)]; the unbiased inverse maps that back to x, the algebraic one does not
         mean = np.array([f.mean()])
-        assert evaluate.inverse_anscombe(mean, sigma_r, sigma_s)[0] == pytest.approx(x, abs=2e-3)
-        assert abs(evaluate.inverse_anscombe(mean, sigma_r, sigma_s, unbiased=False)[0] - x) > 5e-4
+        assert methods.inverse_anscombe(mean, sigma_r, sigma_s)[0] == pytest.approx(x, abs=2e-3)
+        assert abs(methods.inverse_anscombe(mean, sigma_r, sigma_s, unbiased=False)[0] - x) > 5e-4
 
 
 @pytest.mark.parametrize("name", ["nlm", "wavelet"])
 def test_classical_denoisers_remove_most_of_the_noise(name):
-    if evaluate.classical_unavailable(name):
-        pytest.skip(evaluate.classical_unavailable(name))
+    if methods.classical_unavailable(name):
+        pytest.skip(methods.classical_unavailable(name))
     clean = photo("astronaut")[100:196, 150:246].astype(np.float64) / 255
     noisy = PoissonGaussian(0.05, 0.1).sample(torch.from_numpy(clean).permute(2, 0, 1)[None],
                                                torch.Generator().manual_seed(0))[0].permute(1, 2, 0).numpy()
-    denoised = evaluate.classical_denoise(name, noisy, 0.05, 0.1)
-    gain = evaluate.image_metrics(denoised, clean)["psnr"] - evaluate.image_metrics(noisy, clean)["psnr"]
+    denoised = methods.classical_denoise(name, noisy, 0.05, 0.1)
+    gain = metrics.image_metrics(denoised, clean)["psnr"] - metrics.image_metrics(noisy, clean)["psnr"]
     assert gain > 5.0
 
 
@@ -186,15 +190,15 @@ def test_bm3d_runs_on_the_stabilised_photo_when_the_package_imports(monkeypatch)
         return z
 
     monkeypatch.setitem(sys.modules, "bm3d", types.SimpleNamespace(bm3d_rgb=bm3d_rgb))
-    assert evaluate.classical_unavailable("bm3d") is None
+    assert methods.classical_unavailable("bm3d") is None
     y = np.random.default_rng(2).uniform(0.1, 0.9, (16, 16, 3))
-    out = evaluate.classical_denoise("bm3d", y, 0.05, 0.1)
+    out = methods.classical_denoise("bm3d", y, 0.05, 0.1)
     assert calls == [1.0]
-    np.testing.assert_allclose(out, evaluate.inverse_anscombe(evaluate.anscombe(y, 0.05, 0.1), 0.05, 0.1))
+    np.testing.assert_allclose(out, methods.inverse_anscombe(methods.anscombe(y, 0.05, 0.1), 0.05, 0.1))
 
 
 def test_missing_models_and_packages_are_skipped_with_a_reason(photos, tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluate, "BUNDLED_MODEL", tmp_path / "not-installed.safetensors")
+    monkeypatch.setattr(eval_command, "BUNDLED_MODEL", tmp_path / "not-installed.safetensors")
     monkeypatch.setitem(sys.modules, "bm3d", None)       # import bm3d fails
     code, stdout, stderr = run_cli(["--data", str(photos), "--crop", "32", "--limit", "1", "--levels", "0.05,0.1",
                                     "--methods", "noisy,svnr", "x0hat", "baseline", "ablation-4", "bm3d", "nlm",
@@ -224,7 +228,7 @@ def test_bad_arguments_are_named(photos, argv, message, capsys):
 
 
 def test_bad_data_and_models_give_clear_errors(photos, models, tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluate, "BUNDLED_MODEL", tmp_path / "not-installed.safetensors")
+    monkeypatch.setattr(eval_command, "BUNDLED_MODEL", tmp_path / "not-installed.safetensors")
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("no photos here")
@@ -247,46 +251,46 @@ def test_dataset_root_uses_its_heldout_split(tmp_path):
     for split, name in (("train", "a"), ("heldout", "b"), ("heldout", "c")):
         (tmp_path / split).mkdir(exist_ok=True)
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / split / f"{name}.png")
-    files, folder = evaluate.image_files(tmp_path)
+    files, folder = runner.image_files(tmp_path)
     assert folder == tmp_path / "heldout" and [f.name for f in files] == ["b.png", "c.png"]
 
 
 def test_centre_crop_keeps_small_sides():
     image = torch.arange(3 * 10 * 40, dtype=torch.float32).reshape(3, 10, 40)
-    crop = evaluate.centre_crop(image, 16)
+    crop = runner.centre_crop(image, 16)
     assert crop.shape == (3, 10, 16) and torch.equal(crop, image[:, :, 12:28])
-    assert evaluate.centre_crop(image, 0) is image
+    assert runner.centre_crop(image, 0) is image
 
 
 def test_method_names():
-    assert evaluate.parse_method("SVNR-08") == evaluate.Method("svnr-8", "svnr", 8)
-    assert evaluate.parse_method("baseline") == evaluate.Method("baseline", "baseline", None)
-    assert evaluate.parse_method("x0hat").model == "svnr"
-    assert evaluate.parse_method("ablation-3").model == "ablation"
+    assert methods.parse_method("SVNR-08") == methods.Method("svnr-8", "svnr", 8)
+    assert methods.parse_method("baseline") == methods.Method("baseline", "baseline", None)
+    assert methods.parse_method("x0hat").model == "svnr"
+    assert methods.parse_method("ablation-3").model == "ablation"
     with pytest.raises(ValueError, match="unknown method"):
-        evaluate.parse_method("baseline-")
+        methods.parse_method("baseline-")
 
 
 def test_true_noise_is_given_to_the_methods_when_asked(photos):
-    files, folder = evaluate.image_files(photos)
-    images = evaluate.load_images(files, folder, CROP, limit=1)
-    methods = [evaluate.parse_method(m) for m in ("noisy", "nlm")]
-    result = evaluate.evaluate(images, [(0.05, 0.1)], methods, {}, noise="true", progress=False)
+    files, folder = runner.image_files(photos)
+    images = runner.load_images(files, folder, CROP, limit=1)
+    wanted = [methods.parse_method(m) for m in ("noisy", "nlm")]
+    result = runner.evaluate(images, [(0.05, 0.1)], wanted, {}, noise="true", progress=False)
     assert [(r["method"], r["sigma_r_used"], r["sigma_s_used"]) for r in result.rows] == [
         ("noisy", 0.05, 0.1), ("nlm", 0.05, 0.1)]
     with pytest.raises(ValueError, match="noise must be 'estimated' or 'true'"):
-        evaluate.evaluate(images, [(0.05, 0.1)], methods, {}, noise="given", progress=False)
+        runner.evaluate(images, [(0.05, 0.1)], wanted, {}, noise="given", progress=False)
 
 
 def test_svnr_and_ablation_see_the_same_inputs_and_draws(photos):
     """Two copies of one model as SVNR and ablation give the same pictures: y' and the sampler noise are shared."""
-    files, folder = evaluate.image_files(photos)
-    images = evaluate.load_images(files, folder, CROP, limit=1)
+    files, folder = runner.image_files(photos)
+    images = runner.load_images(files, folder, CROP, limit=1)
     torch.manual_seed(0)
     model = SVNRUNet(preset("tiny")).eval()
-    methods = [evaluate.parse_method(m) for m in ("svnr", "ablation")]
-    result = evaluate.evaluate(images, [(0.02, 0.05)], methods, {"svnr": model, "ablation": model}, progress=False)
+    wanted = [methods.parse_method(m) for m in ("svnr", "ablation")]
+    result = runner.evaluate(images, [(0.02, 0.05)], wanted, {"svnr": model, "ablation": model}, progress=False)
     svnr, ablation = result.rows
     assert svnr["nfe"] == ablation["nfe"] and svnr["psnr"] == ablation["psnr"]
     with pytest.raises(ValueError, match="method ablation needs the ablation model"):
-        evaluate.evaluate(images, [(0.02, 0.05)], methods, {"svnr": model}, progress=False)
+        runner.evaluate(images, [(0.02, 0.05)], wanted, {"svnr": model}, progress=False)

@@ -8,10 +8,11 @@ csrc/tests/test_math.cpp.
 """
 import pytest
 import torch
-
 from conftest import requires_cuda
-from svnr_fast import backends, ops, reference
+
+from svnr_fast import ops, reference
 from svnr_fast.nn import GroupNormSpatialFiLM
+from svnr_fast.ops import backends
 
 # (B, C, H, W, groups): odd channel and group counts, 1x1 and odd spatial sizes
 SHAPES = [(2, 6, 5, 7, 3), (2, 5, 1, 1, 5), (3, 12, 9, 4, 4), (1, 8, 33, 17, 2), (2, 64, 8, 8, 32)]
@@ -206,8 +207,8 @@ def test_opcheck_cpp_backend(backend, layout):
                            groups, "identity"))
 
 
-def test_automatic_choice_on_cpu_is_the_cpp_kernel(monkeypatch):
-    monkeypatch.delenv("SVNR_FAST_BACKEND", raising=False)
+def test_automatic_choice_on_cpu_is_the_cpp_kernel(backend):
+    backend("auto")
     for op in ("groupnorm_film", "groupnorm_film_backward"):
         assert backends.choose(op, "cpu").backend == "cpp"
 
@@ -357,8 +358,8 @@ def test_cuda_runs_on_the_current_stream(backend):
 
 @requires_cuda
 @pytest.mark.cuda
-def test_cuda_opcheck_and_automatic_choice(backend, monkeypatch):
-    monkeypatch.delenv("SVNR_FAST_BACKEND", raising=False)
+def test_cuda_opcheck_and_automatic_choice(backend):
+    backend("auto")
     assert backends.choose("groupnorm_film", "cuda").backend == "cuda"
     h, u, table, weight, bias, groups = film_inputs((2, 6, 5, 7, 3), device="cuda")
     h, table, weight, bias = (t.requires_grad_() for t in (h, table, weight, bias))

@@ -3,22 +3,30 @@
 Without a GPU this is the only check of the CUDA kernels' logic: the real kernels run thread by thread, with
 __syncthreads and warp shuffles, deadlocks and writes past dynamic shared memory detected (csrc/emulation/
 README.md says what it cannot see). The emulated module replaces svnr_fast._C in the op's Python glue
-(svnr_fast.kernels.groupnorm_film), whose CUDA entry points then run on CPU memory. Criteria as in
+(svnr_fast.ops.groupnorm_film), whose CUDA entry points then run on CPU memory. Criteria as in
 test_groupnorm_film.py: float32 < 1e-5, float64 < 1e-12 relative to the float64 reference, bfloat16 and
 float16 results at most 2x the eager reference's error. EMU_SMS is the multiprocessor count the emulated device reports: 1
 makes every eligible NCHW shape take the one-launch forward, 132 (an H100) the three-launch one.
 """
 import ctypes
+import importlib
 import importlib.machinery
 import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+from test_groupnorm_film import (
+    NAMES,
+    film_inputs,
+    float64_reference,
+    relative_error,
+    run,
+)
 
 from svnr_fast import reference
-from svnr_fast.kernels import groupnorm_film as glue
-from test_groupnorm_film import NAMES, film_inputs, float64_reference, relative_error, run
+
+glue = importlib.import_module("svnr_fast.ops.groupnorm_film")   # the module (the package attribute is the op)
 
 
 def _load_builder():
@@ -112,9 +120,9 @@ def test_emulated_cuda_matches_reference(cuda_glue, monkeypatch, case, act):
     grad_out = torch.randn(h.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
 
     before = cuda_glue()
-    out, mean, rstd = glue.groupnorm_film(h, u, table, weight, bias, groups, 1e-5, act)
+    out, mean, rstd = glue.fused_forward(h, u, table, weight, bias, groups, 1e-5, act)
     assert cuda_glue() - before == forward_launches
-    grads = glue.groupnorm_film_backward(grad_out, h, u, table, weight, bias, mean, rstd, groups, act)
+    grads = glue.fused_backward(grad_out, h, u, table, weight, bias, mean, rstd, groups, act)
 
     bound = 1e-12 if dtype == torch.float64 else 1e-5
     _, exact_mean, exact_rstd = reference._groupnorm_film(h.double(), u.double(), table.double(), weight.double(),

@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from svnr_fast import imageio
+from svnr_fast.app import imageio
 
 ICC = b"\x00\x00\x02\x0cfake icc profile bytes for a round trip" * 3
 

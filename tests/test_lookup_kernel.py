@@ -1,9 +1,9 @@
 """The Triton schedule lookups (kernels/lookup.py): gamma, time_from_variance, time_map against the reference."""
 import pytest
 import torch
+from triton_devices import DEVICES, as_layout, assert_matches
 
 from svnr_fast import Schedule, ops, reference
-from triton_devices import DEVICES, as_layout, assert_matches
 
 TABLE = Schedule().table
 TABLES = {"default": TABLE, "T=1,g0=0.5": torch.tensor([0.5, 1.0]),

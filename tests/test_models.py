@@ -4,9 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from svnr_fast import backends, models
-from svnr_fast.models import CheckpointError, SVNRUNet, UNetConfig
-
+import svnr_fast.nn as svnr_nn
+from svnr_fast.app import checkpoint, models
+from svnr_fast.app.checkpoint import CheckpointError
+from svnr_fast.app.models import SVNRUNet, UNetConfig
+from svnr_fast.ops import backends
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,9 +61,9 @@ def test_config_round_trips_and_rejects_nonsense():
 
 def test_knots_are_uniform_in_warped_time():
     T, K = 1000, 257
-    times = models.knot_times(T, K)
+    times = svnr_nn.knot_times(T, K)
     assert times[0] == 0 and times[-1] == T and times[1] == pytest.approx(T / 256**2)
-    torch.testing.assert_close(models.warp(times, T, K), torch.arange(K, dtype=torch.float64))
+    torch.testing.assert_close(svnr_nn.warp(times, T, K), torch.arange(K, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("H,W", [(16, 24), (13, 7), (37, 45)])
@@ -195,7 +197,7 @@ def test_window_attention_attends_within_windows():
 
 @pytest.mark.skipif(backends.choose("groupnorm_film", "cpu").backend == "reference",
                     reason="no fused groupnorm_film for CPU tensors here (svnr_fast._C not built)")
-def test_fused_and_reference_film_give_the_same_model(monkeypatch):
+def test_fused_and_reference_film_give_the_same_model(backend):
     model = randomise_outputs(tiny()).train()
     y, x_t, tau = inputs(B=2, H=32, W=32)
 
@@ -206,7 +208,7 @@ def test_fused_and_reference_film_give_the_same_model(monkeypatch):
         return out.detach(), [p.grad.clone() for p in model.parameters()]
 
     fused_out, fused_grads = run()
-    monkeypatch.setenv("SVNR_FAST_BACKEND", "reference")
+    backend("reference")
     reference_out, reference_grads = run()
     torch.testing.assert_close(fused_out, reference_out, rtol=1e-4, atol=1e-5)
     for fused, reference in zip(fused_grads, reference_grads):
@@ -215,8 +217,8 @@ def test_fused_and_reference_film_give_the_same_model(monkeypatch):
 
 def test_save_and_load_round_trip(tmp_path):
     model = randomise_outputs(tiny(parametrisation="epsilon"))
-    models.save_model(model, tmp_path / "m.safetensors", {"note": "hello"})
-    loaded = models.load_model(tmp_path / "m.safetensors")
+    checkpoint.save_model(model, tmp_path / "m.safetensors", {"note": "hello"})
+    loaded = checkpoint.load_model(tmp_path / "m.safetensors")
     assert loaded.config == model.config and not loaded.training
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
@@ -226,7 +228,7 @@ def test_foreign_and_broken_model_files_are_refused(tmp_path):
     from safetensors.torch import save_file
 
     good = tmp_path / "good.safetensors"
-    models.save_model(tiny(), good)
+    checkpoint.save_model(tiny(), good)
     data = good.read_bytes()
     cases = {
         "random.safetensors": (torch.randint(0, 256, (4000,), dtype=torch.uint8).numpy().tobytes(),
@@ -236,22 +238,22 @@ def test_foreign_and_broken_model_files_are_refused(tmp_path):
     for name, (content, message) in cases.items():
         (tmp_path / name).write_bytes(content)
         with pytest.raises(CheckpointError, match=message):
-            models.load_model(tmp_path / name)
+            checkpoint.load_model(tmp_path / name)
     save_file({"w": torch.zeros(3)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(CheckpointError, match="without svnr_fast metadata"):
-        models.load_model(tmp_path / "plain.safetensors")
+        checkpoint.load_model(tmp_path / "plain.safetensors")
     save_file({"w": torch.zeros(3)}, str(tmp_path / "ckpt.safetensors"), metadata={"format": "svnr_fast.checkpoint"})
     with pytest.raises(CheckpointError, match="'svnr_fast.checkpoint' file, not an 'svnr_fast.model'"):
-        models.load_model(tmp_path / "ckpt.safetensors")
+        checkpoint.load_model(tmp_path / "ckpt.safetensors")
     # small weights under a tiny config: the weights do not fit
     small = SVNRUNet(models.preset("small"))
-    models.atomic_save(small.state_dict(), {"format": models.MODEL_FORMAT, "model_config": tiny().config.to_json()},
+    checkpoint.atomic_save(small.state_dict(), {"format": checkpoint.MODEL_FORMAT, "model_config": tiny().config.to_json()},
                        tmp_path / "mixed.safetensors")
     with pytest.raises(CheckpointError, match="weights do not fit"):
-        models.load_model(tmp_path / "mixed.safetensors")
+        checkpoint.load_model(tmp_path / "mixed.safetensors")
     config = dataclasses.asdict(tiny().config) | {"channels": "many"}
-    models.atomic_save({}, {"format": models.MODEL_FORMAT, "model_config": str(config)}, tmp_path / "bad.safetensors")
+    checkpoint.atomic_save({}, {"format": checkpoint.MODEL_FORMAT, "model_config": str(config)}, tmp_path / "bad.safetensors")
     with pytest.raises(CheckpointError, match="model config"):
-        models.load_model(tmp_path / "bad.safetensors")
+        checkpoint.load_model(tmp_path / "bad.safetensors")
     with pytest.raises(FileNotFoundError):
-        models.load_model(tmp_path / "missing.safetensors")
+        checkpoint.load_model(tmp_path / "missing.safetensors")

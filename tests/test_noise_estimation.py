@@ -4,7 +4,7 @@ import skimage.data
 import torch
 
 from svnr_fast import PoissonGaussian
-from svnr_fast.noise_estimation import estimate_noise
+from svnr_fast.app.noise_estimation import estimate_noise
 
 
 def photo(name: str) -> torch.Tensor:

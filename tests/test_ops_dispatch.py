@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import svnr_fast
-from svnr_fast import Schedule, backends, info, ops
+from svnr_fast import Schedule, info, ops
+from svnr_fast.ops import backends
 
 TABLE = Schedule().table
 
@@ -38,22 +39,32 @@ def test_opcheck_reference_backend(op, backend):
 
 
 def test_every_op_is_registered_and_has_a_reference():
-    for op in backends.OPS:
+    for op in backends.ops():
         assert hasattr(torch.ops.svnr, op), op
-        assert callable(backends._load(op, "reference"))
+        assert callable(backends.load(op, "reference"))
 
 
-def test_forcing_an_unknown_backend_is_an_error(backend):
-    backend("fastest")
+def test_forcing_an_unknown_backend_is_an_error(monkeypatch):
+    with pytest.raises(backends.BackendUnavailable, match="backend='fastest' is not a backend"):
+        ops.set_backend("fastest")
+    monkeypatch.setenv("SVNR_FAST_BACKEND", "fastest")
+    monkeypatch.setattr(backends, "_forced", backends._UNREAD)     # as at start-up: the variable not read yet
     with pytest.raises(backends.BackendUnavailable, match="SVNR_FAST_BACKEND='fastest' is not a backend"):
         ops.gamma(torch.rand(3), TABLE)
+
+
+def test_the_backend_is_chosen_once_per_op_and_device(backend, monkeypatch):
+    backend("auto")
+    ops.gamma(torch.rand(3), TABLE)
+    monkeypatch.setattr(backends, "choose", lambda op, device_type: pytest.fail("chosen again"))
+    ops.gamma(torch.rand(3), TABLE)
 
 
 def test_forcing_a_backend_that_cannot_run_here_says_why(backend):
     backend("cuda")
     choice = backends.choose("gamma", "cpu")          # gamma has no CUDA-extension kernel: automatic choice
     assert choice.backend in ("reference", "triton")
-    if backends.FAST["groupnorm_film"].get("cuda"):
+    if "cuda" in backends.IMPLEMENTATIONS["groupnorm_film"]:
         with pytest.raises(backends.BackendUnavailable, match="the CUDA kernel runs on CUDA tensors"):
             backends.choose("groupnorm_film", "cpu")
 
@@ -65,15 +76,15 @@ def test_forced_triton_on_cpu_needs_the_interpreter(backend, monkeypatch):
         backends.choose("reverse_step", "cpu")
 
 
-def test_automatic_choice_on_cpu_never_uses_the_interpreter(monkeypatch):
-    monkeypatch.delenv("SVNR_FAST_BACKEND", raising=False)
+def test_automatic_choice_on_cpu_never_uses_the_interpreter(backend, monkeypatch):
+    backend("auto")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     for op in ("gamma", "training_sample", "reverse_step"):
         assert backends.choose(op, "cpu").backend == "reference"
 
 
-def test_missing_extension_falls_back_to_the_reference(monkeypatch):
-    monkeypatch.delenv("SVNR_FAST_BACKEND", raising=False)
+def test_missing_extension_falls_back_to_the_reference(backend, monkeypatch):
+    backend("auto")
     monkeypatch.setattr(backends, "extension", lambda: (None, "ImportError: not built"))
     choice = backends.choose("groupnorm_film", "cpu")
     assert choice.backend == "reference"
@@ -82,7 +93,7 @@ def test_missing_extension_falls_back_to_the_reference(monkeypatch):
 
 def test_info_report_lists_every_op_and_device():
     text = info.report()
-    for op in backends.OPS:
+    for op in backends.ops():
         assert f"{op} " in text
     assert "svnr_fast._C" in text and "SVNR_FAST_BACKEND" in text
 
@@ -118,7 +129,7 @@ def test_public_api():
 
 def test_the_package_exposes_the_main_job_and_the_scheduler():
     import svnr_fast
-    from svnr_fast.denoise import denoise
+    from svnr_fast.app.denoise import denoise
     assert svnr_fast.denoise is denoise
 
     class ZeroNoise(torch.nn.Module):
@@ -133,3 +144,18 @@ def test_the_package_exposes_the_main_job_and_the_scheduler():
     out = svnr_fast.denoise(y, (0.0, 0.0), model=ZeroNoise())
     assert torch.equal(out, y)                   # no noise: time 0 everywhere, nothing to do
     assert svnr_fast.SVNRScheduler().config["num_train_timesteps"] == 1000
+
+
+def test_the_application_is_built_on_the_ops_not_on_the_reference():
+    """The reference is the tests' oracle and the CPU implementation behind the ops; application code never
+    imports it, and the Triton kernels import nothing from the package but their own helpers."""
+    import ast
+    from pathlib import Path
+
+    root = Path(svnr_fast.__file__).parent
+    for path in sorted((root / "app").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = {alias.name for alias in node.names}
+                assert "reference" not in (node.module or "").split(".") and "reference" not in names, \
+                    f"{path.relative_to(root)} imports the reference"

@@ -6,8 +6,9 @@ import io
 import pytest
 import torch
 
-from svnr_fast import PoissonGaussian, cli, imageio
-from svnr_fast.photo import demo_photo
+from svnr_fast import PoissonGaussian
+from svnr_fast.app import cli, imageio
+from svnr_fast.app.cli.demo import demo_photo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

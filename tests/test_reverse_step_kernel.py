@@ -5,11 +5,18 @@ eager error (tests/triton_devices.py). In-kernel noise: statistics of the z it d
 """
 import pytest
 import torch
-
 from conftest import requires_cuda
+from triton_devices import (
+    DEVICES,
+    LOW_PRECISION,
+    as_layout,
+    assert_low_precision_ok,
+    assert_matches,
+    normal_statistics_ok,
+    uncorrelated,
+)
+
 from svnr_fast import Schedule, ops, reference
-from triton_devices import (DEVICES, LOW_PRECISION, as_layout, assert_low_precision_ok, assert_matches,
-                            normal_statistics_ok, uncorrelated)
 
 TABLE = Schedule().table
 

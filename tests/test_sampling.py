@@ -3,11 +3,10 @@ import math
 
 import pytest
 import torch
-
 from conftest import requires_cuda
+
 from svnr_fast import PoissonGaussian, Schedule, reference
-from svnr_fast.sampling import (SamplerGraphs, SVNRScheduler, default_steps, plan_steps, sample_baseline,
-                                sample_svnr)
+from svnr_fast.app.sampling import SamplerGraphs, SVNRScheduler, default_steps, plan_steps, sample, sample_baseline
 
 TABLE = Schedule().table
 
@@ -34,7 +33,7 @@ def noisy(seed=0, shape=(2, 3, 12, 10), sigma=(0.05, 0.1)):
 def test_oracle_denoiser_recovers_the_clean_image(eta, steps):
     x0, y_prime, tau_star = noisy()
     seen = []
-    out = sample_svnr(oracle(x0), y_prime, tau_star, TABLE, steps=steps, eta=eta,
+    out = sample(oracle(x0), y_prime, y_prime, tau_star, TABLE, steps=steps, eta=eta,
                       callback=lambda i, x, tau, x0_hat: seen.append((i, tau.clone())))
     torch.testing.assert_close(out, x0, rtol=0, atol=1e-12)
     expected_steps = default_steps(tau_star) if steps is None else steps
@@ -54,7 +53,7 @@ def test_every_image_of_a_batch_ends_together():
     x0, y_prime, tau_star = noisy(shape=(2, 3, 8, 8))
     tau_star = tau_star * torch.tensor([1.0, 0.25], dtype=tau_star.dtype).view(2, 1, 1, 1)
     taus = []
-    sample_svnr(oracle(x0), y_prime, tau_star, TABLE, steps=5, eta=0.0, callback=lambda i, x, t, x0h: taus.append(t))
+    sample(oracle(x0), y_prime, y_prime, tau_star, TABLE, steps=5, eta=0.0, callback=lambda i, x, t, x0h: taus.append(t))
     for i, tau in enumerate(taus[:-1]):
         assert torch.all(tau.amax(dim=(1, 2, 3)) > 0), f"an image finished early, at step {i}"
     assert torch.all(taus[-1] == 0)
@@ -79,7 +78,7 @@ def test_baseline_sampler_starts_from_noise_at_time_T():
 def test_scheduler_matches_the_functional_sampler():
     x0, y_prime, tau_star = noisy(seed=3)
     denoiser = oracle(x0 + 0.01)          # an imperfect denoiser, so the noise path matters
-    expected = sample_svnr(denoiser, y_prime, tau_star, TABLE, steps=6, eta=1.0, seed=4)
+    expected = sample(denoiser, y_prime, y_prime, tau_star, TABLE, steps=6, eta=1.0, seed=4)
     scheduler = SVNRScheduler(eta=1.0, seed=4)
     scheduler.set_timesteps(6, tau_star)
     x, tau = y_prime, tau_star
@@ -129,7 +128,7 @@ def test_scheduler_add_noise_is_the_forward_process():
 def test_bad_step_counts_are_refused():
     _, y_prime, tau_star = noisy()
     with pytest.raises(ValueError, match="steps must be a positive int"):
-        sample_svnr(oracle(y_prime), y_prime, tau_star, TABLE, steps=0)
+        sample(oracle(y_prime), y_prime, y_prime, tau_star, TABLE, steps=0)
     with pytest.raises(RuntimeError, match="set_timesteps"):
         SVNRScheduler().step(y_prime, tau_star, y_prime)
 
@@ -151,12 +150,12 @@ def cuda_inputs(seed=0, shape=(2, 3, 12, 10)):
 def test_cuda_graph_refuses_cpu_tensors_and_callbacks():
     _, y_prime, tau_star = noisy()
     with pytest.raises(ValueError, match="cuda_graph needs CUDA tensors, but x is on cpu"):
-        sample_svnr(capturable, y_prime, tau_star, TABLE, steps=2, cuda_graph=True)
+        sample(capturable, y_prime, y_prime, tau_star, TABLE, steps=2, cuda_graph=True)
     with pytest.raises(ValueError, match="a callback cannot run inside a CUDA graph"):
-        sample_svnr(capturable, y_prime, tau_star, TABLE, steps=2, cuda_graph=SamplerGraphs(),
+        sample(capturable, y_prime, y_prime, tau_star, TABLE, steps=2, cuda_graph=SamplerGraphs(),
                     callback=lambda *args: None)
     with pytest.raises(TypeError, match="cuda_graph must be a bool or a SamplerGraphs"):
-        sample_svnr(capturable, y_prime, tau_star, TABLE, steps=2, cuda_graph="yes")
+        sample(capturable, y_prime, y_prime, tau_star, TABLE, steps=2, cuda_graph="yes")
 
 
 @requires_cuda
@@ -166,11 +165,11 @@ def test_cuda_graph_gives_the_uncaptured_result(eta, clamp):
     graphs = SamplerGraphs()
     for seed in (0, 1):      # the second call replays the first one's graph, with new inputs
         y_prime, tau_star = cuda_inputs(seed)
-        expected = sample_svnr(capturable, y_prime, tau_star, table, steps=5, eta=eta, clamp=clamp, seed=3)
-        got = sample_svnr(capturable, y_prime, tau_star, table, steps=5, eta=eta, clamp=clamp, seed=3,
+        expected = sample(capturable, y_prime, y_prime, tau_star, table, steps=5, eta=eta, clamp=clamp, seed=3)
+        got = sample(capturable, y_prime, y_prime, tau_star, table, steps=5, eta=eta, clamp=clamp, seed=3,
                           cuda_graph=graphs)
         assert torch.equal(got, expected)
-        assert torch.equal(sample_svnr(capturable, y_prime, tau_star, table, steps=5, eta=eta, clamp=clamp, seed=3,
+        assert torch.equal(sample(capturable, y_prime, y_prime, tau_star, table, steps=5, eta=eta, clamp=clamp, seed=3,
                                        cuda_graph=True), expected)
     assert len(graphs) == 1
 
@@ -181,12 +180,12 @@ def test_cuda_graphs_are_kept_per_kind_of_call():
     y_prime, tau_star = cuda_inputs()
     graphs = SamplerGraphs()
     for eta, seed in ((0.0, 1), (0.0, 2), (1.0, 1), (1.0, 2)):   # eta = 0 draws no noise: its seed does not matter
-        expected = sample_svnr(capturable, y_prime, tau_star, table, steps=3, eta=eta, seed=seed)
-        assert torch.equal(sample_svnr(capturable, y_prime, tau_star, table, steps=3, eta=eta, seed=seed,
+        expected = sample(capturable, y_prime, y_prime, tau_star, table, steps=3, eta=eta, seed=seed)
+        assert torch.equal(sample(capturable, y_prime, y_prime, tau_star, table, steps=3, eta=eta, seed=seed,
                                        cuda_graph=graphs), expected)
     assert len(graphs) == 3
-    sample_svnr(capturable, y_prime[:1], tau_star[:1], table, steps=3, eta=0.0, cuda_graph=graphs)
-    sample_svnr(capturable, y_prime, tau_star, table, steps=4, eta=0.0, cuda_graph=graphs)
+    sample(capturable, y_prime[:1], y_prime[:1], tau_star[:1], table, steps=3, eta=0.0, cuda_graph=graphs)
+    sample(capturable, y_prime, y_prime, tau_star, table, steps=4, eta=0.0, cuda_graph=graphs)
     assert len(graphs) == 5
     graphs.clear()
     assert len(graphs) == 0
@@ -194,7 +193,7 @@ def test_cuda_graphs_are_kept_per_kind_of_call():
 
 @requires_cuda
 def test_cuda_graph_follows_the_model_weights():
-    from svnr_fast.models import SVNRUNet, preset
+    from svnr_fast.app.models import SVNRUNet, preset
 
     torch.manual_seed(0)
     model = SVNRUNet(preset("tiny")).cuda().eval()
@@ -206,8 +205,8 @@ def test_cuda_graph_follows_the_model_weights():
     graphs = SamplerGraphs()
     for _ in range(2):   # the second pass sees new weights: the graph is captured again
         with torch.inference_mode():
-            expected = sample_svnr(model, y_prime, tau_star, table, steps=4, eta=1.0, seed=5)
-            got = sample_svnr(model, y_prime, tau_star, table, steps=4, eta=1.0, seed=5, cuda_graph=graphs)
+            expected = sample(model, y_prime, y_prime, tau_star, table, steps=4, eta=1.0, seed=5)
+            got = sample(model, y_prime, y_prime, tau_star, table, steps=4, eta=1.0, seed=5, cuda_graph=graphs)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         assert len(graphs) == 1
         # new storage for every weight, as .to() or load_state_dict(assign=True) give: a replay of the old graph
@@ -220,8 +219,8 @@ def test_cuda_graph_follows_the_model_weights():
 
 def test_graph_state_follows_the_module_behind_a_bound_method():
     """SamplerGraphs keys and checks a bound method (model.network) by its module, whose weights it reads."""
-    from svnr_fast import models
-    from svnr_fast.sampling import _owner, _state
+    from svnr_fast.app import models
+    from svnr_fast.app.sampling import _owner, _state
     model = models.SVNRUNet(models.preset("tiny")).eval()
     assert _owner(model.network) is model and _owner(model) is model
     before = _state(model.network)

@@ -152,3 +152,21 @@ def test_poisson_gaussian_rejects_negative_parameters():
         PoissonGaussian(0.1, -0.1)
     with pytest.raises(ValueError, match="sigma_r"):
         PoissonGaussian(torch.tensor([0.1, -0.1]), 0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_top_up_matches_the_reference(dtype):
+    gen = torch.Generator().manual_seed(6)
+    table = Schedule().table
+    y = torch.rand(2, 3, 5, 7, generator=gen, dtype=dtype)
+    variance = PoissonGaussian(0.03, 0.2).variance(y.clamp(0, 1))
+    z = torch.randn(y.shape, generator=gen, dtype=dtype)
+    fast = ops.top_up(y, variance, table, z=z)
+    slow = reference.top_up(y, variance, table, z=z)
+    for got, want in zip(fast, slow):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=1e-6 if dtype == torch.float32 else 1e-13, atol=0)
+    drawn = ops.top_up(y, variance, table, seed=3, offset=1)
+    assert torch.equal(drawn[1], fast[1]) and not torch.equal(drawn[0], fast[0])
+    with pytest.raises(ValueError, match="variance must have the shape of y"):
+        ops.top_up(y, variance[:, :1], table)

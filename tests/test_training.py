@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from svnr_fast import PoissonGaussian, Schedule, data, imageio, models, reference, train, training
-from svnr_fast.models import CheckpointError
-from svnr_fast.training import TrainConfig
-
+from svnr_fast import PoissonGaussian, Schedule, reference
+from svnr_fast.app import checkpoint, conditioning, data, imageio, models, training
+from svnr_fast.app.checkpoint import CheckpointError
+from svnr_fast.app.cli import train
+from svnr_fast.app.training import TrainConfig, loop
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,7 +60,7 @@ def test_ema_starts_fast_then_uses_the_configured_decay():
     assert training.ema_decay_at(100_000, 0.999) == 0.999
     ema, model = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     before = [p.detach().clone() for p in ema.parameters()]
-    training.update_ema(ema, model, 0.75)
+    training.update_ema(ema, model, torch.tensor(0.75))
     for e, b, m in zip(ema.parameters(), before, model.parameters()):
         torch.testing.assert_close(e, 0.75 * b + 0.25 * m)
 
@@ -153,9 +154,9 @@ def test_heldout_metric_is_deterministic_and_keeps_the_mode():
 
 def test_time_limit_stops_before_the_next_check_would_overrun():
     config = tiny_config(log_every=10)
-    assert not training._out_of_time(30.0, 1.0, config, None)
-    assert not training._out_of_time(30.0, 1.0, config, 1.0)     # 30 + 15 + 10 < 60
-    assert training._out_of_time(40.0, 1.0, config, 1.0)         # 40 + 15 + 10 > 60
+    assert not loop._out_of_time(30.0, 1.0, config, None)
+    assert not loop._out_of_time(30.0, 1.0, config, 1.0)     # 30 + 15 + 10 < 60
+    assert loop._out_of_time(40.0, 1.0, config, 1.0)         # 40 + 15 + 10 > 60
 
 
 def _cli(folder, out, *extra):
@@ -186,7 +187,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(photo_folder, t
         assert all(torch.equal(a[k], b[k]) for k in a), name
     log = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
     assert {"step", "loss", "lr", "it_per_s"} <= set(log[0]) and any("heldout_psnr" in r for r in log)
-    model = models.load_model(tmp_path / "whole" / "best.safetensors")
+    model = checkpoint.load_model(tmp_path / "whole" / "best.safetensors")
     assert model.config == models.preset("tiny")
 
 
@@ -202,25 +203,25 @@ def test_bad_runs_and_checkpoints_are_refused(photo_folder, tmp_path, capsys):
     assert train.main(["--out", str(run), "--resume", "--preset", "small", "--no-progress"]) == 2
     assert "--preset (saved: tiny, given: small)" in capsys.readouterr().err
 
-    checkpoint = run / "checkpoint.safetensors"
-    good = checkpoint.read_bytes()
+    checkpoint_path = run / "checkpoint.safetensors"
+    good = checkpoint_path.read_bytes()
     config = tiny_config()
     for content, message in ((good[: len(good) // 2], "not a readable safetensors file"),
                              (os.urandom(5000), "not a readable safetensors file"),
                              ((run / "model.safetensors").read_bytes(), "'svnr_fast.model' file, not an "
                                                                        "'svnr_fast.checkpoint'")):
-        checkpoint.write_bytes(content)
+        checkpoint_path.write_bytes(content)
         with pytest.raises(CheckpointError, match=message):
-            training.load_checkpoint(checkpoint, config, "cpu")
+            checkpoint.load_checkpoint(checkpoint_path, config, "cpu")
         assert _cli(photo_folder, run, "--resume") == 2
         assert message.split()[-1].strip("'") in capsys.readouterr().err
-    save_file({"x": torch.zeros(2)}, str(checkpoint))
+    save_file({"x": torch.zeros(2)}, str(checkpoint_path))
     with pytest.raises(CheckpointError, match="without svnr_fast metadata"):
-        training.load_checkpoint(checkpoint, config, "cpu")
-    checkpoint.write_bytes(good)
+        checkpoint.load_checkpoint(checkpoint_path, config, "cpu")
+    checkpoint_path.write_bytes(good)
     with pytest.raises(CheckpointError, match="different model"):
-        training.load_checkpoint(checkpoint, dataclasses.replace(config, preset="small"), "cpu")
-    state = training.load_checkpoint(checkpoint, config, "cpu")
+        checkpoint.load_checkpoint(checkpoint_path, dataclasses.replace(config, preset="small"), "cpu")
+    state = checkpoint.load_checkpoint(checkpoint_path, config, "cpu")
     assert state.step == 2
 
 
@@ -240,7 +241,7 @@ def _ddp_worker(rank, world_size, port, folder, out):
     dataset = data.RandomCropBatches(data.find_images(folder / "train"), config.batch_size, config.crop, config.seed,
                                      world.rank)
     training.fit(state, config, dataset, run_dir=out / "run", world=world, progress=False)
-    models.save_model(state.model, out / f"rank{rank}.safetensors")
+    checkpoint.save_model(state.model, out / f"rank{rank}.safetensors")
     torch.distributed.destroy_process_group()
 
 
@@ -262,7 +263,7 @@ def test_observed_input_is_what_inference_builds():
     sigma_r, sigma_s = torch.tensor([0.02, 0.1]), torch.tensor([0.2, 0.05])
     eps_y, z = torch.randn(2, *x0.shape, generator=gen)
     table = Schedule().table
-    y_prime, tau_star = training.observed_input(x0, sigma_r, sigma_s, table, eps_y, z)
+    y_prime, tau_star = conditioning.observed_input(x0, sigma_r, sigma_s, table, eps_y, z)
     y = x0 + (sigma_r.view(2, 1, 1, 1) ** 2 + sigma_s.view(2, 1, 1, 1) ** 2 * x0).sqrt() * eps_y
     variance = PoissonGaussian(sigma_r, sigma_s).variance(y.clamp(0, 1))
     expected_y, expected_tau = reference.top_up(y, variance, table, z=z)
@@ -291,19 +292,19 @@ def test_init_starts_from_a_model_file(tmp_path):
     with torch.no_grad():
         for p in source.parameters():
             p.add_(0.5)
-    models.save_model(source, tmp_path / "init.safetensors")
+    checkpoint.save_model(source, tmp_path / "init.safetensors")
     state = training.new_state(tiny_config(init=str(tmp_path / "init.safetensors")), "cpu")
     for a, b in zip(state.model.state_dict().values(), source.state_dict().values()):
         assert torch.equal(a, b)
-    models.save_model(models.SVNRUNet(models.preset("small")), tmp_path / "small.safetensors")
-    with pytest.raises(models.CheckpointError, match="another architecture"):
+    checkpoint.save_model(models.SVNRUNet(models.preset("small")), tmp_path / "small.safetensors")
+    with pytest.raises(checkpoint.CheckpointError, match="another architecture"):
         training.new_state(tiny_config(init=str(tmp_path / "small.safetensors")), "cpu")
 
 
 def test_sigterm_to_the_process_group_stops_with_a_checkpoint(photo_folder, tmp_path):
     """A scheduler's SIGTERM reaches the data workers too; the run must still end cleanly."""
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "svnr_fast.cli", "train", "--data", str(photo_folder), "--out", str(out),
+    command = [sys.executable, "-m", "svnr_fast.app.cli", "train", "--data", str(photo_folder), "--out", str(out),
                "--preset", "tiny", "--steps", "100000", "--batch-size", "2", "--crop", "16", "--log-every", "2",
                "--eval-every", "0", "--checkpoint-every", "100000", "--workers", "1", "--no-progress",
                "--device", "cpu"]

@@ -6,12 +6,19 @@ eager error (tests/triton_devices.py). In-kernel noise: statistics of the eps_T 
 """
 import pytest
 import torch
-
 from conftest import requires_cuda
-from svnr_fast import Schedule, ops, reference
 from svnr_fast.kernels import training_sample as kernel
-from triton_devices import (DEVICES, LOW_PRECISION, as_layout, assert_low_precision_ok, assert_matches,
-                            normal_statistics_ok, uncorrelated)
+from triton_devices import (
+    DEVICES,
+    LOW_PRECISION,
+    as_layout,
+    assert_low_precision_ok,
+    assert_matches,
+    normal_statistics_ok,
+    uncorrelated,
+)
+
+from svnr_fast import Schedule, ops, reference
 
 TABLE = Schedule().table
 

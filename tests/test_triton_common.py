@@ -5,7 +5,6 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-
 from svnr_fast.kernels._triton_common import box_muller, sincos_2pi
 from triton_devices import DEVICES
 

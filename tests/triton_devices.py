@@ -11,7 +11,6 @@ import os
 
 import pytest
 import torch
-
 from conftest import requires_cuda
 
 requires_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",

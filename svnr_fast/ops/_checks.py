@@ -249,6 +249,20 @@ def training_sample_args(x0, sigma_r, sigma_s, u, table_, eps_T, eps_prime, seed
 
 
 @one_read()
+def top_up_args(y, variance, table_, z, seed, offset) -> torch.Tensor:
+    """Checks the top-up's arguments; returns the table in the compute dtype of y."""
+    tensor("y", y, ndim=4)
+    finite("y", y)
+    tensor("variance", variance, ndim=4)
+    same_shape("y", y, variance=variance)
+    same_device("y", y, variance=variance)
+    finite("variance", variance)
+    noise("z", z, "y", y)
+    rng_ints(seed, offset)
+    return table(table_, y.device).to(compute_dtype(y.dtype))
+
+
+@one_read()
 def reverse_step_args(x, eps_hat, tau, delta, table_, eta, z, clamp, seed, offset) -> ReverseStepArgs:
     tensor("x", x, ndim=4)
     finite("x", x)

@@ -9,7 +9,7 @@
 Large photos are processed in overlapping tiles. The time map, the step plan and the top-up are computed
 on the whole photo, so every tile walks the same per-pixel times; tiles are blended with raised-cosine
 ramps over their overlaps, so no seam shows.
-On a GPU, `cuda_graph` replays the sampling loop from CUDA graphs (svnr_fast.sampling.SamplerGraphs).
+On a GPU, `cuda_graph` replays the sampling loop from CUDA graphs (svnr_fast.app.sampling.SamplerGraphs).
 """
 from __future__ import annotations
 
@@ -20,14 +20,13 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import _checks, reference
-from .noise_estimation import estimate_noise
+from ..ops import _checks
+from ..schedule import PoissonGaussian
+from .conditioning import observe
+from .noise_estimation import estimate_noise_model
 from .sampling import Denoiser, SamplerGraphs, default_steps, sample
-from .schedule import PoissonGaussian
 
 NoiseSpec = Union[str, PoissonGaussian, Sequence[float]]
-TOP_UP_OFFSET = 2**40     # the top-up's noise stream, far from the sampler's step offsets 0..N-1
-
 
 def noise_model(y: Tensor, noise: NoiseSpec) -> PoissonGaussian:
     """`noise` as a PoissonGaussian: "auto" estimates it per image from y (B, C, H, W)."""
@@ -36,9 +35,7 @@ def noise_model(y: Tensor, noise: NoiseSpec) -> PoissonGaussian:
     if isinstance(noise, str):
         if noise != "auto":
             raise ValueError(f"noise must be 'auto', (sigma_r, sigma_s) or a PoissonGaussian, got {noise!r}")
-        estimates = [estimate_noise(image) for image in y]
-        return PoissonGaussian(torch.tensor([e.sigma_r for e in estimates], device=y.device),
-                               torch.tensor([e.sigma_s for e in estimates], device=y.device))
+        return estimate_noise_model(y)
     try:
         sigma_r, sigma_s = noise
     except (TypeError, ValueError):
@@ -46,15 +43,15 @@ def noise_model(y: Tensor, noise: NoiseSpec) -> PoissonGaussian:
     return PoissonGaussian(sigma_r, sigma_s)
 
 
-BUNDLED_MODEL = Path(__file__).resolve().parent / "weights" / "svnr-small.safetensors"
+BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "weights" / "svnr-small.safetensors"
 
 
 def default_model(device: Union[str, torch.device] = "cpu"):
     """The model bundled with the package (weights/svnr-small.safetensors; its card is beside it)."""
-    from .models import load_model
+    from .checkpoint import load_model
     if not BUNDLED_MODEL.is_file():
         raise FileNotFoundError(f"the bundled model {BUNDLED_MODEL} is missing from this installation; "
-                                "pass model=svnr_fast.models.load_model(PATH) or reinstall svnr_fast")
+                                "pass model=svnr_fast.app.checkpoint.load_model(PATH) or reinstall svnr_fast")
     # built outside inference mode even when called from denoise(): inference tensors have no version
     # counter, and the model's time-table cache (and SamplerGraphs) read the parameters' versions
     with torch.inference_mode(False):
@@ -90,7 +87,7 @@ def denoise(y: Tensor, noise: NoiseSpec = "auto", model: Optional[Denoiser] = No
 
     noise: "auto" (estimated per image), (sigma_r, sigma_s) (floats or per-image tensors) or a
     PoissonGaussian. model: a denoiser `(y', x, tau) -> eps_hat` with a `variance_table` buffer, such
-    as svnr_fast.models.SVNRUNet; None loads the bundled model. steps: None = ceil(max tau*), the
+    as svnr_fast.app.models.SVNRUNet; None loads the bundled model. steps: None = ceil(max tau*), the
     paper. tile: process photos larger than tile x tile pixels in overlapping tiles (`overlap` pixels
     shared, default min(32, tile / 4); `tile_batch` tiles per network call). clamp bounds x0_hat at every step (None: no bound).
     progress(done, total) is called after every network evaluation (with cuda_graph: after every tile
@@ -116,9 +113,7 @@ def denoise(y: Tensor, noise: NoiseSpec = "auto", model: Optional[Denoiser] = No
     model = default_model(batch.device) if model is None else model
     table = model.variance_table.to(batch.device)
 
-    noise = noise_model(batch, noise)
-    variance = noise.variance(batch.clamp(0, 1))
-    y_prime, tau_star = reference.top_up(batch, variance, table, seed=seed, offset=TOP_UP_OFFSET)
+    y_prime, tau_star = observe(batch, noise_model(batch, noise), table, seed=seed)
     steps = default_steps(tau_star) if steps is None else steps
     tau_max = tau_star.amax(dim=(1, 2, 3))
     H, W = batch.shape[-2:]

@@ -17,7 +17,8 @@ from typing import NamedTuple
 
 import torch
 
-from . import _checks
+from ..ops import _checks
+from ..schedule import PoissonGaussian
 
 WINDOW = 4            # HH coefficients per window side: 16 degrees of freedom per window variance
 QUANTILE = 0.2
@@ -112,3 +113,19 @@ def estimate_noise(y: torch.Tensor, bins: int = 16, min_windows: int = 16) -> No
     weight = count / variance.clamp_min(1e-12) ** 2
     a, b = _fit_non_negative(level, variance, weight)
     return NoiseEstimate(a ** 0.5, b ** 0.5, used)
+
+
+def estimate_noise_robust(y: torch.Tensor) -> NoiseEstimate:
+    """estimate_noise, falling back to 2 intensity bins of at least 8 windows for photos too small or too clipped
+    for the default 16 bins (ValueError, saying what to do, when even that fails)."""
+    try:
+        return estimate_noise(y)
+    except ValueError:
+        return estimate_noise(y, bins=2, min_windows=8)
+
+
+def estimate_noise_model(y: torch.Tensor) -> PoissonGaussian:
+    """The noise of every image of y (B, C, H, W), estimated per image (estimate_noise_robust)."""
+    estimates = [estimate_noise_robust(image) for image in y]
+    return PoissonGaussian(torch.tensor([e.sigma_r for e in estimates], device=y.device),
+                           torch.tensor([e.sigma_s for e in estimates], device=y.device))

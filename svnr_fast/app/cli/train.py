@@ -1,10 +1,10 @@
-"""`svnr train` and `torchrun --nproc_per_node N -m svnr_fast.train ...`.
+"""`svnr train` and `torchrun --nproc_per_node N -m svnr_fast.app.cli.train ...`.
 
 One process trains on one device; under torchrun every process trains one replica with
 DistributedDataParallel (NCCL on GPUs, gloo on CPUs), each on its own crops (the global batch is
 `--batch-size` times the number of processes). The run folder RUN holds:
   checkpoint.safetensors   everything needed to resume (`--resume`), written atomically
-  model.safetensors        the EMA weights at the last checkpoint (svnr_fast.models.load_model reads it)
+  model.safetensors        the EMA weights at the last checkpoint (svnr_fast.app.checkpoint.load_model reads it)
   best.safetensors         the EMA weights with the best held-out PSNR so far
   log.jsonl                loss, learning rate, it/s and held-out PSNR over time
 """
@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from . import data, training
-from .imageio import ImageError
-from .models import PRESETS, CheckpointError
+from .. import data, training
+from ..checkpoint import CheckpointError, load_checkpoint, read_checkpoint
+from ..imageio import ImageError
+from ..models import PRESETS
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -80,6 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--workers", type=int, default=2, help="data loading processes (0: load in this one)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="replay each training step (forward, loss, backward, optimiser, EMA) from a CUDA graph: "
+                             "one launch instead of thousands, the same arithmetic (CUDA, one process; a runtime "
+                             "option, so a run may resume with or without it)")
     parser.add_argument("--compile", dest="compile_network", action="store_true",
                         help="torch.compile the network (fewer, fused kernels around the svnr ops: pays on GPUs, "
                              "where a small model's step is launch-bound; compiling takes a minute or more)")
@@ -162,15 +167,15 @@ def _train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     out: Path = args.out
-    checkpoint = out / CHECKPOINT
+    checkpoint_path = out / CHECKPOINT
     saved_metadata: dict = {}
     if args.resume:
-        if not checkpoint.is_file():
+        if not checkpoint_path.is_file():
             raise UsageError(f"--resume: there is no {CHECKPOINT} in {out} to resume")
-        _, saved_metadata, saved_config = training.read_checkpoint(checkpoint)
+        _, saved_metadata, saved_config = read_checkpoint(checkpoint_path)
         config = resolve_config(args, saved_config)
     else:
-        if checkpoint.exists():
+        if checkpoint_path.exists():
             raise UsageError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
         config = resolve_config(args, None)
     data_dir = getattr(args, "data", None) or (Path(saved_metadata["data"]) if "data" in saved_metadata else None)
@@ -181,6 +186,9 @@ def _train(args: argparse.Namespace) -> int:
         Path(saved_metadata["heldout"]) if saved_metadata.get("heldout") else None)
 
     world, device = setup_distributed(args.device)
+    if args.cuda_graph and (device.type != "cuda" or world.size > 1 or args.compile_network):
+        raise UsageError(f"--cuda-graph replays one process's steps on a CUDA device (here: {device}, {world.size} "
+                         f"process(es){', with --compile' if args.compile_network else ''}); drop --cuda-graph")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True      # fixed crop shapes: let cuDNN pick its fastest kernels
     try:
@@ -188,7 +196,7 @@ def _train(args: argparse.Namespace) -> int:
                                          world.rank)
         heldout = data.heldout_crops(data.find_images(heldout_dir), config.eval_crop) if heldout_dir else None
         if args.resume:
-            state = training.load_checkpoint(checkpoint, config, device, world)
+            state = load_checkpoint(checkpoint_path, config, device, world)
         else:
             state = training.new_state(config, device, world.rank)
         lead = world.rank == 0
@@ -207,7 +215,7 @@ def _train(args: argparse.Namespace) -> int:
         metadata = {"data": str(data_dir), "heldout": str(heldout_dir or "")}
         training.fit(state, config, dataset, run_dir=out, heldout=heldout, world=world,
                      max_minutes=args.max_minutes, workers=args.workers, progress=args.progress,
-                     compile_network=args.compile_network,
+                     compile_network=args.compile_network, cuda_graph=args.cuda_graph,
                      checkpoint_metadata=metadata, stop_at=args.stop_at)
         if lead:
             minutes = (time.monotonic() - started) / 60
@@ -222,7 +230,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m svnr_fast.train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m svnr_fast.app.cli.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -13,30 +13,23 @@ Two parametrisations of the output, selected by `UNetConfig.parametrisation`:
   gamma(tau)`, `sigma_data = 0.5`: the network sees `c_in (x_t - 0.5)` and `x0_hat = 0.5 + c_skip (x_t -
   0.5) + c_out F`.
 Either way `predict` returns `eps_hat = (x_t - x0_hat) / sqrt(gamma(tau))` (0 where gamma(tau) = 0) for
-the sampler and `x0_hat`. Models are saved as safetensors with their config (`save_model`/`load_model`).
+the sampler and `x0_hat`. Models are saved as safetensors with their config (svnr_fast.app.checkpoint).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nn import GroupNormSpatialFiLM
-from .schedule import Schedule
+from ..nn import GroupNormSpatialFiLM, TimeEmbedding, warp
+from ..schedule import Schedule
 
-MODEL_FORMAT = "svnr_fast.model"
 PARAMETRISATIONS = ("edm", "epsilon")
-
-
-class CheckpointError(ValueError):
-    """A model or checkpoint file that is unreadable, foreign or does not fit; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -115,46 +108,6 @@ def preset(name: str, **overrides) -> UNetConfig:
     return dataclasses.replace(PRESETS[name], **overrides)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Time embedding table
-# ---------------------------------------------------------------------------------------------------
-
-def sinusoidal(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """ADM's sinusoidal embedding of (continuous) times t (N,) -> (N, dim)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
-
-
-def warp(tau: torch.Tensor, T: int, knots: int) -> torch.Tensor:
-    """Warped time in knot units: u = sqrt(tau / T) * (K - 1)."""
-    return (tau.clamp(0, T) / T).sqrt() * (knots - 1)
-
-
-def knot_times(T: int, knots: int) -> torch.Tensor:
-    """tau_k = T * (k / (K - 1))^2: the inverse warp at the knots."""
-    return T * (torch.arange(knots, dtype=torch.float64) / (knots - 1)) ** 2
-
-
-class TimeEmbedding(nn.Module):
-    """MLP(sinusoidal(tau_k)) at the K knots: the shared (K, E) features every ResBlock's table is made from."""
-
-    def __init__(self, channels: int, embed_channels: int, T: int, knots: int):
-        super().__init__()
-        self.channels = channels
-        self.register_buffer("knot_times", knot_times(T, knots).float(), persistent=False)
-        self.mlp = nn.Sequential(nn.Linear(channels, embed_channels), nn.SiLU(),
-                                 nn.Linear(embed_channels, embed_channels))
-
-    def forward(self) -> torch.Tensor:
-        return self.mlp(sinusoidal(self.knot_times, self.channels).to(self.mlp[0].weight.dtype))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Blocks
-# ---------------------------------------------------------------------------------------------------
-
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
@@ -222,10 +175,6 @@ class Prediction(NamedTuple):
     eps_hat: torch.Tensor   # (x_t - x0_hat) / sqrt(gamma(tau)); 0 where gamma(tau) = 0
     x0_hat: torch.Tensor    # the clean-image estimate; x_t itself where gamma(tau) = 0
 
-
-# ---------------------------------------------------------------------------------------------------
-# The UNet
-# ---------------------------------------------------------------------------------------------------
 
 class SVNRUNet(nn.Module):
     """`predict(y, x_t, tau)` -> Prediction(eps_hat, x0_hat); `forward` returns eps_hat.
@@ -431,83 +380,3 @@ class _Block(nn.Module):
     def forward(self, h: torch.Tensor, u: list[torch.Tensor], tables) -> torch.Tensor:
         h = self.block(h, u[self.level], next(tables))
         return h if self.attention is None else self.attention(h)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Files
-# ---------------------------------------------------------------------------------------------------
-
-def read_safetensors(path, expected_format: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of an svnr_fast safetensors file; CheckpointError for anything else."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no file at {path}")
-    try:
-        with safe_open(str(path), "pt") as f:
-            metadata = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from err
-    found = metadata.get("format")
-    if found != expected_format:
-        what = f"an {found!r} file" if found else "a safetensors file without svnr_fast metadata"
-        raise CheckpointError(f"{path} is {what}, not an {expected_format!r} file; "
-                              + ("pass a model saved by svnr_fast (e.g. RUN/best.safetensors)"
-                                 if expected_format == MODEL_FORMAT else "pass RUN/checkpoint.safetensors of an "
-                                 "`svnr train` run"))
-    return tensors, metadata
-
-
-def config_from_metadata(metadata: dict, path) -> UNetConfig:
-    try:
-        return UNetConfig.from_json(metadata["model_config"])
-    except (KeyError, ValueError, TypeError) as err:
-        raise CheckpointError(f"{path}: the model config stored in the file is missing or invalid ({err})") from err
-
-
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path) -> None:
-    """load_state_dict that names what does not fit instead of dumping a stack trace."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        parts = [f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
-        raise CheckpointError(f"{path}: the weights do not fit this model ({'; '.join(parts)})")
-    model.load_state_dict(state)
-
-
-def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path) -> None:
-    """safetensors write to a temporary file in the same folder, fsync, then rename over `path`."""
-    import os
-
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(temporary), metadata=metadata)
-        with temporary.open("rb") as f:
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def save_model(model: SVNRUNet, path, extra_metadata: dict[str, str] | None = None) -> None:
-    """Weights + config as safetensors (atomic). `extra_metadata` (str -> str) is stored beside them."""
-    metadata = {"format": MODEL_FORMAT, "model_config": model.config.to_json(), **(extra_metadata or {})}
-    atomic_save(model.state_dict(), metadata, path)
-
-
-def load_model(path, device="cpu") -> SVNRUNet:
-    """A model saved by `save_model` (or `svnr train`'s best.safetensors), in eval mode."""
-    tensors, metadata = read_safetensors(path, MODEL_FORMAT)
-    model = SVNRUNet(config_from_metadata(metadata, path))
-    load_weights(model, tensors, path)
-    return model.to(device).eval()

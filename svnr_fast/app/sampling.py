@@ -2,7 +2,7 @@
 `SVNRScheduler` in the style of diffusers schedulers.
 
 A *denoiser* is any callable `(condition, x, tau) -> eps_hat` with `condition` and `x` of shape
-(B, C, H, W) and the per-pixel time map `tau` of shape (B, 1, H, W); svnr_fast.models' UNet is one.
+(B, C, H, W) and the per-pixel time map `tau` of shape (B, 1, H, W); svnr_fast.app.models' UNet is one.
 
 The loop has a fixed length and calls the raw op `torch.ops.svnr.reverse_step` on arguments validated
 once before it: no `.item()`, `.any()` or other host synchronisation inside, so on a GPU it runs ahead
@@ -20,8 +20,9 @@ from typing import Callable, NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from . import _checks, ops
-from .schedule import Schedule
+from .. import ops
+from ..ops import _checks
+from ..schedule import Schedule
 
 Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
 StepCallback = Callable[[int, Tensor, Tensor, Tensor], None]
@@ -202,11 +203,6 @@ class SamplerGraphs:
         return loop.replay(condition, x, tau, table, plan)
 
 
-def sample_svnr(denoiser: Denoiser, y_prime: Tensor, tau_star: Tensor, table: Tensor, **kwargs) -> Tensor:
-    """SVNR: the topped-up observation is both the condition and the starting point."""
-    return sample(denoiser, y_prime, y_prime, tau_star, table, **kwargs)
-
-
 def sample_baseline(denoiser: Denoiser, y: Tensor, table: Tensor, *, steps: int | None = None, seed: int = 0,
                     **kwargs) -> Tensor:
     """The conventional conditional model: from x_T = 0.5 + sqrt(gamma(T)) z over all T steps (or `steps`)."""
@@ -230,7 +226,7 @@ class SVNRScheduler:
 
     ```
     scheduler = SVNRScheduler()
-    y_prime, tau = svnr_fast.reference.top_up(y, variance, scheduler.table)   # DESIGN.md §1.3
+    y_prime, tau = svnr_fast.ops.top_up(y, variance, scheduler.table)         # DESIGN.md §1.3
     scheduler.set_timesteps(None, tau)                                         # ceil(max tau*) steps
     x = y_prime
     for _ in scheduler.timesteps:
