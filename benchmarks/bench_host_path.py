@@ -165,10 +165,11 @@ def install_stubs() -> None:
 
     from svnr_fast.ops import backends
     triton.runtime.driver.set_active(_stub_triton_driver())
-    ext, error = backends.extension()
+    ext, _ = backends.extension()
     if ext is not None:
         stub = _stub_extension(ext)
         backends.extension = lambda: (stub, None)
+    backends.cuda_stream = lambda device_index: STUB_STREAM
     for op in backends.ops():
         backends.serve(op, "cpu", backends.implementation(op, "cuda"))
 
@@ -220,9 +221,14 @@ def rows(device: torch.device) -> list[Row]:
         out = svnr.groupnorm_film(leaves[0], u, leaves[1], leaves[2], leaves[3], groups, 1e-5, "silu")[0]
         return torch.autograd.grad(out, leaves, grad_out)
 
+    # the fixed cost of a forward with gradients and a torch.autograd.grad call, on an op of the same tensors
+    summands = [t.detach().requires_grad_() for t in (h, grad_out)]
+
     library, empty = _empty_op()
     return [
         Row("torch.add", "forward", lambda: torch.add(x, eps_hat)),
+        Row("torch.add", "forward+backward",
+            lambda: torch.autograd.grad(torch.add(*summands), summands, grad_out)),
         Row("empty Library op", "forward", lambda: empty(x, eps_hat)),
         Row("gamma", "forward", lambda: svnr.gamma(tau, table)),
         Row("time_from_variance", "forward", lambda: svnr.time_from_variance(x, table)),

@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 from triton import knobs
 from triton._C.libtriton import native_specialize_impl
+from triton.compiler import CompiledKernel
 from triton.knobs import HookChain
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
@@ -125,7 +126,7 @@ class Launcher:
 
     def _launch_through_triton(self, key, grid, args, constants) -> None:
         compiled = self.kernel[grid](*args, **constants, **self.options)
-        if key is None or compiled is None:
+        if key is None or not isinstance(compiled, CompiledKernel):   # e.g. a future under async compilation
             return
         state = _options_state()
         if state != self._state:

@@ -30,7 +30,8 @@ def test_bench_host_path_runs():
     rows = json.loads(_run_fresh("benchmarks/bench_host_path.py", "--json", "--ops", "reverse_step,groupnorm_film",
                                  "--calls", "3", "--repeats", "2"))
     timed = {(row["op"], row["pass"]) for row in rows}
-    assert timed == {("torch.add", "forward"), ("empty Library op", "forward"), ("reverse_step", "forward"),
+    assert timed == {("torch.add", "forward"), ("torch.add", "forward+backward"), ("empty Library op", "forward"),
+                     ("reverse_step", "forward"),
                      ("groupnorm_film", "forward"), ("groupnorm_film", "backward"),
                      ("groupnorm_film", "forward+backward")}
     assert all(row["us"] > 0 for row in rows)
@@ -45,6 +46,49 @@ def test_fast_launches_pass_what_triton_passes():
     assert report["mismatches"] == [], report
     assert report["fast"] >= 10, report           # the cached path did run (not Triton's every time)
     assert report["triton_for_unaligned"], report  # an unaligned pointer goes through Triton's own path
+
+
+def test_cuda_glue_hands_the_extension_its_tensors(monkeypatch):
+    """groupnorm_film's CUDA glue, run on CPU tensors against a stand-in of the extension's CUDA entry point
+    (as bench_host_path.py stubs it): the shape, every tensor's address, the workspace, device and stream."""
+    import torch
+
+    from svnr_fast.ops import backends
+    glue = sys.modules["svnr_fast.ops.groupnorm_film"]
+    ext, _ = backends.extension()
+    if ext is None or not hasattr(ext, "groupnorm_film_cuda_workspace_bytes"):
+        pytest.skip("svnr_fast._C was built without its CUDA kernels")
+    calls = []
+    stub = type(sys)("stub")
+    stub.groupnorm_film_cuda = lambda *args: calls.append(args)
+    stub.groupnorm_film_cuda_workspace_bytes = ext.groupnorm_film_cuda_workspace_bytes
+    monkeypatch.setattr(backends, "extension", lambda: (stub, None))
+    monkeypatch.setattr(backends, "cuda_stream", lambda device: 1234)
+    B, C, H, W, groups, K = 2, 8, 4, 5, 4, 9
+    h, u = torch.randn(B, C, H, W), torch.rand(B, 1, H, W) * (K - 1)
+    table, weight, bias = torch.randn(K, 2 * C), torch.randn(C), torch.randn(C)
+
+    out, mean, rstd = glue.fused_forward_cuda(h, u, table, weight, bias, groups, 1e-5, "silu")
+    backward, shape, addresses, eps, silu, workspace, device, stream = calls[-1]
+    assert (backward, shape, eps, silu, device, stream) == (False, (0, B, C, H * W, groups, K, False), 1e-5, True,
+                                                            -1, 1234)
+    assert addresses == tuple(t.data_ptr() for t in (h, u, table, weight, bias, out, mean, rstd)) + (0,) * 5
+    assert workspace != 0
+
+    grad_out = torch.randn_like(h)
+    grad_h, grad_table, grad_weight, grad_bias = glue.fused_backward_cuda(grad_out, h, u, table, weight, bias, mean,
+                                                                         rstd, groups, "identity")
+    backward, shape, addresses, _, silu, _, _, _ = calls[-1]
+    assert backward and not silu and shape == (0, B, C, H * W, groups, K, False)
+    assert addresses == (h.data_ptr(), u.data_ptr(), table.data_ptr(), weight.data_ptr(), bias.data_ptr(), 0,
+                         mean.data_ptr(), rstd.data_ptr(), grad_out.data_ptr(), grad_h.data_ptr(),
+                         grad_table.data_ptr(), grad_weight.data_ptr(), grad_bias.data_ptr())
+
+    # channels_last h is read in place; bfloat16 parameters are converted to the compute dtype first
+    h_last = h.to(memory_format=torch.channels_last)
+    glue.fused_forward_cuda(h_last, u, table.bfloat16(), weight, bias, groups, 1e-5, "silu")
+    _, shape, addresses, *_ = calls[-1]
+    assert shape[-1] is True and addresses[0] == h_last.data_ptr() and addresses[2] != 0
 
 
 # ---------------------------------------------------------------------------------------------------

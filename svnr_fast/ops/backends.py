@@ -103,6 +103,12 @@ def extension():
     return _load_extension()
 
 
+def cuda_stream(device_index: int) -> int:
+    """The address of torch's current CUDA stream on a device (what Triton launches on), without the
+    torch.cuda.Stream object torch.cuda.current_stream builds."""
+    return torch._C._cuda_getCurrentRawStream(device_index)
+
+
 def unavailable_reason(backend: str, op: str, device_type: str) -> str | None:
     """None when `backend` can run `op` on `device_type` here, else why not."""
     if backend == "reference":
