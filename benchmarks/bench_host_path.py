@@ -1,28 +1,33 @@
 """Host cost of one svnr op call: microseconds of Python and dispatch per call, the device work left out.
 
-    python benchmarks/bench_host_path.py [--json] [--ops reverse_step,groupnorm_film] [--calls N]
+    python benchmarks/bench_host_path.py [--json] [--ops reverse_step,groupnorm_film] [--calls N] [--repeats N]
 
-On a machine with a CUDA GPU it times the real calls on CUDA tensors (each launch is queued, not waited for;
-the loop ends with one synchronize, amortised over the calls). Without one it times the CUDA path with the
-launches stubbed at the driver boundary (`install_stubs`), on CPU tensors that stand in for CUDA tensors:
+Times `torch.ops.svnr.<op>` (the raw op the public functions and the sampler call): the forward of every op,
+and for groupnorm_film its backward op and a forward with gradients followed by torch.autograd.grad. Each
+figure is the best of `--repeats` loops of `--calls` calls, after a warm-up that compiles and fills caches.
 
-- Triton: the active driver is `StubDriver`, a GPUTarget("cuda", 90, 32) driver. Kernels really compile
-  (Triton's bundled ptxas), so every Python step of a launch runs as on a GPU: the fast launcher
-  (kernels/_launch.py), or Triton's JITFunction.run with its binding, specialisation key and cache lookup,
-  and then Triton's own CudaLauncher.__call__. Only the compiled C launch function (which converts the
-  arguments and calls cuLaunchKernelEx) is replaced by a no-op, and the driver's device and stream queries
-  (torch.cuda.current_device, torch._C._cuda_getCurrentRawStream on a GPU) return 0 at once.
-- The C++/CUDA extension: its CUDA entry points are replaced by Python no-ops taking the same arguments;
-  the glue in svnr_fast/ops/groupnorm_film.py runs fully.
-- Dispatch: `svnr::<op>` is called on CPU tensors, so the dispatcher takes the op's CPU kernel, which the
-  stubs point at the CUDA implementation (the Python a CUDA call runs, down to the launch).
+On a machine with a CUDA GPU it times the real calls on CUDA tensors (wall time; launches are queued, the
+loop ends with one synchronize). Without one it times the CUDA path with the launches stubbed at the driver
+boundary (`install_stubs`), on CPU tensors standing in for CUDA tensors (thread CPU time, which the other
+processes of a shared machine inflate less than wall time):
 
-What differs from a real CUDA call (and is not timed here): the CPU allocator serves torch.empty instead
-of the CUDA caching allocator; the dispatch key is CPU (AutogradCPU) instead of CUDA (AutogradCUDA), the
-same dispatcher work; the pybind11 argument conversion of the extension's CUDA entry point and Triton's C
-launch function (their no-op stand-ins are Python functions); the device/stream queries (under 1 us on a
-GPU). Columns: `torch.add` on the same tensors and an empty op registered with torch.library.Library, for
-the fixed cost of a dispatcher call from Python.
+- Dispatch: `svnr::<op>` is called on CPU tensors; the op's CPU kernel is pointed at the implementation the
+  CUDA kernel runs (backends.serve), so the dispatcher does the same work under the CPU key.
+- Triton: the active driver is a GPUTarget("cuda", 90, 32) driver whose kernels really compile (Triton's
+  bundled ptxas), so every Python step of a launch runs: kernels/_launch.py's key and cache lookup, or on a
+  first launch Triton's JITFunction.run (binding, specialisation, cache) and CudaLauncher.__call__. Only
+  Triton's compiled C launch function is a no-op, which still calls the launch enter/exit hooks it is given
+  (Python, as the C function does); its device and stream queries return -1 (what tensor.get_device() says
+  of a CPU tensor, so the launcher's same-device test passes as for CUDA tensors) and 0.
+- The extension: its CUDA entry points (svnr_fast._C.*_cuda) are Python no-ops taking the same arguments,
+  backends.cuda_stream returns 0; the glue in svnr_fast/ops/groupnorm_film.py runs fully.
+
+What a real CUDA call does that is not timed here: the C side of the launches (Triton's C function converts
+the arguments, calling data_ptr() and cuPointerGetAttribute per tensor, then cuLaunchKernelEx; pybind11
+converts the extension's arguments); torch.cuda.current_device() and the raw stream query (about a
+microsecond together); the CUDA caching allocator in place of the CPU one behind torch.empty_like (the same
+Python). Rows `torch.add` (forward, and forward + autograd.grad) on tensors of the same size and an empty
+op registered with torch.library.Library give the fixed costs of a call.
 """
 from __future__ import annotations
 
