@@ -211,8 +211,8 @@ def _device_kernel(op: str, device_type: str) -> Callable:
 def register_autograd(op: str, backward: Callable, setup_context: Callable) -> None:
     """What torch.library.register_autograd registers (an Autograd kernel running an autograd.Function),
     for an op whose schema has no keyword-only or defaulted arguments: without its per-call generic steps
-    (re-reading the schema for defaults, a metadata object, a redispatch through Python), a call with
-    gradients costs about half the Python."""
+    (re-reading the schema for defaults, a metadata object, a redispatch through Python, Function.apply's
+    generic argument handling), a call with gradients costs about half the Python."""
     overload = getattr(torch.ops.svnr, op).default
     if any(argument.kwarg_only or argument.has_default_value() for argument in overload._schema.arguments):
         raise ValueError(f"svnr::{op} has keyword-only or defaulted arguments; use torch.library.register_autograd")
@@ -226,10 +226,16 @@ def register_autograd(op: str, backward: Callable, setup_context: Callable) -> N
 
     function = type(f"{op}_autograd", (torch.autograd.Function,),
                     {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    # autograd.Function.apply is Python around the C apply of torch._C._FunctionBase: with no functorch
+    # transform active it unwraps tensors left over from finished transforms, then calls the C apply
+    c_apply = super(torch.autograd.Function, function).apply
+    unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
     def kernel(*args):
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
-            return function.apply(*args)
+            if torch._C._are_functorch_transforms_active():
+                return function.apply(*args)
+            return c_apply(*[unwrap_if_dead(a) if isinstance(a, torch.Tensor) else a for a in args])
         with below_autograd():
             return overload(*args)
 
