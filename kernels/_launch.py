@@ -1,13 +1,13 @@
-"""Launching a compiled Triton kernel in about a microsecond of Python.
+"""Launching a compiled Triton kernel in a few microseconds of Python.
 
 `kernel[grid](*args)` spends ~20 us of Python per launch in Triton's JITFunction.run: it binds ~35 positional
 arguments into a dict, specialises each one (type, 16-byte alignment of pointers, divisibility by 16 and
 == 1 of ints) into a list, turns that list and the options into a string key and looks the compiled kernel
-up by it. `Launcher` does that once per specialisation and then calls the kept CompiledKernel's launcher
-directly, with the arguments JITFunction.run would pass (tests/test_host_path.py compares them).
+up by it. `Launcher` does that once per specialisation, keeps the CompiledKernel and then hands Triton's C
+launch function what CudaLauncher.__call__ would (tests/test_host_path.py compares them), calling the
+launcher itself where it has scratch memory to allocate.
 
-The key of a call is computed by a small function generated for the kernel's argument layout (`_key_source`),
-equal for two calls exactly when Triton's specialisation is equal:
+The key of a call is computed by a small function generated for the kernel's argument layout (`_key_source`):
 - a tensor contributes its dtype, and all tensors together whether every data pointer is 16-byte aligned
   (a call with any unaligned pointer takes Triton's path, which specialises each pointer on its own);
 - an int Triton specialises contributes its value; one it does not (`do_not_specialize`) the width class
@@ -15,11 +15,15 @@ equal for two calls exactly when Triton's specialisation is equal:
 - a float parameter annotated with its type contributes nothing (Triton fixes its type);
 - anything else is specialised by Triton's own specialize function;
 - the constexprs (keyword arguments) contribute their values.
-The knobs JITFunction.run folds into its options (debug, instrumentation mode, fpsan casts) and Triton's
-hooks (pre-run hooks, a stages inspection hook) are checked on every call: any change, a JITFunction.run
-replaced by another function, and any call whose key is not cached yet go through JITFunction.run, which compiles as usual; the launch that follows fills
-the cache. Unlike JITFunction.run a cached launch does not re-check that module globals the kernel read
-when it was compiled still have their values (our kernels read no mutable globals).
+Two calls with equal keys get the same kernel from Triton, with one exception that changes no result: at a
+position that held an int, a bool or an integral float equal to it (True == 1 == 1.0 in Python) finds the
+int's kernel. The knobs JITFunction.run folds into its options (debug, instrumentation mode, fpsan casts)
+and Triton's hooks (pre-run hooks, a stages inspection hook) are checked on every call: any change, a
+JITFunction.run replaced by another function, and any call whose key is not cached yet go through
+JITFunction.run, which compiles as usual; the launch that follows fills the cache. With no launch hook
+registered (Triton's hook chains empty) no launch metadata is built and the C launcher gets None for the
+hooks, which it then does not call. Unlike JITFunction.run a cached launch does not re-check that module
+globals the kernel read when it was compiled still have their values (our kernels read no mutable globals).
 """
 from __future__ import annotations
 

@@ -199,12 +199,6 @@ def image_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(t.stride())
 
 
-def time_map_strides(t: torch.Tensor) -> tuple[int, int, int]:
-    """(stride_b, stride_h, stride_w) of a (B, 1, H, W) time map."""
-    sb, _, sh, sw = t.stride()
-    return sb, sh, sw
-
-
 def split_offset(offset: int) -> tuple[int, int]:
     """The 64-bit RNG offset as two 32-bit counter words."""
     return offset & 0xFFFFFFFF, offset >> 32
@@ -213,7 +207,7 @@ def split_offset(offset: int) -> tuple[int, int]:
 def run(kernel, grid: tuple, data: torch.Tensor, *args, **constants) -> None:
     """kernel[grid](*args) on the device of `data`: Triton launches on the current CUDA device, which
     need not be the data's (a custom op gets no device guard). Compiled kernels go through
-    kernels/_launch.py (a microsecond of Python where kernel[grid] takes ~20)."""
+    kernels/_launch.py (a few microseconds of Python where kernel[grid] takes ~20)."""
     fast = launcher(kernel, LAUNCH)
     if fast is not None:
         fast(grid, data.get_device(), args, constants)

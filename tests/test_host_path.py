@@ -118,7 +118,8 @@ def _cases():
     x, eps, z = image(2, 3, 32, 32), image(2, 3, 32, 32), image(2, 3, 32, 32)
     tau = image(2, 1, 32, 32) * 100
     per_image = torch.full((2,), 0.1)
-    strided, eps_strided, tau_strided = image(2, 3, 32, 64)[..., ::2], image(2, 3, 32, 64)[..., ::2], tau.transpose(2, 3)
+    strided, eps_strided = image(2, 3, 32, 64)[..., ::2], image(2, 3, 32, 64)[..., ::2]
+    tau_strided = tau.transpose(2, 3)
     one = image(1, 1, 1, 1)
     return [
         ("gamma", lambda: lookup.gamma(tau, table)),
