@@ -162,12 +162,13 @@ def test_gathered_checks_raise_the_first_failure_in_order(impl, bad, message):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_the_one_pass_scan_finds_every_non_finite_value(dtype):
-    """finite() reads a tensor once (torch.aminmax): a NaN or an inf anywhere, in the vectorised body or
-    the tail of a row, fails it; the largest finite values pass."""
+    """finite() reads a tensor once (a sum, or torch.aminmax): a NaN or an inf anywhere, in the vectorised
+    body or the tail of a row, fails it; the largest finite values pass, also where their sum overflows."""
     from svnr_fast.ops import _checks
     for n in (1, 7, 64, 1000, 4099):
         big = torch.finfo(dtype).max
         _checks.finite("v", torch.tensor([big, -big] * n, dtype=dtype)[:n])
+        _checks.finite("v", torch.full((n,), big, dtype=dtype))   # finite values whose sum overflows
         for position in {0, n // 2, n - 1}:
             for bad in (float("nan"), float("inf"), -float("inf")):
                 value = torch.rand(n).to(dtype)

@@ -7,9 +7,13 @@ increasing) read the data and therefore synchronise with a GPU, so they are skip
 the whole-op checks below gather an op's value checks into one reduction read once (`one_read`): one
 host sync per call instead of one per check.
 
-Each tensor is read once: one torch.aminmax gives the NaN/inf check (aminmax propagates NaN, so all
-elements are finite exactly when the minimum and the maximum are) and the bounds of per-image parameters.
-A table that passed its checks is remembered by its memory and version (`_VALID_TABLES`) and not read again.
+Each tensor is read once. NaN/inf in a float32/float64 tensor: its sum is finite only if every element is
+(inf and NaN propagate through IEEE additions: inf + finite = inf, inf - inf = NaN, NaN + anything = NaN),
+and a non-finite sum of finite elements (an overflow) is told apart by an exact test run only then. The
+exact test is torch.aminmax (NaN propagates to both results, so all elements are finite exactly when the
+minimum and the maximum are); half-precision tensors, whose sums overflow easily, and the per-image
+parameters, whose bounds it also gives, take it directly. A table that passed its checks is remembered by
+its memory and version (`_VALID_TABLES`) and not read again.
 """
 from __future__ import annotations
 
@@ -42,26 +46,33 @@ def one_read():
     if _tracing() or getattr(_gathering, "checks", None) is not None:
         yield
         return
-    checks: list[tuple[torch.Tensor, Callable[[], str]]] = []
+    checks: list[tuple[torch.Tensor, Callable[[], str], Callable[[], torch.Tensor] | None]] = []
     passed: list[Callable[[], None]] = []
     _gathering.checks, _gathering.passed = checks, passed
     try:
         yield
     finally:
         _gathering.checks = _gathering.passed = None
-    if checks and not bool(torch.stack([ok for ok, _ in checks]).all()):
-        raise ValueError(next(message() for ok, message in checks if not bool(ok)))
+    if checks and not bool(torch.stack([ok for ok, _, _ in checks]).all()):
+        for ok, message, exact in checks:
+            if _fails(ok, exact):
+                raise ValueError(message())
     for remember in passed:
         remember()
 
 
-def _require(ok: torch.Tensor, message: Callable[[], str]) -> None:
-    """Raises ValueError(message()) unless the 0-d bool tensor `ok` holds, now or at the end of `one_read`."""
+def _require(ok: torch.Tensor, message: Callable[[], str], exact: Callable[[], torch.Tensor] | None = None) -> None:
+    """Raises ValueError(message()) unless the 0-d bool tensor `ok` holds, now or at the end of `one_read`.
+    Where `ok` can fail when the condition holds (a quick test), `exact()` decides then."""
     checks = getattr(_gathering, "checks", None)
     if checks is not None:
-        checks.append((ok, message))
-    elif not bool(ok):
+        checks.append((ok, message, exact))
+    elif _fails(ok, exact):
         raise ValueError(message())
+
+
+def _fails(ok: torch.Tensor, exact: Callable[[], torch.Tensor] | None) -> bool:
+    return not bool(ok) and (exact is None or not bool(exact()))
 
 
 def _when_passed(remember: Callable[[], None]) -> None:
@@ -93,9 +104,12 @@ def _scan(name: str, value: torch.Tensor, low: float | None = None, high: float 
     """The value checks of one tensor from one pass over it: every element finite, and in [low, high]."""
     if value.numel() == 0:
         return
+    message = lambda: f"{name} contains NaN or inf values; clean the input (e.g. torch.nan_to_num) first"  # noqa: E731
+    if low is None and high is None and value.dtype in (torch.float32, torch.float64):
+        _require(value.sum().isfinite(), message, exact=lambda: _all_finite(value))
+        return
     least, most = torch.aminmax(value)
-    _require(least.isfinite() & most.isfinite(),
-             lambda: f"{name} contains NaN or inf values; clean the input (e.g. torch.nan_to_num) first")
+    _require(least.isfinite() & most.isfinite(), message)
     if low is not None or high is not None:
         inside = (least >= low) if low is not None else torch.ones_like(least, dtype=torch.bool)
         if high is not None:
@@ -199,6 +213,11 @@ def _bounds_message(name: str, low: float | None, high: float | None, bad: float
     if low is not None and high is not None:
         return f"{name} must lie in [{low}, {high}], got {bad:g}"
     return f"{name} must be >= {low}, got {bad:g}" if low is not None else f"{name} must be <= {high}, got {bad:g}"
+
+
+def _all_finite(value: torch.Tensor) -> torch.Tensor:
+    least, most = torch.aminmax(value)
+    return least.isfinite() & most.isfinite()
 
 
 def _first_outside(value: torch.Tensor, low: float | None, high: float | None) -> float:
