@@ -1,14 +1,15 @@
 // Fused GroupNorm + spatial FiLM + SiLU on CUDA (DESIGN.md §1.6), forward and backward. Depends only on the
-// CUDA runtime; tensors arrive as raw pointers with torch's current stream (kernels/groupnorm_film.py).
+// CUDA runtime; tensors arrive as raw pointers with torch's current stream (GroupNormFilmArgs).
 //
 // Forward, NCHW groups of up to 32K elements when there are at least as many (image, group) pairs as SMs
 // (the UNet case), 1 launch: forward_group_nchw holds a group in one block's registers, so h is read once,
 // and the group's table columns in shared memory (for the lerp gathers at scattered knots).
-// Otherwise (channels_last, larger groups, small batches, float64), 3 launches:
+// Otherwise (channels_last, larger groups, small batches, float64), 3 launches (NCHW: 4, after a copy of the
+// table transposed into the workspace, so that a channel's column is contiguous):
 //   stats     per (image, channel, chunk of pixels): count, mean, M2 from shifted sums (x - first value)
 //   finalize  one warp per (image, group): Chan-merge the chunks in double -> mean, rstd (saved outputs)
 //   apply     per element: lerp the table at u, GroupNorm, FiLM, SiLU; the table (K, 2C) is read through L1
-// Backward, 3 launches (grad_table zero-filled by the caller):
+// Backward, 3 launches (NCHW: 4, with the transposed table; grad_table zero-filled by the caller):
 //   reduce    per (image, channel, chunk): sums of dn and dn * xhat; the table gradient runs through
 //             per-thread run-length sums (neighbouring pixels mostly share a segment), then a per-block
 //             shared-memory histogram over the K rows (NCHW), flushed with one global atomic per touched
@@ -105,19 +106,6 @@ __device__ __forceinline__ Pack<T, VEC> load_pack(const T* src) {
 }
 
 template <typename T>
-struct ScaleShift {
-  T scale, shift;
-};
-
-// One channel's scale and shift lerped at `knot`; knot row k of the channel sits at scale[k * stride] and
-// shift[k * stride]: stride 1 in the NCHW table's (and shared memory's) columns, 2C in NHWC's (K, 2C) rows.
-template <typename T>
-__device__ __forceinline__ ScaleShift<T> film_at(const T* scale, const T* shift, int64_t stride, math::Knot<T> knot) {
-  const int64_t low = knot.k * stride, high = low + stride;
-  return {math::lerp(scale[low], scale[high], knot.frac), math::lerp(shift[low], shift[high], knot.frac)};
-}
-
-template <typename T>
 struct StatsPartial {   // one (image, channel, chunk): count, mean, M2
   T count, mean, m2;
 };
@@ -133,10 +121,10 @@ struct Geometry {
   int64_t chunk_elems;  // NCHW only
 };
 
-Geometry geometry(const GroupNormFilmShape& shape) {
-  if (shape.channels_last) return {ceil_div(shape.pixels, kPixelChunk), 0};
-  const int64_t chunk = std::min(kChunkElems, shape.pixels);
-  return {ceil_div(shape.pixels, chunk), chunk};
+Geometry geometry(const GroupNormFilmArgs& args) {
+  if (args.channels_last) return {ceil_div(args.pixels, kPixelChunk), 0};
+  const int64_t chunk = std::min(kChunkElems, args.pixels);
+  return {ceil_div(args.pixels, chunk), chunk};
 }
 
 template <typename T>
@@ -248,6 +236,16 @@ __global__ void finalize_stats(const StatsPartial<T>* __restrict__ partial, int6
   }
 }
 
+// The (K, 2C) table as (2C, K) columns, for the NCHW kernels that lerp one channel at many knots.
+template <typename T>
+__global__ void transpose_table(const T* __restrict__ table, int64_t knots, int64_t width, T* __restrict__ columns) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < knots * width;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t column = i / knots, k = i - column * knots;
+    columns[i] = table[k * width + column];
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Forward apply
 // ---------------------------------------------------------------------------------------------------
@@ -263,7 +261,8 @@ struct Params {   // what the apply and reduce kernels share
   const S* __restrict__ h;
   const S* __restrict__ grad_out;     // backward only
   const T* __restrict__ u;            // (B, HW)
-  const T* __restrict__ table;        // NCHW: (2C, K); NHWC: (K, 2C)
+  const T* __restrict__ table;        // (K, 2C) rows
+  const T* __restrict__ columns;      // NCHW: the table transposed, (2C, K) (transpose_table's copy)
   const T* __restrict__ weight;
   const T* __restrict__ bias;
   const T* __restrict__ mean;         // (B, G)
@@ -284,8 +283,8 @@ __global__ void forward_apply_nchw(Params<S> p, int64_t chunks, int64_t chunk_el
   const int64_t end = min64(p.pixels, begin + chunk_elems);
   const int64_t b = plane / p.channels, c = plane % p.channels, g = c / p.per_group;
   const T mu = p.mean[b * p.groups + g], rs = p.rstd[b * p.groups + g], w = p.weight[c], bias = p.bias[c];
-  const T* scale_column = p.table + c * p.knots;
-  const T* shift_column = p.table + (p.channels + c) * p.knots;
+  const T* scale_column = p.columns + c * p.knots;
+  const T* shift_column = p.columns + (p.channels + c) * p.knots;
   const T* u = p.u + b * p.pixels;
   const S* x = p.h + plane * p.pixels;
   S* y = p.result + plane * p.pixels;
@@ -296,7 +295,7 @@ __global__ void forward_apply_nchw(Params<S> p, int64_t chunks, int64_t chunk_el
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const math::Knot<T> knot = math::knot(us.v[j], p.knots);
-      const ScaleShift<T> scale_shift = film_at(scale_column, shift_column, 1, knot);
+      const math::ScaleShift<T> scale_shift = math::film_at(scale_column, shift_column, 1, knot);
       const T n = math::normalize(load(in.v[j]), mu, rs) * w + bias;
       store(out.v[j], math::activate<Silu>(math::film(n, scale_shift.scale, scale_shift.shift)));
     }
@@ -318,7 +317,7 @@ __global__ void forward_apply_nhwc(Params<S> p, int64_t packs) {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const int64_t c = c0 + j, stat = b * p.groups + c / p.per_group;
-      const ScaleShift<T> scale_shift = film_at(p.table + c, p.table + C + c, 2 * C, knot);
+      const math::ScaleShift<T> scale_shift = math::film_at(p.table + c, p.table + C + c, 2 * C, knot);
       const T n = math::normalize(load(in.v[j]), p.mean[stat], p.rstd[stat]) * p.weight[c] + p.bias[c];
       store(out.v[j], math::activate<Silu>(math::film(n, scale_shift.scale, scale_shift.shift)));
     }
@@ -353,12 +352,14 @@ __global__ void __launch_bounds__(kGroupThreads) forward_group_nchw(Params<S> p,
   // Copied while the loads of h are in flight; the barriers of the statistics below publish the copy.
   T* scale_columns = reinterpret_cast<T*>(shared_raw);
   T* shift_columns = scale_columns + p.per_group * p.knots;
-  const int column_values = int(p.per_group * p.knots);
-  const T* scale_source = p.table + g * p.per_group * p.knots;
-  const T* shift_source = p.table + (p.channels + g * p.per_group) * p.knots;
+  // read row by row (the group's per_group consecutive columns of each row), written transposed
+  const int column_values = int(p.per_group * p.knots), per_group = int(p.per_group);
+  const T* scale_source = p.table + g * p.per_group;
+  const T* shift_source = scale_source + p.channels;
   for (int i = threadIdx.x; i < column_values; i += blockDim.x) {
-    scale_columns[i] = scale_source[i];
-    shift_columns[i] = shift_source[i];
+    const int k = i / per_group, channel_in_group = i - k * per_group;
+    scale_columns[channel_in_group * p.knots + k] = scale_source[k * 2 * p.channels + channel_in_group];
+    shift_columns[channel_in_group * p.knots + k] = shift_source[k * 2 * p.channels + channel_in_group];
   }
   T sum = 0, unused = 0;
 #pragma unroll
@@ -408,7 +409,7 @@ __global__ void __launch_bounds__(kGroupThreads) forward_group_nchw(Params<S> p,
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
         const math::Knot<T> knot = math::knot(us.v[v], p.knots);
-        const ScaleShift<T> scale_shift = film_at(scale_column, shift_column, 1, knot);
+        const math::ScaleShift<T> scale_shift = math::film_at(scale_column, shift_column, 1, knot);
         const T n = math::normalize(load(items[j].v[v]), mu, rs) * w + bias;
         store(out.v[v], math::activate<Silu>(math::film(n, scale_shift.scale, scale_shift.shift)));
       }
@@ -458,8 +459,8 @@ __global__ void backward_reduce_nchw(Params<S> p, int64_t chunks, int64_t chunk_
   const int64_t end = min64(p.pixels, begin + chunk_elems);
   const int64_t b = plane / p.channels, c = plane % p.channels, g = c / p.per_group;
   const T mu = p.mean[b * p.groups + g], rs = p.rstd[b * p.groups + g], w = p.weight[c], bias = p.bias[c];
-  const T* scale_column = p.table + c * p.knots;
-  const T* shift_column = p.table + (p.channels + c) * p.knots;
+  const T* scale_column = p.columns + c * p.knots;
+  const T* shift_column = p.columns + (p.channels + c) * p.knots;
   const T* u = p.u + b * p.pixels;
   const S* x = p.h + plane * p.pixels;
   const S* dy = p.grad_out + plane * p.pixels;
@@ -478,7 +479,7 @@ __global__ void backward_reduce_nchw(Params<S> p, int64_t chunks, int64_t chunk_
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const math::Knot<T> knot = math::knot(us.v[j], p.knots);
-      const ScaleShift<T> scale_shift = film_at(scale_column, shift_column, 1, knot);
+      const math::ScaleShift<T> scale_shift = math::film_at(scale_column, shift_column, 1, knot);
       const T xhat = math::normalize(load(xs.v[j]), mu, rs);
       const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(dys.v[j])), xhat, w, bias, scale_shift.scale, scale_shift.shift);
       sum_dn += grad.dn;
@@ -518,7 +519,7 @@ __global__ void backward_reduce_nhwc(Params<S> p, int64_t chunks, GradPartial<Co
     for (int64_t pixel = begin + threadIdx.y; pixel < end; pixel += kRows) {
       const int64_t e = (b * p.pixels + pixel) * C + c;
       const math::Knot<T> knot = math::knot(p.u[b * p.pixels + pixel], p.knots);
-      const ScaleShift<T> scale_shift = film_at(p.table + c, p.table + C + c, 2 * C, knot);
+      const math::ScaleShift<T> scale_shift = math::film_at(p.table + c, p.table + C + c, 2 * C, knot);
       const T xhat = math::normalize(load(p.h[e]), mu, rs);
       const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(p.grad_out[e])), xhat, w, bias, scale_shift.scale, scale_shift.shift);
       sum_dn += grad.dn;
@@ -593,8 +594,8 @@ __global__ void backward_apply_nchw(Params<S> p, int64_t chunks, int64_t chunk_e
   const int64_t b = plane / p.channels, c = plane % p.channels, stat = b * p.groups + c / p.per_group;
   const T mu = p.mean[stat], rs = p.rstd[stat], w = p.weight[c], bias = p.bias[c];
   const T mean_dxhat = p.grad_coef[2 * stat], mean_dxhat_xhat = p.grad_coef[2 * stat + 1];
-  const T* scale_column = p.table + c * p.knots;
-  const T* shift_column = p.table + (p.channels + c) * p.knots;
+  const T* scale_column = p.columns + c * p.knots;
+  const T* shift_column = p.columns + (p.channels + c) * p.knots;
   const T* u = p.u + b * p.pixels;
   const S* x = p.h + plane * p.pixels;
   const S* dy = p.grad_out + plane * p.pixels;
@@ -607,7 +608,7 @@ __global__ void backward_apply_nchw(Params<S> p, int64_t chunks, int64_t chunk_e
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const math::Knot<T> knot = math::knot(us.v[j], p.knots);
-      const ScaleShift<T> scale_shift = film_at(scale_column, shift_column, 1, knot);
+      const math::ScaleShift<T> scale_shift = math::film_at(scale_column, shift_column, 1, knot);
       const T xhat = math::normalize(load(xs.v[j]), mu, rs);
       const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(dys.v[j])), xhat, w, bias, scale_shift.scale, scale_shift.shift);
       store(out.v[j], math::groupnorm_grad_input(grad.dn, w, xhat, rs, mean_dxhat, mean_dxhat_xhat));
@@ -630,7 +631,7 @@ __global__ void backward_apply_nhwc(Params<S> p, int64_t packs) {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const int64_t c = c0 + j, stat = b * p.groups + c / p.per_group;
-      const ScaleShift<T> scale_shift = film_at(p.table + c, p.table + C + c, 2 * C, knot);
+      const math::ScaleShift<T> scale_shift = math::film_at(p.table + c, p.table + C + c, 2 * C, knot);
       const T rs = p.rstd[stat], w = p.weight[c];
       const T xhat = math::normalize(load(xs.v[j]), p.mean[stat], rs);
       const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(dys.v[j])), xhat, w, p.bias[c], scale_shift.scale, scale_shift.shift);
@@ -645,12 +646,7 @@ __global__ void backward_apply_nhwc(Params<S> p, int64_t packs) {
 // Host side
 // ---------------------------------------------------------------------------------------------------
 
-bool aligned16(std::uintptr_t address) { return address % 16 == 0; }
-
-template <typename Fn>
-void dispatch(int dtype, bool silu, Fn&& fn) {
-  dispatch_storage<__nv_bfloat16, __half>(dtype, silu, std::forward<Fn>(fn));
-}
+bool aligned16(const void* address) { return reinterpret_cast<std::uintptr_t>(address) % 16 == 0; }
 
 // Calls fn(std::integral_constant<int, VEC>) with VEC = 16 bytes of S when `vectorise`, else 1.
 template <typename S, typename Fn>
@@ -662,33 +658,36 @@ void with_vec(bool vectorise, Fn&& fn) {
     fn(std::integral_constant<int, 1>{});
 }
 
-// Sizes of the workspace parts, in bytes, each rounded to 256.
+// Byte offsets of the workspace parts, each rounded to 256: the transposed table (NCHW), then the statistics
+// partials (forward) or the gradient partials and group coefficients (backward).
 struct Workspace {
-  int64_t stats, grads, coef;
+  int64_t stats, grads, coef, end;
 };
 
 int64_t round256(int64_t bytes) { return ceil_div(bytes, 256) * 256; }
 
 template <typename T>
-Workspace workspace_parts(const GroupNormFilmShape& shape) {
-  const int64_t partials = shape.batch * shape.channels * geometry(shape).chunks;
-  return {round256(partials * int64_t(sizeof(StatsPartial<T>))),
-          round256(partials * int64_t(sizeof(GradPartial<T>))),
-          round256(shape.batch * shape.groups * 2 * int64_t(sizeof(T)))};
+Workspace workspace_parts(const GroupNormFilmArgs& args) {
+  const int64_t partials = args.batch * args.channels * geometry(args).chunks;
+  const int64_t columns = args.channels_last ? 0 : round256(2 * args.channels * args.knots * int64_t(sizeof(T)));
+  const int64_t stats = round256(partials * int64_t(sizeof(StatsPartial<T>)));
+  const int64_t grads = round256(partials * int64_t(sizeof(GradPartial<T>)));
+  const int64_t coef = round256(args.batch * args.groups * 2 * int64_t(sizeof(T)));
+  return {columns, columns, columns + grads, columns + std::max(stats, grads + coef)};
 }
 
-Workspace workspace_of(const GroupNormFilmShape& shape) {
-  return shape.dtype == kFloat64 ? workspace_parts<double>(shape) : workspace_parts<float>(shape);
+Workspace workspace_of(const GroupNormFilmArgs& args) {
+  return args.dtype == kFloat64 ? workspace_parts<double>(args) : workspace_parts<float>(args);
 }
 
-void check_cuda_shape(const GroupNormFilmShape& shape) {
-  check_groupnorm_film_shape(shape);
-  const Geometry geo = geometry(shape);
-  if (shape.channels_last) {
-    if (shape.batch > 65535)
+void check_cuda_shape(const GroupNormFilmArgs& args) {
+  check_groupnorm_film_shape(args);
+  const Geometry geo = geometry(args);
+  if (args.channels_last) {
+    if (args.batch > 65535)
       throw std::invalid_argument("groupnorm_film (CUDA): channels_last h supports at most 65535 images");
     if (geo.chunks > 0x7FFFFFFF) throw std::invalid_argument("groupnorm_film (CUDA): too many pixels");
-  } else if (shape.batch * shape.channels * geo.chunks > 0x7FFFFFFF) {
+  } else if (args.batch * args.channels * geo.chunks > 0x7FFFFFFF) {
     throw std::invalid_argument("groupnorm_film (CUDA): too many (image, channel) planes for one launch");
   }
 }
@@ -701,176 +700,199 @@ int nchw_threads(int64_t chunk_elems, int vec) {
 int flat_blocks(int64_t packs) { return int(std::min<int64_t>(ceil_div(packs, kThreads), int64_t(1) << 20)); }
 
 // Shared memory of forward_group_nchw (float compute): the scale and shift columns of a group's channels.
-int64_t group_column_bytes(const GroupNormFilmShape& shape) {
-  return 2 * (shape.channels / shape.groups) * shape.knots * int64_t(sizeof(float));
+int64_t group_column_bytes(const GroupNormFilmArgs& args) {
+  return 2 * (args.channels / args.groups) * args.knots * int64_t(sizeof(float));
 }
 
 // Whether the forward can take the one-launch, one-read path: NCHW, the group fits in a block's registers,
 // its table columns in shared memory without an opt-in, and there are enough (image, group) blocks to fill
 // the GPU; otherwise the three-launch path, which splits planes into chunks, has more parallelism. (It also
 // needs 16-byte packs: scalar loads of 32 elements per thread would spill.)
-bool group_resident(const GroupNormFilmShape& shape, int device) {
-  if (shape.channels_last) return false;
-  if ((shape.channels / shape.groups) * shape.pixels > int64_t(kGroupThreads) * kGroupElems) return false;
-  if (group_column_bytes(shape) > kGroupColumnBytes) return false;
+bool group_resident(const GroupNormFilmArgs& args, int device) {
+  if (args.channels_last) return false;
+  if ((args.channels / args.groups) * args.pixels > int64_t(kGroupThreads) * kGroupElems) return false;
+  if (group_column_bytes(args) > kGroupColumnBytes) return false;
   int multiprocessors = 0;
   check(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-  return shape.batch * shape.groups >= multiprocessors;
+  return args.batch * args.groups >= multiprocessors;
 }
 
 template <typename S>
-Params<S> params(const GroupNormFilmShape& shape, std::uintptr_t h, std::uintptr_t grad_out, std::uintptr_t u,
-                 std::uintptr_t table, std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t mean,
-                 std::uintptr_t rstd, std::uintptr_t grad_coef, std::uintptr_t result) {
+Params<S> params(Pass pass, const GroupNormFilmArgs& a, unsigned char* workspace) {
   using T = Compute<S>;
-  return Params<S>{as<const S>(h),         as<const S>(grad_out), as<const T>(u),    as<const T>(table),
-                   as<const T>(weight),    as<const T>(bias),     as<const T>(mean), as<const T>(rstd),
-                   as<const T>(grad_coef), as<S>(result),         as<T>(mean),       as<T>(rstd),
-                   shape.channels,         shape.pixels,          shape.groups,      shape.channels / shape.groups,
-                   int(shape.knots)};
+  const Workspace parts = workspace_of(a);
+  const bool forward = pass == Pass::kForward;
+  return Params<S>{static_cast<const S*>(a.h),
+                   static_cast<const S*>(a.grad_out),
+                   static_cast<const T*>(a.u),
+                   static_cast<const T*>(a.table),
+                   reinterpret_cast<const T*>(workspace),
+                   static_cast<const T*>(a.weight),
+                   static_cast<const T*>(a.bias),
+                   static_cast<const T*>(a.mean),
+                   static_cast<const T*>(a.rstd),
+                   reinterpret_cast<const T*>(workspace + parts.coef),
+                   static_cast<S*>(forward ? a.out : a.grad_h),
+                   static_cast<T*>(a.mean),
+                   static_cast<T*>(a.rstd),
+                   a.channels,
+                   a.pixels,
+                   a.groups,
+                   a.channels / a.groups,
+                   int(a.knots)};
+}
+
+// The NCHW kernels but the one-launch forward (which transposes its group's part of the table into shared
+// memory itself) read the table as columns: its transpose, written to the start of the workspace.
+template <typename T>
+void transpose_into_workspace(const GroupNormFilmArgs& args, const T* table, unsigned char* workspace,
+                              cudaStream_t stream) {
+  const int64_t values = 2 * args.channels * args.knots;
+  transpose_table<T><<<unsigned(std::min<int64_t>(ceil_div(values, kThreads), 1024)), kThreads, 0, stream>>>(
+      table, args.knots, 2 * args.channels, reinterpret_cast<T*>(workspace));
+  check_launch("transpose_table");
+}
+
+template <typename S, bool Silu>
+void forward(const GroupNormFilmArgs& args, const Params<S>& p, unsigned char* workspace, int device,
+             cudaStream_t stream) {
+  using T = Compute<S>;
+  constexpr int kVec = int(16 / sizeof(S));
+  const Geometry geo = geometry(args);
+  auto* partial = reinterpret_cast<StatsPartial<T>*>(workspace + workspace_of(args).stats);
+  const bool aligned = aligned16(args.h) && aligned16(args.out);
+  const int64_t B = args.batch, C = args.channels;
+  const bool vectorise_nchw = aligned && aligned16(args.u) && args.pixels % kVec == 0;
+
+  if constexpr (!std::is_same_v<S, double>) {   // float64 would need twice the registers
+    if (vectorise_nchw && group_resident(args, device)) {
+      const int64_t packs = (C / args.groups) * args.pixels / kVec;
+      const int threads = int(ceil_div(ceil_div(packs, kGroupElems / kVec), 32) * 32);
+      forward_group_nchw<S, kVec, Silu><<<unsigned(B * args.groups), threads, size_t(group_column_bytes(args)),
+                                          stream>>>(p, args.eps);
+      check_launch("forward_group_nchw");
+      return;
+    }
+  }
+  if (args.channels_last) {
+    stats_nhwc<S><<<dim3(unsigned(geo.chunks), unsigned(ceil_div(C, 32)), unsigned(B)), dim3(32, kRows), 0,
+                    stream>>>(p.h, C, args.pixels, geo.chunks, partial);
+    check_launch("stats_nhwc");
+  } else {
+    transpose_into_workspace(args, p.table, workspace, stream);
+    with_vec<S>(vectorise_nchw, [&](auto vec) {
+      constexpr int VEC = decltype(vec)::value;
+      stats_nchw<S, VEC><<<unsigned(B * C * geo.chunks), nchw_threads(geo.chunk_elems, VEC), 0, stream>>>(
+          p.h, args.pixels, geo.chunks, geo.chunk_elems, partial);
+      check_launch("stats_nchw");
+    });
+  }
+  const int64_t groups_total = B * args.groups;
+  finalize_stats<T><<<unsigned(ceil_div(groups_total * 32, kThreads)), kThreads, 0, stream>>>(
+      partial, groups_total, (C / args.groups) * geo.chunks, args.eps, p.mean_out, p.rstd_out);
+  check_launch("finalize_stats");
+
+  if (args.channels_last) {
+    with_vec<S>(aligned && C % kVec == 0, [&](auto vec) {
+      constexpr int VEC = decltype(vec)::value;
+      const int64_t packs = B * args.pixels * C / VEC;
+      forward_apply_nhwc<S, VEC, Silu><<<flat_blocks(packs), kThreads, 0, stream>>>(p, packs);
+      check_launch("forward_apply_nhwc");
+    });
+  } else {
+    with_vec<S>(vectorise_nchw, [&](auto vec) {
+      constexpr int VEC = decltype(vec)::value;
+      forward_apply_nchw<S, VEC, Silu><<<unsigned(B * C * geo.chunks), nchw_threads(geo.chunk_elems, VEC), 0,
+                                         stream>>>(p, geo.chunks, geo.chunk_elems);
+      check_launch("forward_apply_nchw");
+    });
+  }
+}
+
+template <typename S, bool Silu>
+void backward(const GroupNormFilmArgs& args, const Params<S>& p, unsigned char* workspace, int device,
+              cudaStream_t stream) {
+  using T = Compute<S>;
+  constexpr int kVec = int(16 / sizeof(S));
+  const Geometry geo = geometry(args);
+  auto* partial = reinterpret_cast<GradPartial<T>*>(workspace + workspace_of(args).grads);
+  auto* grad_table = static_cast<T*>(args.grad_table);
+  const bool aligned = aligned16(args.h) && aligned16(args.grad_out) && aligned16(args.grad_h);
+  const int64_t B = args.batch, C = args.channels;
+  const bool vectorise_nchw = aligned && aligned16(args.u) && args.pixels % kVec == 0;
+
+  if (args.channels_last) {
+    backward_reduce_nhwc<S, Silu><<<dim3(unsigned(geo.chunks), unsigned(ceil_div(C, 32)), unsigned(B)),
+                                    dim3(32, kRows), 0, stream>>>(p, geo.chunks, partial, grad_table);
+    check_launch("backward_reduce_nhwc");
+  } else {
+    transpose_into_workspace(args, p.table, workspace, stream);
+    const int64_t shared_bytes = 2 * args.knots * int64_t(sizeof(T));
+    with_vec<S>(vectorise_nchw, [&](auto vec) {
+      constexpr int VEC = decltype(vec)::value;
+      auto kernel = backward_reduce_nchw<S, VEC, Silu>;
+      if (shared_bytes > 48 * 1024) {
+        int limit = 0;
+        check(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+              "cudaDeviceGetAttribute");
+        if (shared_bytes > limit)
+          throw std::invalid_argument("groupnorm_film (CUDA): the table has " + std::to_string(args.knots) +
+                                      " rows; the NCHW backward holds 2 * rows values per block in shared "
+                                      "memory, at most " + std::to_string(limit) + " bytes on this GPU");
+        check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_bytes)),
+              "cudaFuncSetAttribute");
+      }
+      kernel<<<unsigned(B * C * geo.chunks), nchw_threads(geo.chunk_elems, VEC), size_t(shared_bytes), stream>>>(
+          p, geo.chunks, geo.chunk_elems, partial, grad_table);
+      check_launch("backward_reduce_nchw");
+    });
+  }
+  const int64_t warps = B * args.groups + C;
+  finalize_backward<T><<<unsigned(ceil_div(warps * 32, kThreads)), kThreads, 0, stream>>>(
+      partial, p.weight, B, C, args.groups, C / args.groups, geo.chunks, args.pixels,
+      reinterpret_cast<T*>(workspace + workspace_of(args).coef), static_cast<T*>(args.grad_weight),
+      static_cast<T*>(args.grad_bias));
+  check_launch("finalize_backward");
+
+  if (args.channels_last) {
+    with_vec<S>(aligned && C % kVec == 0, [&](auto vec) {
+      constexpr int VEC = decltype(vec)::value;
+      const int64_t packs = B * args.pixels * C / VEC;
+      backward_apply_nhwc<S, VEC, Silu><<<flat_blocks(packs), kThreads, 0, stream>>>(p, packs);
+      check_launch("backward_apply_nhwc");
+    });
+  } else {
+    with_vec<S>(vectorise_nchw, [&](auto vec) {
+      constexpr int VEC = decltype(vec)::value;
+      backward_apply_nchw<S, VEC, Silu><<<unsigned(B * C * geo.chunks), nchw_threads(geo.chunk_elems, VEC), 0,
+                                          stream>>>(p, geo.chunks, geo.chunk_elems);
+      check_launch("backward_apply_nchw");
+    });
+  }
 }
 
 }  // namespace
 
-std::int64_t groupnorm_film_cuda_workspace_bytes(const GroupNormFilmShape& shape) {
-  check_cuda_shape(shape);
-  const Workspace parts = workspace_of(shape);
-  return std::max(parts.stats, parts.grads + parts.coef);
+std::int64_t groupnorm_film_cuda_workspace_bytes(const GroupNormFilmArgs& args) {
+  check_cuda_shape(args);
+  return workspace_of(args).end;
 }
 
-void groupnorm_film_forward_cuda(const GroupNormFilmShape& shape, std::uintptr_t h, std::uintptr_t u,
-                                 std::uintptr_t table, std::uintptr_t weight, std::uintptr_t bias,
-                                 std::uintptr_t out, std::uintptr_t mean, std::uintptr_t rstd, double eps,
-                                 bool silu, std::uintptr_t workspace, int device, std::uintptr_t stream_handle) {
-  check_cuda_shape(shape);
-  check(cudaSetDevice(device), "cudaSetDevice");
-  const cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  const Geometry geo = geometry(shape);
-  dispatch(shape.dtype, silu, [&](auto storage, auto act) {
+void groupnorm_film_cuda(Pass pass, const GroupNormFilmArgs& args, const CudaLaunch& launch) {
+  check_cuda_shape(args);
+  check(cudaSetDevice(launch.device), "cudaSetDevice");
+  const auto stream = static_cast<cudaStream_t>(launch.stream);
+  auto* workspace = static_cast<unsigned char*>(launch.workspace);
+  dispatch_dtype<__nv_bfloat16, __half>(args.dtype, "groupnorm_film", [&](auto storage) {
     using S = decltype(storage);
-    using T = Compute<S>;
-    constexpr bool Silu = decltype(act)::value;
-    constexpr int kVec = int(16 / sizeof(S));
-    auto* partial = as<StatsPartial<T>>(workspace);
-    const Params<S> p = params<S>(shape, h, 0, u, table, weight, bias, mean, rstd, 0, out);
-    const bool aligned = aligned16(h) && aligned16(out);
-    const int64_t B = shape.batch, C = shape.channels;
-    const bool vectorise_nchw = aligned && aligned16(u) && shape.pixels % kVec == 0;
-
-    if constexpr (!std::is_same_v<S, double>) {   // float64 would need twice the registers
-      if (vectorise_nchw && group_resident(shape, device)) {
-        const int64_t packs = (C / shape.groups) * shape.pixels / kVec;
-        const int threads = int(ceil_div(ceil_div(packs, kGroupElems / kVec), 32) * 32);
-        forward_group_nchw<S, kVec, Silu><<<unsigned(B * shape.groups), threads, size_t(group_column_bytes(shape)),
-                                            stream>>>(p, eps);
-        check_launch("forward_group_nchw");
-        return;
-      }
-    }
-    if (shape.channels_last) {
-      stats_nhwc<S><<<dim3(unsigned(geo.chunks), unsigned(ceil_div(C, 32)), unsigned(B)), dim3(32, kRows), 0,
-                      stream>>>(as<const S>(h), C, shape.pixels, geo.chunks, partial);
-      check_launch("stats_nhwc");
-    } else {
-      with_vec<S>(vectorise_nchw, [&](auto vec) {
-        constexpr int VEC = decltype(vec)::value;
-        stats_nchw<S, VEC><<<unsigned(B * C * geo.chunks), nchw_threads(geo.chunk_elems, VEC), 0, stream>>>(
-            as<const S>(h), shape.pixels, geo.chunks, geo.chunk_elems, partial);
-        check_launch("stats_nchw");
-      });
-    }
-    const int64_t groups_total = B * shape.groups;
-    finalize_stats<T><<<unsigned(ceil_div(groups_total * 32, kThreads)), kThreads, 0, stream>>>(
-        partial, groups_total, (C / shape.groups) * geo.chunks, eps, as<T>(mean), as<T>(rstd));
-    check_launch("finalize_stats");
-
-    if (shape.channels_last) {
-      with_vec<S>(aligned && C % kVec == 0, [&](auto vec) {
-        constexpr int VEC = decltype(vec)::value;
-        const int64_t packs = B * shape.pixels * C / VEC;
-        forward_apply_nhwc<S, VEC, Silu><<<flat_blocks(packs), kThreads, 0, stream>>>(p, packs);
-        check_launch("forward_apply_nhwc");
-      });
-    } else {
-      with_vec<S>(vectorise_nchw, [&](auto vec) {
-        constexpr int VEC = decltype(vec)::value;
-        forward_apply_nchw<S, VEC, Silu><<<unsigned(B * C * geo.chunks), nchw_threads(geo.chunk_elems, VEC), 0,
-                                           stream>>>(p, geo.chunks, geo.chunk_elems);
-        check_launch("forward_apply_nchw");
-      });
-    }
-  });
-}
-
-void groupnorm_film_backward_cuda(const GroupNormFilmShape& shape, std::uintptr_t grad_out, std::uintptr_t h,
-                                  std::uintptr_t u, std::uintptr_t table, std::uintptr_t weight,
-                                  std::uintptr_t bias, std::uintptr_t mean, std::uintptr_t rstd,
-                                  std::uintptr_t grad_h, std::uintptr_t grad_table, std::uintptr_t grad_weight,
-                                  std::uintptr_t grad_bias, bool silu, std::uintptr_t workspace, int device,
-                                  std::uintptr_t stream_handle) {
-  check_cuda_shape(shape);
-  check(cudaSetDevice(device), "cudaSetDevice");
-  const cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  const Geometry geo = geometry(shape);
-  const Workspace parts = workspace_of(shape);
-  dispatch(shape.dtype, silu, [&](auto storage, auto act) {
-    using S = decltype(storage);
-    using T = Compute<S>;
-    constexpr bool Silu = decltype(act)::value;
-    constexpr int kVec = int(16 / sizeof(S));
-    auto* partial = as<GradPartial<T>>(workspace);
-    const std::uintptr_t grad_coef = workspace + std::uintptr_t(parts.grads);
-    const Params<S> p = params<S>(shape, h, grad_out, u, table, weight, bias, mean, rstd, grad_coef, grad_h);
-    const bool aligned = aligned16(h) && aligned16(grad_out) && aligned16(grad_h);
-    const int64_t B = shape.batch, C = shape.channels;
-    const bool vectorise_nchw = aligned && aligned16(u) && shape.pixels % kVec == 0;
-
-    if (shape.channels_last) {
-      backward_reduce_nhwc<S, Silu><<<dim3(unsigned(geo.chunks), unsigned(ceil_div(C, 32)), unsigned(B)),
-                                      dim3(32, kRows), 0, stream>>>(p, geo.chunks, partial, as<T>(grad_table));
-      check_launch("backward_reduce_nhwc");
-    } else {
-      const int64_t shared_bytes = 2 * shape.knots * int64_t(sizeof(T));
-      with_vec<S>(vectorise_nchw, [&](auto vec) {
-        constexpr int VEC = decltype(vec)::value;
-        auto kernel = backward_reduce_nchw<S, VEC, Silu>;
-        if (shared_bytes > 48 * 1024) {
-          int limit = 0;
-          check(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-                "cudaDeviceGetAttribute");
-          if (shared_bytes > limit)
-            throw std::invalid_argument("groupnorm_film (CUDA): the table has " + std::to_string(shape.knots) +
-                                        " rows; the NCHW backward holds 2 * rows values per block in shared "
-                                        "memory, at most " + std::to_string(limit) + " bytes on this GPU");
-          check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_bytes)),
-                "cudaFuncSetAttribute");
-        }
-        kernel<<<unsigned(B * C * geo.chunks), nchw_threads(geo.chunk_elems, VEC), size_t(shared_bytes),
-                 stream>>>(p, geo.chunks, geo.chunk_elems, partial, as<T>(grad_table));
-        check_launch("backward_reduce_nchw");
-      });
-    }
-    const int64_t warps = B * shape.groups + C;
-    finalize_backward<T><<<unsigned(ceil_div(warps * 32, kThreads)), kThreads, 0, stream>>>(
-        partial, as<const T>(weight), B, C, shape.groups, C / shape.groups, geo.chunks, shape.pixels,
-        as<T>(grad_coef), as<T>(grad_weight), as<T>(grad_bias));
-    check_launch("finalize_backward");
-
-    if (shape.channels_last) {
-      with_vec<S>(aligned && C % kVec == 0, [&](auto vec) {
-        constexpr int VEC = decltype(vec)::value;
-        const int64_t packs = B * shape.pixels * C / VEC;
-        backward_apply_nhwc<S, VEC, Silu><<<flat_blocks(packs), kThreads, 0, stream>>>(p, packs);
-        check_launch("backward_apply_nhwc");
-      });
-    } else {
-      with_vec<S>(vectorise_nchw, [&](auto vec) {
-        constexpr int VEC = decltype(vec)::value;
-        backward_apply_nchw<S, VEC, Silu><<<unsigned(B * C * geo.chunks), nchw_threads(geo.chunk_elems, VEC), 0,
-                                            stream>>>(p, geo.chunks, geo.chunk_elems);
-        check_launch("backward_apply_nchw");
-      });
-    }
+    const Params<S> p = params<S>(pass, args, workspace);
+    dispatch_act(args.silu, [&](auto act) {
+      constexpr bool Silu = decltype(act)::value;
+      if (pass == Pass::kForward)
+        forward<S, Silu>(args, p, workspace, launch.device, stream);
+      else
+        backward<S, Silu>(args, p, workspace, launch.device, stream);
+    });
   });
 }
 

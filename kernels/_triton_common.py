@@ -19,11 +19,14 @@ that inverts gamma in O(1) (see `prepared_schedule`), built once per table and c
 """
 import collections
 import contextlib
+import math
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import libdevice
+
+from ._launch import launcher
 
 BLOCK = 512           # pixels per program: 4 per thread, one 128-bit access per float32 tensor
 NUM_WARPS = 4
@@ -385,15 +388,17 @@ def prepared_schedule(table: torch.Tensor) -> torch.Tensor:
     return records
 
 
-def wide_offsets(*tensors: torch.Tensor) -> bool:
-    """Whether some tensor reaches element 2**31 (then offsets are computed in int64)."""
-    return any(sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) >= 2**31 - 1 for t in tensors)
+def wide_offsets(shape: tuple, strides: tuple) -> bool:
+    """Whether a tensor of this shape with these strides, or a contiguous one, reaches element 2**31 (then
+    offsets are computed in int64)."""
+    extent = max(sum((n - 1) * abs(s) for n, s in zip(shape, strides)), math.prod(shape) - 1)
+    return extent >= 2**31 - 1
 
 
-def plane_layout(t: torch.Tensor) -> int:
+def plane_layout(shape: tuple, strides: tuple) -> int:
     """ROWS_PACKED when pixel (h, w) of every plane sits at (h * W + w) * stride_w, else GENERAL."""
-    H, W = t.shape[-2:]
-    return ROWS_PACKED if H == 1 or t.stride(-2) == W * t.stride(-1) else GENERAL
+    H, W = shape[-2:]
+    return ROWS_PACKED if H == 1 or strides[-2] == W * strides[-1] else GENERAL
 
 
 def like_strides(t: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
@@ -414,12 +419,17 @@ def grid(HW: int, images: int) -> tuple[int, int]:
         raise ValueError(f"at most 65535 images per call, got {images}; split the batch")
     if HW > 2**30:
         raise ValueError(f"at most 2**30 pixels per image, got {HW}; split the image into tiles")
-    return triton.cdiv(HW, BLOCK), images
+    return -(-HW // BLOCK), images
 
 
 def run(kernel, grid: tuple, data: torch.Tensor, *args, **constants) -> None:
     """kernel[grid](*args) on the device of `data`: Triton launches on the current CUDA device, which
-    need not be the data's (a custom op gets no device guard)."""
+    need not be the data's (a custom op gets no device guard). Compiled kernels go through
+    kernels/_launch.py (a few microseconds of Python where kernel[grid] takes ~20)."""
+    fast = launcher(kernel, LAUNCH)
+    if fast is not None:
+        fast(grid, data.get_device(), args, constants)
+        return
     guard = torch.cuda.device(data.device) if data.is_cuda else contextlib.nullcontext()
     with guard:
         kernel[grid](*args, **constants, **LAUNCH)

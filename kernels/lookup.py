@@ -18,6 +18,8 @@ issue, 4,248 GB/s):
     time_map             fp32    5.33    14.3         5.4      15.8     0.34        32    0
                          bf16    3.33    14.3         5.4       9.9     0.55        32    0
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -65,10 +67,10 @@ def _time_map_kernel(v_ptr, out_ptr, sched_ptr, HW, W, v_sb, v_sc, v_sh, v_sw, C
 
 def _flat(values: torch.Tensor, table: torch.Tensor, kernel):
     """Run an elementwise lookup kernel over `values` (any shape; non-contiguous input is copied first)."""
-    out = torch.empty(values.shape, dtype=compute_dtype(values.dtype), device=values.device)
+    out = torch.empty_like(values, dtype=compute_dtype(values.dtype), memory_format=torch.contiguous_format)
     n = values.numel()
     if n:
-        run(kernel, (triton.cdiv(n, BLOCK),), values, values.reshape(-1), out, prepared_schedule(table), n,
+        run(kernel, (-(-n // BLOCK),), values, values.reshape(-1), out, prepared_schedule(table), n,
             T=table.numel() - 1, COMPUTE=TL_DTYPE[out.dtype], WIDE=n >= 2**31, EVEN=n % BLOCK == 0, BLOCK=BLOCK)
     return out
 
@@ -81,11 +83,18 @@ def time_from_variance(v: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return _flat(v, table, _time_from_variance_kernel)
 
 
+@functools.lru_cache(maxsize=64)
+def _time_map_plan(shape, strides, dtype, T):
+    B, C, H, W = shape
+    return grid(H * W, B), dict(C=C, T=T, COMPUTE=TL_DTYPE[dtype], LAYOUT=plane_layout(shape, strides),
+                                WIDE=wide_offsets(shape, strides), EVEN=H * W % BLOCK == 0, BLOCK=BLOCK)
+
+
 def time_map(variance: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     B, C, H, W = variance.shape
-    out = torch.empty((B, 1, H, W), dtype=compute_dtype(variance.dtype), device=variance.device)
+    out = variance.new_empty((B, 1, H, W), dtype=compute_dtype(variance.dtype))
     if out.numel():
-        run(_time_map_kernel, grid(H * W, B), variance, variance, out, prepared_schedule(table), H * W, W,
-            *variance.stride(), C=C, T=table.numel() - 1, COMPUTE=TL_DTYPE[out.dtype],
-            LAYOUT=plane_layout(variance), WIDE=wide_offsets(variance, out), EVEN=H * W % BLOCK == 0, BLOCK=BLOCK)
+        grid_, constants = _time_map_plan(variance.shape, variance.stride(), out.dtype, table.numel() - 1)
+        run(_time_map_kernel, grid_, variance, variance, out, prepared_schedule(table), H * W, W, *variance.stride(),
+            **constants)
     return out

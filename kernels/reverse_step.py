@@ -23,6 +23,8 @@ H200 model, 132 SMs x 4 schedulers x 1.98 GHz issue, 4,248 GB/s):
     per-channel, z drawn   fp32    20.00   71.4        26.9      59.2     0.45        72    0
                            bf16    14.00   76.6        28.8      41.5     0.69        64    0
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -120,26 +122,32 @@ def _reverse_step_kernel(x_ptr, eps_ptr, z_ptr, tau_ptr, delta_ptr, sched_ptr, x
             store(x0_hat_ptr + out + c * HW, x0_hat, mask)
 
 
+@functools.lru_cache(maxsize=64)
+def _plan(shape, strides, per_channel, dtype, T, z_mode, clamp, write_x0_hat):
+    """(grid, the integer arguments, the constexprs) of a launch on x of this shape and these strides (eps_hat
+    and z take them too)."""
+    B, C, H, W = shape
+    return grid(H * W, B), (H * W, W, *strides), dict(
+        C=C, T=T, COMPUTE=TL_DTYPE[compute_dtype(dtype)], LAYOUT=plane_layout(shape, strides),
+        WIDE=wide_offsets(shape, strides), EVEN=H * W % BLOCK == 0, PER_CHANNEL=per_channel, Z=z_mode, CLAMP=clamp,
+        WRITE_X0_HAT=write_x0_hat, BLOCK=BLOCK)
+
+
 def reverse_step(x, eps_hat, tau, delta, table, eta, z, clamp_min, clamp_max, seed, offset, return_x0_hat):
     """reverse_step on checked arguments (see svnr_fast.reference._reverse_step)."""
-    B, C, H, W = x.shape
-    x_new = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    tau_new = torch.empty(tau.shape, dtype=tau.dtype, device=tau.device)
-    x0_hat = torch.empty(x.shape, dtype=x.dtype, device=x.device) if return_x0_hat else x.new_empty(0)
+    x_new = torch.empty_like(x, memory_format=torch.contiguous_format)
+    tau_new = torch.empty_like(tau, memory_format=torch.contiguous_format)
+    x0_hat = torch.empty_like(x_new) if return_x0_hat else x.new_empty(0)
     if x.numel() == 0:
         return x_new, tau_new, x0_hat
     eta2 = float(eta) ** 2
     # eta = 0 gives z a zero weight: it is neither read nor drawn
     z_mode = NO_Z if eta2 == 0 else Z_TENSOR if z is not None else Z_DRAWN
-    eps_hat = like_strides(eps_hat, x)
-    z_arg = like_strides(z, x) if z_mode == Z_TENSOR else x
-    tau = tau.contiguous()
     clamp = clamp_min is not None
-    run(_reverse_step_kernel, grid(H * W, B), x,
-        x, eps_hat, z_arg, tau, delta, prepared_schedule(table), x_new, tau_new, x0_hat,
-        H * W, W, *x.stride(), eta2, float(clamp_min) if clamp else 0.0, float(clamp_max) if clamp else 0.0,
-        seed, *split_offset(offset),
-        C=C, T=table.numel() - 1, COMPUTE=TL_DTYPE[compute_dtype(x.dtype)], LAYOUT=plane_layout(x),
-        WIDE=wide_offsets(x, eps_hat, z_arg, x_new), EVEN=H * W % BLOCK == 0, PER_CHANNEL=tau.shape[1] != 1,
-        Z=z_mode, CLAMP=clamp, WRITE_X0_HAT=bool(return_x0_hat), BLOCK=BLOCK)
+    grid_, ints, constants = _plan(x.shape, x.stride(), tau.shape[1] != 1, x.dtype, table.numel() - 1, z_mode, clamp,
+                                   bool(return_x0_hat))
+    run(_reverse_step_kernel, grid_, x, x, like_strides(eps_hat, x), like_strides(z, x) if z_mode == Z_TENSOR else x,
+        tau.contiguous(), delta, prepared_schedule(table), x_new, tau_new, x0_hat, *ints, eta2,
+        float(clamp_min) if clamp else 0.0, float(clamp_max) if clamp else 0.0, seed, *split_offset(offset),
+        **constants)
     return x_new, tau_new, x0_hat

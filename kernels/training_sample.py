@@ -36,6 +36,8 @@ benchmarks/roofline.py`: sm_90 SASS, instructions executed per thread per elemen
                            bf16    12.00  123.5        46.4      35.5     1.31        56    0
 The max phase is 3.4 of the 68.9 (fp32) instructions per element, with 32 registers.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -251,37 +253,44 @@ def _images_per_chunk(x0: torch.Tensor) -> int:
     return max(1, int(_L2_BYTES[index] * L2_SHARE) // max(1, image_bytes))
 
 
+@functools.lru_cache(maxsize=64)
+def _plan(shape, strides, dtype, T, eps_t_tensor, eps_prime_tensor, correlated, per_channel, batch_t0, min_var, chunk):
+    """(the launches as (grid, first image, end image, MAX_PHASE), the integer arguments, the constexprs) on
+    x0 of this shape and these strides (eps_T and eps' take them too)."""
+    B, C, H, W = shape
+    tiles, _ = grid(H * W, B)
+    programs = -(-tiles // SAMPLE_TILES)
+    images_per_max_row = programs // -(-programs // (MAX_TILES // SAMPLE_TILES))
+    # per chunk, the max phase then the sample phase, which reads x0 again from L2
+    launches = []
+    for first in range(0, B, chunk):
+        end = min(first + chunk, B)
+        launches += [((programs, -(-(end - first) // images_per_max_row)), first, end, True),
+                     ((programs, end - first), first, end, False)]
+    return launches, (H * W, W, *strides), dict(
+        C=C, T=T, COMPUTE=TL_DTYPE[compute_dtype(dtype)], LAYOUT=plane_layout(shape, strides),
+        WIDE=wide_offsets(shape, strides), EVEN=H * W % (MAX_TILES * BLOCK) == 0, EPS_T_TENSOR=eps_t_tensor,
+        EPS_PRIME_TENSOR=eps_prime_tensor, CORRELATED=correlated, PER_CHANNEL=per_channel, BATCH_T0=batch_t0,
+        MIN_VAR=min_var, BLOCK=BLOCK)
+
+
 def training_sample(x0, sigma_r, sigma_s, u, table, correlated, eps_T, eps_prime, seed, offset, per_channel, batch_t0,
                     min_std):
     """training_sample on checked arguments (see svnr_fast.reference._training_sample)."""
     B, C, H, W = x0.shape
-    dtype = compute_dtype(x0.dtype)
-    y = torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
+    y = torch.empty_like(x0, memory_format=torch.contiguous_format)
     x_t = torch.empty_like(y)
     target = torch.empty_like(y)
-    tau = torch.empty((B, C if per_channel else 1, H, W), dtype=dtype, device=x0.device)
+    tau = y.new_empty((B, C if per_channel else 1, H, W), dtype=compute_dtype(x0.dtype))
     if x0.numel() == 0:
         return y, x_t, tau, target
-    sync = torch.zeros(1 + 3 * B, dtype=torch.int64, device=x0.device)
-    eps_t_arg = like_strides(eps_T, x0) if eps_T is not None else x0
-    eps_p_arg = like_strides(eps_prime, x0) if eps_prime is not None else x0
-    args = (x0, eps_t_arg, eps_p_arg, sigma_r, sigma_s, u, prepared_schedule(table), y, x_t, tau, target, sync,
-            H * W, W, *x0.stride())
-    constants = dict(C=C, T=table.numel() - 1, COMPUTE=TL_DTYPE[dtype], LAYOUT=plane_layout(x0),
-                     WIDE=wide_offsets(x0, eps_t_arg, eps_p_arg, y), EVEN=H * W % (MAX_TILES * BLOCK) == 0,
-                     EPS_T_TENSOR=eps_T is not None, EPS_PRIME_TENSOR=eps_prime is not None,
-                     CORRELATED=bool(correlated), PER_CHANNEL=bool(per_channel), BATCH_T0=bool(batch_t0),
-                     MIN_VAR=min_std > 0, BLOCK=BLOCK)
-    chunk = B if batch_t0 else _images_per_chunk(x0)
-    tiles, _ = grid(H * W, B)
-    programs = triton.cdiv(tiles, SAMPLE_TILES)
-    images_per_max_row = programs // triton.cdiv(programs, MAX_TILES // SAMPLE_TILES)
+    launches, ints, constants = _plan(x0.shape, x0.stride(), x0.dtype, table.numel() - 1, eps_T is not None,
+                                      eps_prime is not None, bool(correlated), bool(per_channel), bool(batch_t0),
+                                      min_std > 0, B if batch_t0 else _images_per_chunk(x0))
+    args = (x0, like_strides(eps_T, x0) if eps_T is not None else x0,
+            like_strides(eps_prime, x0) if eps_prime is not None else x0, sigma_r, sigma_s, u,
+            prepared_schedule(table), y, x_t, tau, target, y.new_zeros(1 + 3 * B, dtype=torch.int64), *ints)
     scalars = (float(min_std) ** 2, seed, *split_offset(offset))
-    # per chunk, the max phase then the sample phase, which reads x0 again from L2
-    for first in range(0, B, chunk):
-        end = min(first + chunk, B)
-        run(_training_sample_kernel, (programs, triton.cdiv(end - first, images_per_max_row)), x0, *args, first, end,
-            *scalars, MAX_PHASE=True, **constants)
-        run(_training_sample_kernel, (programs, end - first), x0, *args, first, end, *scalars, MAX_PHASE=False,
-            **constants)
+    for grid_, first, end, max_phase in launches:
+        run(_training_sample_kernel, grid_, x0, *args, first, end, *scalars, MAX_PHASE=max_phase, **constants)
     return y, x_t, tau, target

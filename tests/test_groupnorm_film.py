@@ -236,10 +236,11 @@ def test_forced_cpp_without_the_extension_is_a_clear_error(backend, monkeypatch)
 
 def test_extension_rejects_a_bad_shape_with_a_value_error():
     ext, _ = backends.extension()
+    no_tensors = (0,) * 13
     with pytest.raises(ValueError, match=r"groups \(4\) must divide the channels \(6\)"):
-        ext.groupnorm_film_forward_cpu(0, 1, 6, 9, 4, 9, False, 0, 0, 0, 0, 0, 0, 0, 0, 1e-5, True, 1)
+        ext.groupnorm_film_cpu(False, (0, 1, 6, 9, 4, 9, 0), no_tensors, 1e-5, True, 1)
     with pytest.raises(ValueError, match="at least 2 rows"):
-        ext.groupnorm_film_forward_cpu(0, 1, 6, 9, 3, 1, False, 0, 0, 0, 0, 0, 0, 0, 0, 1e-5, True, 1)
+        ext.groupnorm_film_cpu(True, (0, 1, 6, 9, 3, 1, 0), no_tensors, 1e-5, True, 1)
 
 
 def test_empty_inputs(backend):

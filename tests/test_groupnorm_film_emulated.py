@@ -59,16 +59,17 @@ def cuda_glue(emulated, monkeypatch):
     """Route the op's glue to the emulated CUDA entry points for CPU tensors."""
     module, launches = emulated
 
-    def launch_tail(ext, p):
-        workspace = torch.empty(ext.groupnorm_film_cuda_workspace_bytes(*p.shape), dtype=torch.uint8)
-        return "cuda", (workspace.data_ptr(), 0, 0), workspace
+    def run_cuda(ext, backward, shape, addresses, eps, silu, h):
+        workspace = torch.empty(ext.groupnorm_film_cuda_workspace_bytes(shape), dtype=torch.uint8)
+        ext.groupnorm_film_cuda(backward, shape, addresses, eps, silu, workspace.data_ptr(), 0, 0)
 
     monkeypatch.setattr(glue, "_extension", lambda: module)
-    monkeypatch.setattr(glue, "_launch_tail", launch_tail)
+    monkeypatch.setattr(glue, "_run", run_cuda)
     return launches
 
 
-# (shape (B, C, H, W, groups), dtype, layout, knots, u misaligned, EMU_SMS, forward launches)
+# (shape (B, C, H, W, groups), dtype, layout, knots, u misaligned, EMU_SMS, forward launches: 1 for the one-launch
+# path, 3 for the three-launch path, 4 when it is NCHW and transposes the table first)
 CASES = [
     # one-launch forward: a group in one block's registers, its table columns in shared memory
     ((2, 16, 8, 8, 4), torch.float32, "nchw", 9, False, 1, 1),
@@ -77,21 +78,21 @@ CASES = [
     ((4, 8, 2, 2, 8), torch.float32, "nchw", 9, False, 1, 1),           # one channel per group
     ((2, 4, 64, 128, 2), torch.bfloat16, "nchw", 9, False, 1, 1),       # 16384 elements per group
     ((2, 16, 4, 4, 8), torch.float32, "nchw", 2500, False, 1, 1),       # table columns fill the 40 KB
-    ((2, 16, 4, 4, 8), torch.float32, "nchw", 2600, False, 1, 3),       # they do not fit
-    ((2, 32, 8, 8, 4), torch.float32, "nchw", 9, True, 1, 3),           # u misaligned: scalar loads
-    ((2, 10, 6, 4, 5), torch.float64, "nchw", 9, False, 1, 3),          # float64 never takes it
-    # three-launch forward (stats, finalize, apply)
-    ((2, 16, 8, 8, 4), torch.float32, "nchw", 9, False, 132, 3),
-    ((2, 6, 5, 7, 3), torch.float32, "nchw", 9, False, 132, 3),         # odd plane: scalar loads
+    ((2, 16, 4, 4, 8), torch.float32, "nchw", 2600, False, 1, 4),       # they do not fit
+    ((2, 32, 8, 8, 4), torch.float32, "nchw", 9, True, 1, 4),           # u misaligned: scalar loads
+    ((2, 10, 6, 4, 5), torch.float64, "nchw", 9, False, 1, 4),          # float64 never takes it
+    # three-launch forward (stats, finalize, apply; NCHW after transpose_table)
+    ((2, 16, 8, 8, 4), torch.float32, "nchw", 9, False, 132, 4),
+    ((2, 6, 5, 7, 3), torch.float32, "nchw", 9, False, 132, 4),         # odd plane: scalar loads
     ((2, 6, 5, 7, 3), torch.float32, "channels_last", 9, False, 132, 3),
-    ((2, 6, 5, 7, 3), torch.bfloat16, "strided", 9, False, 132, 3),     # copied to NCHW by the glue
-    ((2, 5, 1, 1, 5), torch.float32, "nchw", 9, False, 132, 3),         # one-element groups
-    ((2, 5, 1, 1, 5), torch.float32, "channels_last", 9, False, 132, 3),
+    ((2, 6, 5, 7, 3), torch.bfloat16, "strided", 9, False, 132, 4),     # copied to NCHW by the glue
+    ((2, 5, 1, 1, 5), torch.float32, "nchw", 9, False, 132, 4),         # one-element groups
+    ((2, 5, 1, 1, 5), torch.float32, "channels_last", 9, False, 132, 4),   # 1x1: NCHW-contiguous too
     ((2, 10, 6, 4, 5), torch.float64, "channels_last", 9, False, 132, 3),
     ((2, 16, 8, 8, 4), torch.bfloat16, "channels_last", 9, False, 132, 3),
     ((2, 32, 8, 8, 4), torch.bfloat16, "channels_last", 9, True, 132, 3),
-    ((1, 8, 4, 4, 4), torch.float32, "nchw", 7000, False, 132, 3),      # backward opts in to > 48 KB
-    ((1, 2, 128, 132, 1), torch.float32, "nchw", 9, False, 132, 3),     # planes of five chunks
+    ((1, 8, 4, 4, 4), torch.float32, "nchw", 7000, False, 132, 4),      # backward opts in to > 48 KB
+    ((1, 2, 128, 132, 1), torch.float32, "nchw", 9, False, 132, 4),     # planes of five chunks
     ((1, 40, 20, 20, 8), torch.float32, "channels_last", 9, False, 132, 3),
 ]
 
@@ -163,23 +164,26 @@ def test_emulated_cuda_writes_only_its_outputs(emulated, monkeypatch, shape, dty
     module, _ = emulated
     monkeypatch.setenv("EMU_SMS", str(sms))
     h, u, table, weight, bias, groups = film_inputs(shape, dtype=dtype, layout=layout)
-    p = glue._prepare(h, u, table, weight, bias, groups)
+    h, u, table, weight, bias = glue._prepare(h, u, table, weight, bias)
     B, C, H, W = h.shape
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     channels_last = glue.memory_format(h) == torch.channels_last
+    film_shape = (glue._DTYPE_CODES[dtype], B, C, H * W, groups, table.shape[0], channels_last)
 
     def image():
         view, whole = guarded(h.numel(), dtype)
         return (view.view(B, H, W, C).permute(0, 3, 1, 2) if channels_last else view.view(B, C, H, W)), whole
 
-    workspace_bytes = module.groupnorm_film_cuda_workspace_bytes(*p.shape)
+    def launch(backward, tensors, workspace):
+        addresses = tuple(0 if t is None else t.data_ptr() for t in tensors)
+        module.groupnorm_film_cuda(backward, film_shape, addresses, 1e-5, True, workspace.data_ptr(), 0, 0)
+
+    workspace_bytes = module.groupnorm_film_cuda_workspace_bytes(film_shape)
     out, out_whole = image()
     mean, mean_whole = guarded(B * groups, compute)
     rstd, rstd_whole = guarded(B * groups, compute)
     workspace, workspace_whole = guarded(workspace_bytes, torch.uint8)
-    module.groupnorm_film_forward_cuda(*p.shape, p.h.data_ptr(), p.u.data_ptr(), p.table.data_ptr(),
-                                       p.weight.data_ptr(), p.bias.data_ptr(), out.data_ptr(), mean.data_ptr(),
-                                       rstd.data_ptr(), 1e-5, True, workspace.data_ptr(), 0, 0)
+    launch(False, (h, u, table, weight, bias, out, mean, rstd) + (None,) * 5, workspace)
     for whole, name in ((out_whole, "out"), (mean_whole, "mean"), (rstd_whole, "rstd"),
                         (workspace_whole, "the workspace")):
         assert_untouched(whole, name)
@@ -192,11 +196,8 @@ def test_emulated_cuda_writes_only_its_outputs(emulated, monkeypatch, shape, dty
     grad_weight, grad_weight_whole = guarded(C, compute)
     grad_bias, grad_bias_whole = guarded(C, compute)
     workspace, workspace_whole = guarded(workspace_bytes, torch.uint8)
-    module.groupnorm_film_backward_cuda(*p.shape, grad_out.data_ptr(), p.h.data_ptr(), p.u.data_ptr(),
-                                        p.table.data_ptr(), p.weight.data_ptr(), p.bias.data_ptr(), mean.data_ptr(),
-                                        rstd.data_ptr(), grad_h.data_ptr(), grad_table.data_ptr(),
-                                        grad_weight.data_ptr(), grad_bias.data_ptr(), True, workspace.data_ptr(), 0,
-                                        0)
+    launch(True, (h, u, table, weight, bias, None, mean, rstd, grad_out, grad_h, grad_table, grad_weight, grad_bias),
+           workspace)
     for whole, name in ((grad_h_whole, "grad_h"), (grad_table_whole, "grad_table"),
                         (grad_weight_whole, "grad_weight"), (grad_bias_whole, "grad_bias"),
                         (workspace_whole, "the workspace")):

@@ -1,0 +1,106 @@
+// The SVNR reverse step on the CPU (DESIGN.md §1.5): the same function as
+// svnr_fast.reference._reverse_step, operation for operation in the compute type (float32, float64 for float64
+// data), so that a result agrees with the reference to a few ulp and exactly finished pixels (gamma(tau) = 0)
+// are the same pixels.
+//
+// One task per tile of kTile pixels of one image: the per-pixel coefficients (both table lookups, the
+// square roots, the posterior variance) are computed once per tile for a shared time map, once per channel
+// for a per-channel one; then each channel's x, eps_hat and z (given, or drawn in the kernel: Philox per four
+// pixels, stream b * C + c, as the Triton kernel) are loaded, updated and stored in vectorised row loops.
+// Bytes per element, float32, C = 3, z drawn: x 4 + eps_hat 4 + tau 4/3 read, x_new 4 + s 4/3 written =
+// 14.67 B (+4 with a z tensor, +4 with x0_hat).
+#include "cpu_common.h"
+
+namespace svnr {
+namespace SVNR_CPU_NAMESPACE {
+namespace {
+
+// Per-tile rows, kTile values each.
+template <typename T>
+struct StepRows {
+  Buffer<T> tau, s, gt, gs, sqrt_gt, eps_scale, z_scale, x, eps, z, x0_hat, x_new;
+  Buffer<float> drawn;
+  explicit StepRows(int64_t n)
+      : tau(n), s(n), gt(n), gs(n), sqrt_gt(n), eps_scale(n), z_scale(n), x(n), eps(n), z(n), x0_hat(n),
+        x_new(n), drawn(n) {}
+};
+
+template <typename T>
+void step(const ReverseStepArgs& a, int threads) {
+  const T* table = static_cast<const T*>(a.table.data);
+  const int last = a.table.last;
+  const T* delta = static_cast<const T*>(a.delta);
+  const int64_t C = a.channels, HW = a.pixels, tiles = ceil_div(HW, kTile);
+  const int64_t time_channels = a.per_channel ? C : 1;
+  // Python scalars, rounded to the compute type as torch rounds them
+  const T eta2 = T(a.eta * a.eta), low = T(a.clamp_min), high = T(a.clamp_max);
+  const bool noise = a.eta > 0, drawn = noise && a.z.data == nullptr;
+  const int x_dtype = a.x.dtype;
+
+#pragma omp parallel num_threads(thread_count(threads, a.batch * C * HW))
+  {
+    StepRows<T> r(kTile);
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < a.batch * tiles; ++task) {
+      const int64_t b = task / tiles, p = (task % tiles) * kTile, n = min64(kTile, HW - p);
+      for (int64_t c = 0; c < C; ++c) {
+        if (c < time_channels) {   // 1. s, gamma(tau), gamma(s) and the coefficients of this time map row
+          load_row(a.tau, b, c, p, n, r.tau.data());
+          const T d = delta[b];
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) {
+            const T s = r.tau[i] - d;
+            r.s[i] = math::select(s < T(0), T(0), s);
+          }
+          store_row(a.tau_new, a.tau.dtype, (b * time_channels + c) * HW + p, r.s.data(), n);
+          gamma_row(r.tau.data(), n, table, last, r.gt.data());
+          gamma_row(r.s.data(), n, table, last, r.gs.data());
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) {
+            const T gt = r.gt[i], gs = r.gs[i];
+            // 4. posterior variance scaled by eta^2; the rest of gamma(s) is carried by eps_hat
+            const T sig2 = eta2 * gs * (T(1) - gs / math::select(gt > T(0), gt, T(1)));
+            const T rest = gs - sig2;
+            r.sqrt_gt[i] = math::sqrt_of(gt);
+            r.eps_scale[i] = math::sqrt_of(math::select(rest < T(0), T(0), rest));
+            r.z_scale[i] = math::sqrt_of(math::select(sig2 < T(0), T(0), sig2));
+          }
+        }
+        load_row(a.x, b, c, p, n, r.x.data());
+        load_row(a.eps_hat, b, c, p, n, r.eps.data());
+        if (drawn) {
+          normals_row(a.seed, a.offset, std::uint64_t(b * C + c), p, n, r.drawn.data());
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) r.z[i] = T(r.drawn[i]);
+        } else if (noise) {
+          load_row(a.z, b, c, p, n, r.z.data());
+        }
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) {
+          const T x = r.x[i], eps = r.eps[i];
+          // 3. the network's estimate of the clean image
+          T x0_hat = x - r.sqrt_gt[i] * eps;
+          if (a.clamp) x0_hat = math::clamp(x0_hat, low, high);
+          T x_new = x0_hat + r.eps_scale[i] * eps;
+          if (noise) x_new = x_new + r.z_scale[i] * r.z[i];
+          // 2. finished pixels (gamma(tau) = 0) stay as they are
+          const bool finished = r.gt[i] == T(0);
+          r.x_new[i] = math::select(finished, x, x_new);
+          r.x0_hat[i] = math::select(finished, x, x0_hat);
+        }
+        const int64_t out = (b * C + c) * HW + p;
+        store_row(a.x_new, x_dtype, out, r.x_new.data(), n);
+        if (a.x0_hat != nullptr) store_row(a.x0_hat, x_dtype, out, r.x0_hat.data(), n);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void reverse_step(const ReverseStepArgs& args, int threads) {
+  dispatch_compute(args.x.dtype, [&](auto compute) { step<decltype(compute)>(args, threads); });
+}
+
+}  // namespace SVNR_CPU_NAMESPACE
+}  // namespace svnr
