@@ -1,6 +1,6 @@
 """Compilation: torch.compile(fullgraph=True) around the svnr:: ops, and the Triton kernels built for a GPU.
 
-1. A sampling step (the raw op, as svnr_fast.app.sampling calls it, and the checked public function) and a
+1. A sampling step (the raw op, as svnr_fast.sampling calls it, and the checked public function) and a
    training-sample step compile with fullgraph=True (no graph break), give the eager results, and do not
    recompile for every new RNG offset: on CPU with the reference and (interpreted) Triton backends, and
    on a GPU with the Triton kernels.

@@ -180,16 +180,19 @@ def rng_ints(seed, offset) -> tuple[int, int]:
     return seed, offset
 
 
-def clamp_range(clamp) -> tuple[float, float] | None:
-    if clamp is None:
-        return None
+def ordered_pair(name: str, value, what: str = "a pair") -> tuple[float, float]:
+    """(low, high) as floats, low < high."""
     try:
-        low, high = (float(v) for v in clamp)
+        low, high = (float(v) for v in value)
     except (TypeError, ValueError):
-        raise TypeError(f"clamp must be None or a pair (low, high) of floats, got {clamp!r}") from None
+        raise TypeError(f"{name} must be {what} (low, high) of floats, got {value!r}") from None
     if not low < high:
-        raise ValueError(f"clamp must satisfy low < high, got {clamp!r}")
+        raise ValueError(f"{name} must satisfy low < high, got {value!r}")
     return low, high
+
+
+def clamp_range(clamp) -> tuple[float, float] | None:
+    return None if clamp is None else ordered_pair("clamp", clamp, "None or a pair")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
