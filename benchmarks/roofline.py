@@ -277,7 +277,7 @@ def _reverse_step(*, eta, given_z=False, clamp=False, x0_hat=False):
 # CUDA ops: the host code's choices at NCHW, 16-byte aligned tensors (csrc/groupnorm_film_cuda.cu)
 
 CUDA_STORAGE = {"float32": "float", "bfloat16": "__nv_bfloat16"}
-K_THREADS, K_CHUNK_ELEMS, K_GROUP_THREADS, K_GROUP_ELEMS = 256, 4096, 1024, 32
+K_THREADS, K_CHUNK_ELEMS, K_GROUP_THREADS = 256, 4096, 512
 
 
 def _nchw_geometry(shape, itemsize):
@@ -296,16 +296,32 @@ def cuda_launch(function: str, arch: int, threads: int, blocks: int, dynamic_sha
                   function, threads, blocks, dynamic_shared, loops)
 
 
+def _round32(n: int) -> int:
+    return math.ceil(n / 32) * 32
+
+
+def _block_strided(n: int, threads: int) -> float:
+    """Trips of `for (i = threadIdx.x; i < n; i += blockDim.x)` per warp, averaged over the block's warps: the
+    warp-iterations ceil(n / 32) over threads / 32 warps (a warp issues an iteration when any lane takes it)."""
+    return math.ceil(n / 32) / (threads / 32)
+
+
 def _groupnorm_film_forward(shape, dtype, arch):
-    """forward_group_nchw: one block per (image, group) holding the group in registers (group_resident)."""
+    """forward_group_nchw: one block per (image, group), two passes over the group (group_forward_shape)."""
     B, C, H, W = shape
     vec, per_group = 16 // dtype.itemsize, C // GROUPS
-    assert per_group * H * W <= K_GROUP_THREADS * K_GROUP_ELEMS and B * GROUPS >= 132, "not the one-launch forward"
-    threads = math.ceil(math.ceil(per_group * H * W // vec / (K_GROUP_ELEMS // vec)) / 32) * 32
+    assert per_group * H * W * dtype.itemsize <= 128 * 1024 and B * GROUPS >= 132, "not the one-launch forward"
+    threads = min(K_GROUP_THREADS, _round32(H * W // vec))
     storage = CUDA_STORAGE[_dtype_name(dtype)]
     return [cuda_launch(f"forward_group_nchw<{storage}, {vec}, true>", arch, threads, B * GROUPS,
-                        2 * per_group * KNOTS * 4,
-                        loops={"i < column_values; i += blockDim.x": math.ceil(per_group * KNOTS / threads)})]
+                        per_group * KNOTS * 16 + per_group * 8,
+                        loops={"for (int c = 0; c < count; ++c) {": per_group,
+                               "k < knots; k += blockDim.x": _block_strided(KNOTS, threads),
+                               "pack < packs; pack += blockDim.x, in_pack += blockDim.x":
+                                   _block_strided(per_group * H * W // vec, threads),
+                               "c < per_group; c += blockDim.x": _block_strided(per_group, threads),
+                               "pixel < pixels; pixel += blockDim.x * VEC": _block_strided(H * W // vec, threads),
+                               "for (int c = 0; c < per_group; ++c, in += pixels / VEC": per_group})]
 
 
 def _groupnorm_film_backward(shape, dtype, arch):

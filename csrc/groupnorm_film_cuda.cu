@@ -54,9 +54,17 @@ constexpr int kThreads = 256;           // NCHW and flat NHWC kernels
 constexpr int64_t kChunkElems = 4096;   // NCHW: elements of a plane per block
 constexpr int kRows = 8;                // NHWC 2-D blocks: 32 channels x kRows pixel rows
 constexpr int64_t kPixelChunk = 256;    // NHWC: pixels per block
-constexpr int kGroupThreads = 1024;     // forward_group_nchw: at most kGroupThreads * kGroupElems elements
-constexpr int kGroupElems = 32;         // per thread, held in registers
-constexpr int64_t kGroupColumnBytes = 40 * 1024;   // forward_group_nchw: its table columns in shared memory
+// One block per (image, group): forward_group_nchw and backward_group_nchw
+constexpr int kGroupThreads = 512;                  // forward: two blocks fill an SM's 2048 threads at 64 registers
+constexpr int64_t kGroupMaxBytes = 128 * 1024;      // a group's bytes of h, read twice (the second time from L2)
+constexpr int64_t kGroupFilmBytes = 40 * 1024;      // forward: its FiLM segments in shared memory
+constexpr int kBackThreads = 512;                   // backward: at most; one block per SM (kBackChunk's tile)
+constexpr int kBackChunk = 8192;                    // backward: pixels sorted together (indices fit 16 bits)
+constexpr int kSliceChannels = 2;                   // backward: channels of a group processed together
+constexpr int kMinRun = 16;                         // backward: sorted positions per thread at least, where possible
+constexpr int kSortThreads = 1024;                  // knot_records
+constexpr int kSortWarps = kSortThreads / 32;
+constexpr int64_t kMaxGroupKnots = 1024;            // backward group path: segment keys and counts in shared memory
 constexpr unsigned kFullMask = 0xFFFFFFFFu;
 
 void check(cudaError_t status, const char* what) {
@@ -133,23 +141,31 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-// Sum of a and b over the block (a multiple of 32 threads, 1-D or 2-D); the result is valid in thread 0.
-template <typename T>
-__device__ void block_sum2(T& a, T& b) {
-  __shared__ T shared_a[32], shared_b[32];
+// Sums of v[0..N) over the block (a multiple of 32 threads, 1-D or 2-D); the results are valid in thread 0.
+// Two calls need a __syncthreads between them (warp 0 may still read the partials the next call overwrites).
+template <typename T, int N>
+__device__ void block_sums(T (&v)[N]) {
+  __shared__ T partial[N][32];
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   const int lane = tid & 31, warp = tid >> 5, warps = (blockDim.x * blockDim.y) >> 5;
-  a = warp_sum(a);
-  b = warp_sum(b);
-  if (lane == 0) {
-    shared_a[warp] = a;
-    shared_b[warp] = b;
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    v[i] = warp_sum(v[i]);
+    if (lane == 0) partial[i][warp] = v[i];
   }
   __syncthreads();
   if (warp == 0) {
-    a = warp_sum(lane < warps ? shared_a[lane] : T(0));
-    b = warp_sum(lane < warps ? shared_b[lane] : T(0));
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = warp_sum(lane < warps ? partial[i][lane] : T(0));
   }
+}
+
+template <typename T>
+__device__ void block_sum2(T& a, T& b) {
+  T v[2] = {a, b};
+  block_sums(v);
+  a = v[0];
+  b = v[1];
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -325,95 +341,137 @@ __global__ void forward_apply_nhwc(Params<S> p, int64_t packs) {
   }
 }
 
-// NCHW groups small enough to sit in one block's registers (kGroupElems per thread): one block per
-// (image, group) loads the group once, takes exact two-pass statistics from the registers, then applies
-// and stores. h is read from memory once, in one launch instead of three.
-// Dynamic shared memory: the group's table columns, (cpg, K) scale then (cpg, K) shift (group_resident
-// checks that they fit). The lerp gathers at scattered knots cost bank conflicts there, a few ways for 32
-// random knots, where from L1 they cost one wavefront per distinct cache line a warp touches (an estimate
-// of the difference, not a measurement).
-template <typename S, int VEC, bool Silu>
-__global__ void __launch_bounds__(kGroupThreads) forward_group_nchw(Params<S> p, double eps) {
-  using T = Compute<S>;
-  constexpr int kItems = kGroupElems / VEC;
-  __shared__ T shared_stat;
-  extern __shared__ __align__(16) unsigned char shared_raw[];
-  const int64_t group = blockIdx.x, b = group / p.groups, g = group % p.groups;
-  const int count = int(p.per_group * p.pixels), packs = count / VEC, pixels = int(p.pixels);
-  const S* x = p.h + group * count;   // the group's cpg planes are contiguous
-  S* y = p.result + group * count;
+// ---------------------------------------------------------------------------------------------------
+// One block per (image, group), float compute: the per-element pieces
+// ---------------------------------------------------------------------------------------------------
 
-  Pack<S, VEC> items[kItems];
-#pragma unroll
-  for (int j = 0; j < kItems; ++j) {
-    const int pack = threadIdx.x + j * blockDim.x;
-    if (pack < packs) items[j] = *reinterpret_cast<const Pack<S, VEC>*>(x + pack * VEC);
-  }
-  // Copied while the loads of h are in flight; the barriers of the statistics below publish the copy.
-  T* scale_columns = reinterpret_cast<T*>(shared_raw);
-  T* shift_columns = scale_columns + p.per_group * p.knots;
-  // read row by row (the group's per_group consecutive columns of each row), written transposed
-  const int column_values = int(p.per_group * p.knots), per_group = int(p.per_group);
-  const T* scale_source = p.table + g * p.per_group;
-  const T* shift_source = scale_source + p.channels;
-  for (int i = threadIdx.x; i < column_values; i += blockDim.x) {
-    const int k = i / per_group, channel_in_group = i - k * per_group;
-    scale_columns[channel_in_group * p.knots + k] = scale_source[k * 2 * p.channels + channel_in_group];
-    shift_columns[channel_in_group * p.knots + k] = shift_source[k * 2 * p.channels + channel_in_group];
-  }
-  T sum = 0, unused = 0;
-#pragma unroll
-  for (int j = 0; j < kItems; ++j) {
-    if (threadIdx.x + j * blockDim.x < packs) {
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) sum += load(items[j].v[v]);
+// u in knot units -> segment k and frac: u clamped to [0, K-1] (min/max: a NaN u lands on segment 0 instead
+// of an index out of range), k = floor(u), frac = u - k. Unlike math::knot, u = K-1 takes segment K-1
+// (frac 0), which fill_film_segments adds: the last knot's values with zero slopes, the same result as
+// segment K-2 at frac 1 and no min() per pixel.
+__device__ __forceinline__ void knot_of(float u, int knots, int& k, float& frac) {
+  u = fminf(fmaxf(u, 0.0f), float(knots - 1));
+  k = int(u);                          // u >= 0: truncation is floor
+  frac = u - float(k);
+}
+
+// The FiLM of one channel on segment k as one float4, so that an element reads it in one 16-byte access and
+// lerps it with two FMAs: scale = x + frac * y, shift = z + frac * w, with (x, y, z, w) = (1 + scale_k,
+// scale_k+1 - scale_k, shift_k, shift_k+1 - shift_k), and slopes 0 on segment K-1. Written for channels
+// [first, first + count) of the (K, 2C) table, (count, K) segments, by the block's threads.
+__device__ void fill_film_segments(float4* segments, const float* __restrict__ table, int64_t first, int count,
+                                   int64_t channels, int knots) {
+#pragma unroll 1
+  for (int c = 0; c < count; ++c) {
+#pragma unroll 1
+    for (int k = threadIdx.x; k < knots; k += blockDim.x) {
+      const float* low = table + int64_t(k) * 2 * channels + first + c;
+      const float scale = low[0], shift = low[channels];
+      const bool last = k == knots - 1;
+      segments[c * knots + k] = make_float4(1.0f + scale, last ? 0.0f : low[2 * channels] - scale, shift,
+                                            last ? 0.0f : low[3 * channels] - shift);
     }
   }
-  block_sum2(sum, unused);
-  if (threadIdx.x == 0) shared_stat = sum / T(count);
+}
+
+__device__ __forceinline__ float film_pre(float n, float4 segment, float frac) {
+  return n * fmaf(frac, segment.y, segment.x) + fmaf(frac, segment.w, segment.z);
+}
+
+// SiLU and its derivative s (1 + x (1 - s)), s = sigmoid(x), with the GPU's exp and division (MUFU ex2 and
+// rcp under --use_fast_math: a few ulp, well inside the float32 tolerance); identity when not Silu.
+template <bool Silu>
+__device__ __forceinline__ float activate_fast(float x) {
+  return Silu ? __fdividef(x, 1.0f + __expf(-x)) : x;
+}
+
+template <bool Silu>
+__device__ __forceinline__ float activate_grad_fast(float x) {
+  if (!Silu) return 1.0f;
+  const float s = __fdividef(1.0f, 1.0f + __expf(-x));
+  return s * (1.0f + x * (1.0f - s));
+}
+
+// NCHW groups of at most kGroupMaxBytes, with at least as many (image, group) pairs as SMs: one block per
+// (image, group), in one launch. Pass 1 reads the group (its cpg planes are contiguous) for the statistics;
+// pass 2 reads it again, from L2 (the block read it microseconds before; two blocks per SM keep at most
+// 264 groups, 34 MB, in flight), and applies GroupNorm, FiLM and the activation. Pass 2 walks the pixels
+// and, per pixel, the group's channels, so that a knot is found once per pixel, not per element.
+// Grid (groups, images). Dynamic shared memory: the group's FiLM segments (fill_film_segments), then
+// (rstd * weight, bias) per channel.
+template <typename S, int VEC, bool Silu>
+__global__ void __launch_bounds__(kGroupThreads, 2) forward_group_nchw(Params<S> p, double eps) {
+  extern __shared__ __align__(16) unsigned char shared_raw[];
+  __shared__ float2 shared_stat;   // mean, rstd
+  const int per_group = int(p.per_group), pixels = int(p.pixels), segments = p.knots;
+  float4* film = reinterpret_cast<float4*>(shared_raw);
+  float2* channel = reinterpret_cast<float2*>(film + per_group * segments);
+  const int64_t b = blockIdx.y, group = b * p.groups + blockIdx.x, first_channel = int64_t(blockIdx.x) * per_group;
+  const int count = per_group * pixels, packs = count / VEC;
+  const S* x = p.h + group * count;
+  S* y = p.result + group * count;
+  fill_film_segments(film, p.table, first_channel, per_group, p.channels, p.knots);   // published by the barriers below
+
+  // Statistics without cancellation: each thread sums d = x - (its first element) and d^2; the block merges
+  // the threads' means and M2 (M2 = sum of the threads' M2 + n (thread mean - mean)^2, all terms >= 0).
+  const float shift = threadIdx.x < packs ? load(x[threadIdx.x * VEC]) : 0.0f;
+  float sum = 0, sum_sq = 0;
+  int n = 0;
+  const Pack<S, VEC>* in_pack = reinterpret_cast<const Pack<S, VEC>*>(x) + threadIdx.x;
+#pragma unroll 1
+  for (int pack = threadIdx.x; pack < packs; pack += blockDim.x, in_pack += blockDim.x) {
+    const Pack<S, VEC> in = *in_pack;
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      const float d = load(in.v[v]) - shift;
+      sum += d;
+      sum_sq += d * d;
+    }
+    n += VEC;
+  }
+  float total[1] = {float(n) * shift + sum};
+  block_sums(total);
+  if (threadIdx.x == 0) shared_stat.x = total[0] / float(count);
   __syncthreads();
-  const T mu = shared_stat;
-  T squares = 0;
-#pragma unroll
-  for (int j = 0; j < kItems; ++j) {
-    if (threadIdx.x + j * blockDim.x < packs) {
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) {
-        const T d = load(items[j].v[v]) - mu;
-        squares += d * d;
-      }
-    }
-  }
-  __syncthreads();   // everyone has read shared_stat before block_sum2 and thread 0 reuse shared memory
-  block_sum2(squares, unused);
+  const float mu = shared_stat.x;
+  const float thread_mean = n > 0 ? shift + sum / float(n) : mu;
+  float m2[1] = {n > 0 ? (sum_sq - sum * (thread_mean - shift)) + float(n) * (thread_mean - mu) * (thread_mean - mu)
+                       : 0.0f};
+  block_sums(m2);
   if (threadIdx.x == 0) {
-    shared_stat = T(math::inverse_std(double(squares), double(count), eps));
+    const float rs = math::inverse_std(m2[0], float(count), float(eps));
+    shared_stat.y = rs;
     p.mean_out[group] = mu;
-    p.rstd_out[group] = shared_stat;
+    p.rstd_out[group] = rs;
   }
   __syncthreads();
-  const T rs = shared_stat;
-  const T* u = p.u + b * pixels;
+  const float rs = shared_stat.y;
+  for (int c = threadIdx.x; c < per_group; c += blockDim.x)
+    channel[c] = make_float2(rs * p.weight[first_channel + c], p.bias[first_channel + c]);
+  __syncthreads();
+
+  const float* u = p.u + b * pixels;
+#pragma unroll 1
+  for (int pixel = threadIdx.x * VEC; pixel < pixels; pixel += blockDim.x * VEC) {
+    const Pack<float, VEC> us = load_pack<VEC>(u + pixel);
+    int k[VEC];
+    float frac[VEC];
 #pragma unroll
-  for (int j = 0; j < kItems; ++j) {
-    const int pack = threadIdx.x + j * blockDim.x;
-    if (pack < packs) {
-      const int e = pack * VEC, pixel = e % pixels;   // VEC divides H*W: a pack stays in one plane
-      const int channel_in_group = e / pixels;
-      const int64_t c = g * p.per_group + channel_in_group;
-      const T w = p.weight[c], bias = p.bias[c];
-      const T* scale_column = scale_columns + channel_in_group * p.knots;
-      const T* shift_column = shift_columns + channel_in_group * p.knots;
-      const Pack<T, VEC> us = load_pack<VEC>(u + pixel);
-      Pack<S, VEC> out;
+    for (int v = 0; v < VEC; ++v) knot_of(us.v[v], p.knots, k[v], frac[v]);
+    const Pack<S, VEC>* in = reinterpret_cast<const Pack<S, VEC>*>(x + pixel);
+    Pack<S, VEC>* out = reinterpret_cast<Pack<S, VEC>*>(y + pixel);
+    const float4* segment = film;
+#pragma unroll 1
+    for (int c = 0; c < per_group; ++c, in += pixels / VEC, out += pixels / VEC, segment += segments) {
+      const float2 coef = channel[c];
+      const Pack<S, VEC> h_pack = *in;
+      Pack<S, VEC> result;
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
-        const math::Knot<T> knot = math::knot(us.v[v], p.knots);
-        const math::ScaleShift<T> scale_shift = math::film_at(scale_column, shift_column, 1, knot);
-        const T n = math::normalize(load(items[j].v[v]), mu, rs) * w + bias;
-        store(out.v[v], math::activate<Silu>(math::film(n, scale_shift.scale, scale_shift.shift)));
+        const float normalized = fmaf(load(h_pack.v[v]) - mu, coef.x, coef.y);
+        store(result.v[v], activate_fast<Silu>(film_pre(normalized, segment[k[v]], frac[v])));
       }
-      *reinterpret_cast<Pack<S, VEC>*>(y + e) = out;
+      *out = result;
     }
   }
 }
@@ -699,22 +757,34 @@ int nchw_threads(int64_t chunk_elems, int vec) {
 
 int flat_blocks(int64_t packs) { return int(std::min<int64_t>(ceil_div(packs, kThreads), int64_t(1) << 20)); }
 
-// Shared memory of forward_group_nchw (float compute): the scale and shift columns of a group's channels.
-int64_t group_column_bytes(const GroupNormFilmArgs& args) {
-  return 2 * (args.channels / args.groups) * args.knots * int64_t(sizeof(float));
+int round32(int64_t n) { return int(ceil_div(n, 32) * 32); }
+
+// Whether the shape suits the one-block-per-(image, group) kernels: NCHW, float compute (float64 would need
+// twice the registers and shared memory), planes of whole 16-byte packs, and groups small enough that the
+// second pass over them finds them in L2.
+bool group_shape(const GroupNormFilmArgs& args) {
+  if (args.channels_last || args.dtype == kFloat64 || args.batch > 65535) return false;   // grid (groups, images)
+  const int64_t item = args.dtype == kFloat32 ? 4 : 2;
+  return args.pixels % (16 / item) == 0 && (args.channels / args.groups) * args.pixels * item <= kGroupMaxBytes;
 }
 
-// Whether the forward can take the one-launch, one-read path: NCHW, the group fits in a block's registers,
-// its table columns in shared memory without an opt-in, and there are enough (image, group) blocks to fill
-// the GPU; otherwise the three-launch path, which splits planes into chunks, has more parallelism. (It also
-// needs 16-byte packs: scalar loads of 32 elements per thread would spill.)
-bool group_resident(const GroupNormFilmArgs& args, int device) {
-  if (args.channels_last) return false;
-  if ((args.channels / args.groups) * args.pixels > int64_t(kGroupThreads) * kGroupElems) return false;
-  if (group_column_bytes(args) > kGroupColumnBytes) return false;
+// ... and whether there are enough (image, group) blocks to fill the GPU (else the chunked path, which splits
+// planes, has more parallelism) and the tensors allow 16-byte packs.
+bool group_launch(const GroupNormFilmArgs& args, bool aligned, int device) {
+  if (!aligned) return false;
   int multiprocessors = 0;
   check(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
   return args.batch * args.groups >= multiprocessors;
+}
+
+// forward_group_nchw's dynamic shared memory: the group's FiLM segments, then (rstd * weight, bias) per channel.
+int64_t forward_group_shared_bytes(const GroupNormFilmArgs& args) {
+  const int64_t per_group = args.channels / args.groups;
+  return per_group * args.knots * int64_t(sizeof(float4)) + per_group * int64_t(sizeof(float2));
+}
+
+bool group_forward_shape(const GroupNormFilmArgs& args) {
+  return group_shape(args) && forward_group_shared_bytes(args) <= kGroupFilmBytes;
 }
 
 template <typename S>
@@ -764,12 +834,11 @@ void forward(const GroupNormFilmArgs& args, const Params<S>& p, unsigned char* w
   const int64_t B = args.batch, C = args.channels;
   const bool vectorise_nchw = aligned && aligned16(args.u) && args.pixels % kVec == 0;
 
-  if constexpr (!std::is_same_v<S, double>) {   // float64 would need twice the registers
-    if (vectorise_nchw && group_resident(args, device)) {
-      const int64_t packs = (C / args.groups) * args.pixels / kVec;
-      const int threads = int(ceil_div(ceil_div(packs, kGroupElems / kVec), 32) * 32);
-      forward_group_nchw<S, kVec, Silu><<<unsigned(B * args.groups), threads, size_t(group_column_bytes(args)),
-                                          stream>>>(p, args.eps);
+  if constexpr (!std::is_same_v<S, double>) {
+    if (group_forward_shape(args) && group_launch(args, vectorise_nchw, device)) {
+      forward_group_nchw<S, kVec, Silu><<<dim3(unsigned(args.groups), unsigned(B)),
+                                          std::min(kGroupThreads, round32(args.pixels / kVec)),
+                                          size_t(forward_group_shared_bytes(args)), stream>>>(p, args.eps);
       check_launch("forward_group_nchw");
       return;
     }
