@@ -58,13 +58,11 @@ constexpr int64_t kPixelChunk = 256;    // NHWC: pixels per block
 constexpr int kGroupThreads = 512;                  // forward: two blocks fill an SM's 2048 threads at 64 registers
 constexpr int64_t kGroupMaxBytes = 128 * 1024;      // a group's bytes of h, read twice (the second time from L2)
 constexpr int64_t kGroupFilmBytes = 40 * 1024;      // forward: its FiLM segments in shared memory
-constexpr int kBackThreads = 512;                   // backward: at most; one block per SM (kBackChunk's tile)
+constexpr int kBackThreads = 256;                   // backward: at most; one block per SM (kBackChunk's tile)
 constexpr int kBackChunk = 8192;                    // backward: pixels sorted together (indices fit 16 bits)
 constexpr int kSliceChannels = 2;                   // backward: channels of a group processed together
 constexpr int kMinRun = 16;                         // backward: sorted positions per thread at least, where possible
-constexpr int kSortThreads = 1024;                  // knot_records
-constexpr int kSortWarps = kSortThreads / 32;
-constexpr int64_t kMaxGroupKnots = 1024;            // backward group path: segment keys and counts in shared memory
+constexpr int kSortThreads = 1024;                  // knot_records, at most
 constexpr unsigned kFullMask = 0xFFFFFFFFu;
 
 void check(cudaError_t status, const char* what) {
@@ -111,6 +109,39 @@ __device__ __forceinline__ Pack<T, VEC> load_pack(const T* src) {
     for (int j = 0; j < kPart; ++j) values.v[i + j] = part.v[j];
   }
   return values;
+}
+
+// The VEC elements of the 16 bytes at src (aligned) as floats, read as four 32-bit words: a bfloat16 is the
+// high half of a float, so each unpacks with one instruction (a shift or a mask).
+template <typename S, int VEC>
+__device__ __forceinline__ Pack<float, VEC> load_floats(const S* src) {
+  static_assert(sizeof(S) * VEC == 16, "16-byte packs");
+  const uint4 w = *reinterpret_cast<const uint4*>(src);
+  const unsigned words[4] = {w.x, w.y, w.z, w.w};
+  Pack<float, VEC> out;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    if constexpr (std::is_same_v<S, float>) {
+      out.v[j] = __uint_as_float(words[j]);
+    } else if constexpr (std::is_same_v<S, __nv_bfloat16>) {
+      out.v[2 * j] = __uint_as_float(words[j] << 16);
+      out.v[2 * j + 1] = __uint_as_float(words[j] & 0xFFFF0000u);
+    } else {
+      out.v[2 * j] = __half2float(__ushort_as_half((unsigned short)(words[j] & 0xFFFFu)));
+      out.v[2 * j + 1] = __half2float(__ushort_as_half((unsigned short)(words[j] >> 16)));
+    }
+  }
+  return out;
+}
+
+// A 16-byte pack stored with one 16-byte access: __stwb (st.global.wb.v4, the default write-back policy),
+// since a struct copy amid other work may be split into element stores.
+template <typename S, int VEC>
+__device__ __forceinline__ void store_pack(S* dst, const Pack<S, VEC>& values) {
+  static_assert(sizeof(Pack<S, VEC>) == 16, "16-byte packs");
+  unsigned words[4];
+  memcpy(words, &values, 16);
+  __stwb(reinterpret_cast<uint4*>(dst), make_uint4(words[0], words[1], words[2], words[3]));
 }
 
 template <typename T>
@@ -388,8 +419,8 @@ __device__ __forceinline__ float activate_fast(float x) {
 template <bool Silu>
 __device__ __forceinline__ float activate_grad_fast(float x) {
   if (!Silu) return 1.0f;
-  const float s = __fdividef(1.0f, 1.0f + __expf(-x));
-  return s * (1.0f + x * (1.0f - s));
+  const float e = __expf(-x), s = __fdividef(1.0f, 1.0f + e);   // 1 - s = e s
+  return s * fmaf(x, e * s, 1.0f);
 }
 
 // NCHW groups of at most kGroupMaxBytes, with at least as many (image, group) pairs as SMs: one block per
@@ -417,13 +448,13 @@ __global__ void __launch_bounds__(kGroupThreads, 2) forward_group_nchw(Params<S>
   const float shift = threadIdx.x < packs ? load(x[threadIdx.x * VEC]) : 0.0f;
   float sum = 0, sum_sq = 0;
   int n = 0;
-  const Pack<S, VEC>* in_pack = reinterpret_cast<const Pack<S, VEC>*>(x) + threadIdx.x;
+  const S* in_pack = x + threadIdx.x * VEC;
 #pragma unroll 1
-  for (int pack = threadIdx.x; pack < packs; pack += blockDim.x, in_pack += blockDim.x) {
-    const Pack<S, VEC> in = *in_pack;
+  for (int pack = threadIdx.x; pack < packs; pack += blockDim.x, in_pack += blockDim.x * VEC) {
+    const Pack<float, VEC> in = load_floats<S, VEC>(in_pack);
 #pragma unroll
     for (int v = 0; v < VEC; ++v) {
-      const float d = load(in.v[v]) - shift;
+      const float d = in.v[v] - shift;
       sum += d;
       sum_sq += d * d;
     }
@@ -464,11 +495,11 @@ __global__ void __launch_bounds__(kGroupThreads, 2) forward_group_nchw(Params<S>
 #pragma unroll 1
     for (int c = 0; c < per_group; ++c, in += pixels / VEC, out += pixels / VEC, segment += segments) {
       const float2 coef = channel[c];
-      const Pack<S, VEC> h_pack = *in;
+      const Pack<float, VEC> h_pack = load_floats<S, VEC>(in->v);
       Pack<S, VEC> result;
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
-        const float normalized = fmaf(load(h_pack.v[v]) - mu, coef.x, coef.y);
+        const float normalized = fmaf(h_pack.v[v] - mu, coef.x, coef.y);
         store(result.v[v], activate_fast<Silu>(film_pre(normalized, segment[k[v]], frac[v])));
       }
       *out = result;
@@ -701,6 +732,437 @@ __global__ void backward_apply_nhwc(Params<S> p, int64_t packs) {
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Backward, one block per (image, group): knot_records, backward_group_nchw, finalize_group_backward
+// ---------------------------------------------------------------------------------------------------
+
+// The knots of an image's pixels, in pixel order and, per chunk of chunk_pixels pixels, sorted by segment.
+struct KnotRecords {
+  int* k;                    // (B, HW) segment of each pixel, times 16 (its byte offset in a channel's segments)
+  float* frac;               // (B, HW)
+  unsigned* sorted_key;      // (B, HW): per chunk, (pixel in the chunk) | segment << 16, in segment order
+  float* sorted_frac;        // (B, HW)
+};
+
+// Grid (chunks, images), 32 * warps threads, dynamic shared memory (warps + 1) * K ints. A stable counting
+// sort of the chunk's pixels by segment: each warp counts the segments of its part of the chunk (equal
+// segments in a step of 32 pixels found with __match_any_sync, counted by the lowest such lane: no atomics),
+// a prefix over (segment, warp) gives each warp its first slot per segment, and each warp writes its pixels
+// in order, ranked within a step by lane. Pixels of one segment stay in pixel order: the backward's sums
+// are deterministic.
+__global__ void knot_records(const float* __restrict__ u, int pixels, int chunk_pixels, int knots, KnotRecords out) {
+  extern __shared__ __align__(16) unsigned char shared_raw[];
+  const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  int* slot = reinterpret_cast<int*>(shared_raw);   // (warps, K): counts, then the warp's next slot
+  int* base = slot + warps * knots;                  // (K): first slot of each segment
+  const int chunk_begin = blockIdx.x * chunk_pixels;
+  const int chunk_len = chunk_pixels < pixels - chunk_begin ? chunk_pixels : pixels - chunk_begin;
+  const int64_t offset = int64_t(blockIdx.y) * pixels + chunk_begin;
+  for (int i = threadIdx.x; i < warps * knots; i += blockDim.x) slot[i] = 0;
+  __syncthreads();
+  const int part = (chunk_len + warps - 1) / warps;
+  const int part_begin = warp * part < chunk_len ? warp * part : chunk_len;
+  const int part_end = part_begin + part < chunk_len ? part_begin + part : chunk_len;
+  int* warp_slot = slot + warp * knots;
+  const unsigned lower_lanes = (1u << lane) - 1;
+  // warp-uniform steps of 32 pixels; lanes past the part hold no pixel (segment `knots`, never counted)
+#pragma unroll 1
+  for (int step = part_begin; step < part_end; step += 32) {
+    const int pixel = step + lane;
+    int k = knots;
+    float frac = 0;
+    if (pixel < part_end) {
+      knot_of(u[offset + pixel], knots, k, frac);
+      out.k[offset + pixel] = k * int(sizeof(float4));
+      out.frac[offset + pixel] = frac;
+    }
+    const unsigned peers = __match_any_sync(kFullMask, k);
+    if (k < knots && (peers & lower_lanes) == 0) warp_slot[k] += __popc(peers);
+    __syncwarp();
+  }
+  __syncthreads();
+  // slot[w][k] = pixels of warps before w in segment k; base[k] = pixels of the chunk in segment k
+#pragma unroll 1
+  for (int k = threadIdx.x; k < knots; k += blockDim.x) {
+    int running = 0;
+#pragma unroll 1
+    for (int w = 0; w < warps; ++w) {
+      const int count = slot[w * knots + k];
+      slot[w * knots + k] = running;
+      running += count;
+    }
+    base[k] = running;
+  }
+  __syncthreads();
+  if (warp == 0) {   // base: exclusive prefix sum over the segments, 32 at a time
+    int carry = 0;
+#pragma unroll 1
+    for (int k0 = 0; k0 < knots; k0 += 32) {
+      const int own = k0 + lane < knots ? base[k0 + lane] : 0;
+      int inclusive = own;
+#pragma unroll
+      for (int delta = 1; delta < 32; delta <<= 1) {
+        const int before = __shfl_up_sync(kFullMask, inclusive, delta);
+        if (lane >= delta) inclusive += before;
+      }
+      if (k0 + lane < knots) base[k0 + lane] = carry + inclusive - own;
+      carry += __shfl_sync(kFullMask, inclusive, 31);
+    }
+  }
+  __syncthreads();
+#pragma unroll 1
+  for (int step = part_begin; step < part_end; step += 32) {
+    const int pixel = step + lane;
+    const int k = pixel < part_end ? out.k[offset + pixel] / int(sizeof(float4)) : knots;
+    const unsigned peers = __match_any_sync(kFullMask, k);
+    if (k < knots) {
+      const int position = base[k] + warp_slot[k] + __popc(peers & lower_lanes);
+      out.sorted_key[offset + position] = unsigned(pixel) | unsigned(k) << 16;
+      out.sorted_frac[offset + position] = out.frac[offset + pixel];
+    }
+    __syncwarp();   // every lane has read warp_slot[k] before its lowest lane advances it
+    if (k < knots && (peers & lower_lanes) == 0) warp_slot[k] += __popc(peers);
+    __syncwarp();
+  }
+}
+
+// Sums of v over the runs of equal keys of a warp, where the keys do not decrease with the lane: after it,
+// the first lane of each run holds the run's total (a segmented suffix scan: in the round with offset o a
+// lane adds the partial o lanes up when that lane has its key, which then covers the lanes between).
+template <int N>
+__device__ __forceinline__ void run_totals(int key, float (&v)[N]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const int other = __shfl_down_sync(kFullMask, key, offset);
+    float add[N];
+#pragma unroll
+    for (int j = 0; j < N; ++j) add[j] = __shfl_down_sync(kFullMask, v[j], offset);
+    if (lane + offset < 32 && other == key) {
+#pragma unroll
+      for (int j = 0; j < N; ++j) v[j] += add[j];
+    }
+  }
+}
+
+// hist[c][key] += v[4c .. 4c + 3] for the slice's channels c < channels.
+template <int CS>
+__device__ __forceinline__ void add_to_cell(float4* hist, int knots, int channels, int key, const float (&v)[4 * CS]) {
+#pragma unroll
+  for (int c = 0; c < CS; ++c) {
+    if (c < channels) {
+      float4 cell = hist[c * knots + key];
+      cell.x += v[4 * c];
+      cell.y += v[4 * c + 1];
+      cell.z += v[4 * c + 2];
+      cell.w += v[4 * c + 3];
+      hist[c * knots + key] = cell;
+    }
+  }
+}
+
+// Adds one sorted position's (d pre, d scale) of two channels, weighted by 1 and frac, to the running sums
+// (d scale, d scale * frac, d pre, d pre * frac) per channel.
+__device__ __forceinline__ void accumulate_pair(float (&total)[8], float4 kept, float frac) {
+  total[0] += kept.y;
+  total[1] = fmaf(kept.y, frac, total[1]);
+  total[2] += kept.x;
+  total[3] = fmaf(kept.x, frac, total[3]);
+  total[4] += kept.w;
+  total[5] = fmaf(kept.w, frac, total[5]);
+  total[6] += kept.z;
+  total[7] = fmaf(kept.z, frac, total[7]);
+}
+
+__device__ __forceinline__ void subtract_pair(float (&total)[8], float4 kept, float frac) {
+  total[0] -= kept.y;
+  total[1] = fmaf(-kept.y, frac, total[1]);
+  total[2] -= kept.x;
+  total[3] = fmaf(-kept.x, frac, total[3]);
+  total[4] -= kept.w;
+  total[5] = fmaf(-kept.w, frac, total[5]);
+  total[6] -= kept.z;
+  total[7] = fmaf(-kept.z, frac, total[7]);
+}
+
+template <int CS>
+struct RunSlot {
+  int key;
+  float v[4 * CS];
+};
+
+// The deferred first runs of the threads' sorted ranges, added to hist without two threads ever writing
+// one cell. Keys do not decrease with the thread (kNoKey, above all, for threads without positions), so
+// equal keys are runs of consecutive threads: each warp totals its runs (run_totals) and the first lane of
+// a run inside the warp adds it; a run that touches lane 0 or lane 31 may continue into the neighbouring
+// warp, so the warp's first and last runs go to slots, which warp 0 totals the same way and adds. Keys
+// added before the barrier (inside warps) differ from each other, from the slots' keys and from the keys
+// other warps add in their phase 1 (which lie strictly between the thread's first key and the next
+// thread's), so plain read-modify-writes suffice.
+template <int CS>
+__device__ void add_first_runs(float4* hist, int knots, int channels, int key, float (&v)[4 * CS],
+                               RunSlot<CS>* slots, int no_key) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncwarp();   // this warp's phase-1 writes are visible to the lanes that add below
+  run_totals(key, v);
+  const int before = __shfl_up_sync(kFullMask, key, 1);
+  const int first_key = __shfl_sync(kFullMask, key, 0), last_key = __shfl_sync(kFullMask, key, 31);
+  const bool head = lane == 0 || before != key;
+  if (head && key != first_key && key != last_key) add_to_cell<CS>(hist, knots, channels, key, v);
+  if (lane == 0) {
+    slots[2 * warp].key = key;
+#pragma unroll
+    for (int j = 0; j < 4 * CS; ++j) slots[2 * warp].v[j] = v[j];
+  }
+  if (head && key == last_key) {   // lane 0 when the warp is one run: the total is in the first slot already
+    slots[2 * warp + 1].key = key;
+#pragma unroll
+    for (int j = 0; j < 4 * CS; ++j) slots[2 * warp + 1].v[j] = lane == 0 ? 0.0f : v[j];
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const bool slot = lane < 2 * int(blockDim.x >> 5);
+    int slot_key = slot ? slots[lane].key : no_key;
+    float total[4 * CS];
+#pragma unroll
+    for (int j = 0; j < 4 * CS; ++j) total[j] = slot ? slots[lane].v[j] : 0.0f;
+    run_totals(slot_key, total);
+    const int slot_before = __shfl_up_sync(kFullMask, slot_key, 1);
+    if ((lane == 0 || slot_before != slot_key) && slot_key != no_key)
+      add_to_cell<CS>(hist, knots, channels, slot_key, total);
+  }
+}
+
+// NCHW backward, one block per (image, group) (grid (groups, images)), as forward_group_nchw: the groups of
+// at most kGroupMaxBytes when there are at least as many (image, group) pairs as SMs. For each slice of
+// kSliceChannels channels and each chunk of the plane (knot_records' chunks):
+//   natural order  read h and grad_out (coalesced), per element the FiLM and activation gradients; write
+//                  grad_h's first term rstd * weight * dn (dn = d GroupNorm output) to grad_h, sum dn and
+//                  dn * (h - mean) per channel, and keep (d pre, d scale) in a shared-memory tile;
+//   sorted order   each thread takes a range of the chunk's pixels sorted by segment and sums the tile's
+//                  values in registers along runs of one segment: the table gradient's histogram (sums of
+//                  g and g * frac per segment, g = d scale, d shift) without atomics; a completed run goes
+//                  to the block's histogram in shared memory (the thread's first run, which the previous
+//                  thread may share, is deferred to add_first_runs).
+// Then the group's means of dxhat and dxhat * xhat, the per-image partials of the weight, bias and table
+// gradients (finalize_group_backward sums them over the images), and a pass over the group that adds the
+// rest of grad_h, rstd * (-mean(dxhat) - xhat mean(dxhat xhat)), reading h and grad_h from L2.
+// Dynamic shared memory: the group's FiLM segments (fill_film_segments) and histogram, (K) float4 per
+// channel each; (rstd * weight, bias) and the channel sums per channel; the tile, one float4 per pixel of the
+// chunk (d pre, d scale of the slice's two channels).
+template <typename S, int VEC, bool Silu>
+__global__ void __launch_bounds__(kBackThreads) backward_group_nchw(Params<S> p, KnotRecords knots_of,
+                                                                     int chunk_pixels, int per_thread,
+                                                                     float* __restrict__ partial) {
+  constexpr int CS = kSliceChannels;
+  static_assert(CS == 2, "the tile holds (d pre, d scale) of two channels per pixel: one float4");
+  extern __shared__ __align__(16) unsigned char shared_raw[];
+  __shared__ RunSlot<CS> slots[2 * (kBackThreads / 32)];
+  __shared__ float2 correction;   // grad_h's second term is correction.x + h * correction.y
+  const int per_group = int(p.per_group), pixels = int(p.pixels), knots = p.knots;
+  float4* film = reinterpret_cast<float4*>(shared_raw);
+  float4* hist = film + per_group * knots;
+  float2* channel = reinterpret_cast<float2*>(hist + per_group * knots);   // rstd * weight, bias
+  float2* channel_sums = channel + per_group;                              // sum dn, sum dn * (h - mean)
+  float2* tile = channel_sums + per_group;
+  const int64_t b = blockIdx.y, group = b * p.groups + blockIdx.x, first_channel = int64_t(blockIdx.x) * per_group;
+  const int count = per_group * pixels;
+  const S* x = p.h + group * count;
+  const S* dy = p.grad_out + group * count;
+  S* dx = p.result + group * count;
+  const float mu = p.mean[group], rs = p.rstd[group];
+  fill_film_segments(film, p.table, first_channel, per_group, p.channels, knots);
+  for (int i = threadIdx.x; i < per_group * knots; i += blockDim.x) hist[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  for (int c = threadIdx.x; c < per_group; c += blockDim.x)
+    channel[c] = make_float2(rs * p.weight[first_channel + c], p.bias[first_channel + c]);
+  __syncthreads();
+  const int64_t image_offset = b * pixels;
+  const int* image_k = knots_of.k + image_offset;
+  const float* image_frac = knots_of.frac + image_offset;
+
+#pragma unroll 1
+  for (int c0 = 0; c0 < per_group; c0 += CS) {
+    const int channels = per_group - c0 < CS ? per_group - c0 : CS;
+    float sums[2 * CS] = {};   // per channel of the slice: sum dn, sum dn * (h - mean)
+    // the slice's planes (a missing second channel repeats the first: same values, written twice)
+    const int64_t plane = int64_t(c0) * pixels, next = channels > 1 ? pixels : 0;
+    const S* slice_x[CS] = {x + plane, x + plane + next};
+    const S* slice_dy[CS] = {dy + plane, dy + plane + next};
+    S* slice_dx[CS] = {dx + plane, dx + plane + next};
+    const char* slice_film[CS] = {reinterpret_cast<const char*>(film + c0 * knots),
+                                  reinterpret_cast<const char*>(film + (c0 + (channels > 1)) * knots)};
+    const float2 coef[CS] = {channel[c0], channel[c0 + (channels > 1)]};
+#pragma unroll 1
+    for (unsigned chunk_begin = 0; chunk_begin < unsigned(pixels); chunk_begin += chunk_pixels) {
+      const unsigned chunk_len = min(unsigned(chunk_pixels), unsigned(pixels) - chunk_begin);
+#pragma unroll 1
+      for (unsigned pixel = threadIdx.x * VEC; pixel < chunk_len; pixel += blockDim.x * VEC) {
+        const unsigned at = chunk_begin + pixel;
+        const Pack<int, VEC> ks = load_pack<VEC>(image_k + at);
+        const Pack<float, VEC> fracs = load_pack<VEC>(image_frac + at);
+        float4 kept[VEC];   // per pixel (d pre, d scale) of the slice's channels
+#pragma unroll
+        for (int cc = 0; cc < CS; ++cc) {
+          const Pack<float, VEC> xs = load_floats<S, VEC>(slice_x[cc] + at);
+          const Pack<float, VEC> dys = load_floats<S, VEC>(slice_dy[cc] + at);
+          Pack<S, VEC> first_term;
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) {
+            const float4 s = *reinterpret_cast<const float4*>(slice_film[cc] + ks.v[v]);
+            const float frac = fracs.v[v];
+            const float scale = fmaf(frac, s.y, s.x), shift = fmaf(frac, s.w, s.z);
+            const float d = xs.v[v] - mu;
+            const float normalized = fmaf(d, coef[cc].x, coef[cc].y);
+            const float dpre = dys.v[v] * activate_grad_fast<Silu>(fmaf(normalized, scale, shift));
+            const float dn = dpre * scale;
+            sums[2 * cc] += dn;
+            sums[2 * cc + 1] = fmaf(dn, d, sums[2 * cc + 1]);
+            store(first_term.v[v], dn * coef[cc].x);
+            (cc == 0 ? kept[v].x : kept[v].z) = dpre;
+            (cc == 0 ? kept[v].y : kept[v].w) = dpre * normalized;
+          }
+          store_pack(slice_dx[cc] + at, first_term);   // a missing channel rewrites the first
+        }
+        float4* tile_at = reinterpret_cast<float4*>(tile) + pixel;
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) tile_at[v] = kept[v];
+      }
+      __syncthreads();
+
+      // sorted order: this thread's positions [begin, end), per_thread (a multiple of 4) from a multiple of 4
+      const unsigned begin = min(threadIdx.x * unsigned(per_thread), chunk_len);
+      const unsigned end = min(begin + unsigned(per_thread), chunk_len);
+      const unsigned* keys = knots_of.sorted_key + image_offset + chunk_begin;
+      const float* key_fracs = knots_of.sorted_frac + image_offset + chunk_begin;
+      // Running sums over the thread's positions; a run's sums are their difference from the sums at its
+      // start (no accumulators reset in the loop, which would cost register moves on every position).
+      float total[4 * CS] = {}, start[4 * CS] = {}, first[4 * CS] = {};
+      int run_k = begin < end ? int(keys[begin] >> 16) : knots, first_k = knots;   // knots: no key
+#pragma unroll 1
+      for (unsigned i = begin; i < end; i += 4) {
+        const uint4 four = *reinterpret_cast<const uint4*>(keys + i);
+        const float4 four_fracs = *reinterpret_cast<const float4*>(key_fracs + i);
+        const unsigned key[4] = {four.x, four.y, four.z, four.w};
+        const float frac[4] = {four_fracs.x, four_fracs.y, four_fracs.z, four_fracs.w};
+        float4 kept[4];   // (d pre, d scale) of the slice's two channels at each position
+#pragma unroll
+        for (int j = 0; j < 4; ++j) kept[j] = reinterpret_cast<const float4*>(tile)[key[j] & 0xFFFFu];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) accumulate_pair(total, kept[j], frac[j]);
+        if (int(four.x >> 16) != run_k || int(four.w >> 16) != run_k) {   // a run ends in these four positions
+          float before[4 * CS];   // the sums before this group: total less its four positions
+#pragma unroll
+          for (int q = 0; q < 4 * CS; ++q) before[q] = total[q];
+#pragma unroll
+          for (int j = 0; j < 4; ++j) subtract_pair(before, kept[j], frac[j]);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const int k = int(key[j] >> 16);
+            if (k != run_k) {   // the thread's first run is deferred, the others are this thread's alone
+              float run[4 * CS];
+#pragma unroll
+              for (int q = 0; q < 4 * CS; ++q) {
+                run[q] = before[q] - start[q];
+                start[q] = before[q];
+              }
+              if (first_k == knots) {
+#pragma unroll
+                for (int q = 0; q < 4 * CS; ++q) first[q] = run[q];
+                first_k = run_k;
+              } else {
+                add_to_cell<CS>(hist + c0 * knots, knots, channels, run_k, run);
+              }
+              run_k = k;
+            }
+            accumulate_pair(before, kept[j], frac[j]);
+          }
+        }
+      }
+      if (begin < end) {
+        float run[4 * CS];
+#pragma unroll
+        for (int q = 0; q < 4 * CS; ++q) run[q] = total[q] - start[q];
+        if (first_k == knots) {
+#pragma unroll
+          for (int q = 0; q < 4 * CS; ++q) first[q] = run[q];
+          first_k = run_k;
+        } else {
+          add_to_cell<CS>(hist + c0 * knots, knots, channels, run_k, run);
+        }
+      }
+      add_first_runs<CS>(hist + c0 * knots, knots, channels, first_k, first, slots, knots);
+      __syncthreads();   // the histogram's cells are added before the next chunk's; the tile is free again
+    }
+    block_sums(sums);
+    if (threadIdx.x == 0) {
+#pragma unroll
+      for (int cc = 0; cc < CS; ++cc)
+        if (cc < channels) channel_sums[c0 + cc] = make_float2(sums[2 * cc], sums[2 * cc + 1]);
+    }
+    __syncthreads();   // block_sums' partials are read before the next slice's call overwrites them
+  }
+
+  if (threadIdx.x == 0) {   // means over the group of dxhat = dn * weight and dxhat * xhat
+    float mean_dxhat = 0, mean_dxhat_d = 0;
+    for (int c = 0; c < per_group; ++c) {
+      const float w = p.weight[first_channel + c];
+      mean_dxhat = fmaf(w, channel_sums[c].x, mean_dxhat);
+      mean_dxhat_d = fmaf(w, channel_sums[c].y, mean_dxhat_d);
+    }
+    const float slope = -rs * rs * rs * mean_dxhat_d / float(count);   // per unit of h
+    correction = make_float2(-rs * mean_dxhat / float(count) - slope * mu, slope);
+  }
+  // the image's partials: the table gradient (K, 2C), then the bias and weight gradients (C each)
+  const int64_t width = 2 * p.channels;
+  float* image_partial = partial + b * (knots + 1) * width;
+  for (int c = threadIdx.x; c < per_group; c += blockDim.x) {
+    image_partial[knots * width + first_channel + c] = channel_sums[c].x;
+    image_partial[knots * width + p.channels + first_channel + c] = rs * channel_sums[c].y;
+  }
+  // table gradient of segment k's knots: row k gets g (1 - frac) = A_k - B_k, row k + 1 gets g frac = B_k
+#pragma unroll 1
+  for (int c = 0; c < per_group; ++c) {
+    const float4* cells = hist + c * knots;
+#pragma unroll 1
+    for (int k = threadIdx.x; k < knots; k += blockDim.x) {
+      const float4 cell = cells[k];
+      const float4 below = k > 0 ? cells[k - 1] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      float* row = image_partial + k * width + first_channel + c;
+      row[0] = cell.x - cell.y + below.y;
+      row[p.channels] = cell.z - cell.w + below.w;
+    }
+  }
+  __syncthreads();
+  const float2 rest = correction;
+  const S* h_pack = x + threadIdx.x * VEC;
+  S* grad_pack = dx + threadIdx.x * VEC;
+#pragma unroll 1
+  for (int pack = threadIdx.x; pack < count / VEC;
+       pack += blockDim.x, h_pack += blockDim.x * VEC, grad_pack += blockDim.x * VEC) {
+    const Pack<float, VEC> hs = load_floats<S, VEC>(h_pack), first_term = load_floats<S, VEC>(grad_pack);
+    Pack<S, VEC> grad;
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) store(grad.v[v], first_term.v[v] + fmaf(hs.v[v], rest.y, rest.x));
+    store_pack(grad_pack, grad);
+  }
+}
+
+// grad_table, grad_bias and grad_weight: the images' partials (rows of K * 2C + 2C values) summed in a fixed
+// order, one thread per value.
+__global__ void finalize_group_backward(const float* __restrict__ partial, int batch, int64_t table_size,
+                                        int64_t channels, float* __restrict__ grad_table,
+                                        float* __restrict__ grad_weight, float* __restrict__ grad_bias) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, row = table_size + 2 * channels;
+  if (i >= row) return;
+  float sum = 0;
+  const float* value = partial + i;
+#pragma unroll 1
+  for (int b = 0; b < batch; ++b, value += row) sum += *value;
+  float* out = i < table_size ? grad_table + i
+               : i < table_size + channels ? grad_bias + (i - table_size) : grad_weight + (i - table_size - channels);
+  *out = sum;
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------------
 
@@ -717,12 +1179,15 @@ void with_vec(bool vectorise, Fn&& fn) {
 }
 
 // Byte offsets of the workspace parts, each rounded to 256: the transposed table (NCHW), then the statistics
-// partials (forward) or the gradient partials and group coefficients (backward).
+// partials (forward) or the gradient partials and group coefficients (backward) of the chunked path; then,
+// where the shape can take the one-block-per-group backward, its knot records and per-image partials.
 struct Workspace {
-  int64_t stats, grads, coef, end;
+  int64_t stats, grads, coef, knot_k, knot_frac, sorted_key, sorted_frac, partial, end;
 };
 
 int64_t round256(int64_t bytes) { return ceil_div(bytes, 256) * 256; }
+
+bool group_backward_shape(const GroupNormFilmArgs& args);
 
 template <typename T>
 Workspace workspace_parts(const GroupNormFilmArgs& args) {
@@ -731,7 +1196,21 @@ Workspace workspace_parts(const GroupNormFilmArgs& args) {
   const int64_t stats = round256(partials * int64_t(sizeof(StatsPartial<T>)));
   const int64_t grads = round256(partials * int64_t(sizeof(GradPartial<T>)));
   const int64_t coef = round256(args.batch * args.groups * 2 * int64_t(sizeof(T)));
-  return {columns, columns, columns + grads, columns + std::max(stats, grads + coef)};
+  Workspace w{};
+  w.stats = w.grads = columns;
+  w.coef = columns + grads;
+  int64_t end = columns + std::max(stats, grads + coef);
+  if (group_backward_shape(args)) {
+    const int64_t per_pixel = round256(args.batch * args.pixels * 4);
+    w.knot_k = end;
+    w.knot_frac = w.knot_k + per_pixel;
+    w.sorted_key = w.knot_frac + per_pixel;
+    w.sorted_frac = w.sorted_key + per_pixel;
+    w.partial = w.sorted_frac + per_pixel;
+    end = w.partial + round256(args.batch * (args.knots + 1) * 2 * args.channels * 4);
+  }
+  w.end = end;
+  return w;
 }
 
 Workspace workspace_of(const GroupNormFilmArgs& args) {
@@ -785,6 +1264,29 @@ int64_t forward_group_shared_bytes(const GroupNormFilmArgs& args) {
 
 bool group_forward_shape(const GroupNormFilmArgs& args) {
   return group_shape(args) && forward_group_shared_bytes(args) <= kGroupFilmBytes;
+}
+
+// The backward group path's pixels per sorted chunk, threads per block (positions per thread >= kMinRun
+// where the chunk allows, at least 4 warps) and dynamic shared memory (see backward_group_nchw).
+int backward_chunk(const GroupNormFilmArgs& args) { return int(std::min<int64_t>(kBackChunk, args.pixels)); }
+
+int backward_threads(const GroupNormFilmArgs& args) {
+  return std::max(128, std::min(kBackThreads, round32(backward_chunk(args) / kMinRun)));
+}
+
+int64_t backward_group_shared_bytes(const GroupNormFilmArgs& args) {
+  const int64_t per_group = args.channels / args.groups;
+  return 2 * per_group * args.knots * int64_t(sizeof(float4)) + 2 * per_group * int64_t(sizeof(float2)) +
+         kSliceChannels * int64_t(backward_chunk(args)) * int64_t(sizeof(float2));
+}
+
+// knot_records: as many warps (up to 32) as leave (warps + 1) * K counts within 48 KB.
+int sort_warps(const GroupNormFilmArgs& args) {
+  return int(std::min<int64_t>(kSortThreads / 32, 48 * 1024 / (4 * args.knots) - 1));
+}
+
+bool group_backward_shape(const GroupNormFilmArgs& args) {
+  return group_shape(args) && args.knots < 65536 && sort_warps(args) >= 1;   // segments fit 16 bits
 }
 
 template <typename S>
@@ -878,6 +1380,47 @@ void forward(const GroupNormFilmArgs& args, const Params<S>& p, unsigned char* w
   }
 }
 
+// Shared memory a block may opt in to on `device`.
+int shared_optin_limit(int device) {
+  int limit = 0;
+  check(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "cudaDeviceGetAttribute");
+  return limit;
+}
+
+// The one-block-per-group backward (knot_records, backward_group_nchw, finalize_group_backward); false, with
+// nothing launched, when its shared memory exceeds what the GPU grants a block.
+template <typename S, bool Silu>
+bool backward_group(const GroupNormFilmArgs& args, const Params<S>& p, unsigned char* workspace, int device,
+                    cudaStream_t stream) {
+  constexpr int kVec = int(16 / sizeof(S));
+  const int64_t shared = backward_group_shared_bytes(args);
+  const int64_t static_shared = 4 * 1024;   // backward_group_nchw's own: run slots, block sums, a float2
+  if (shared + static_shared > shared_optin_limit(device)) return false;
+  const Workspace parts = workspace_of(args);
+  const KnotRecords knots{reinterpret_cast<int*>(workspace + parts.knot_k),
+                          reinterpret_cast<float*>(workspace + parts.knot_frac),
+                          reinterpret_cast<unsigned*>(workspace + parts.sorted_key),
+                          reinterpret_cast<float*>(workspace + parts.sorted_frac)};
+  auto* partial = reinterpret_cast<float*>(workspace + parts.partial);
+  const int chunk = backward_chunk(args), warps = sort_warps(args);
+  knot_records<<<dim3(unsigned(ceil_div(args.pixels, chunk)), unsigned(args.batch)), 32 * warps,
+                 size_t((warps + 1) * args.knots * 4), stream>>>(static_cast<const float*>(args.u), int(args.pixels),
+                                                                  chunk, int(args.knots), knots);
+  check_launch("knot_records");
+  auto kernel = backward_group_nchw<S, kVec, Silu>;
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared)), "cudaFuncSetAttribute");
+  const int threads = backward_threads(args), per_thread = int(ceil_div(chunk, 4 * threads) * 4);
+  kernel<<<dim3(unsigned(args.groups), unsigned(args.batch)), threads, size_t(shared), stream>>>(
+      p, knots, chunk, per_thread, partial);
+  check_launch("backward_group_nchw");
+  const int64_t table_size = args.knots * 2 * args.channels;
+  finalize_group_backward<<<unsigned(ceil_div(table_size + 2 * args.channels, kThreads)), kThreads, 0, stream>>>(
+      partial, int(args.batch), table_size, args.channels, static_cast<float*>(args.grad_table),
+      static_cast<float*>(args.grad_weight), static_cast<float*>(args.grad_bias));
+  check_launch("finalize_group_backward");
+  return true;
+}
+
 template <typename S, bool Silu>
 void backward(const GroupNormFilmArgs& args, const Params<S>& p, unsigned char* workspace, int device,
               cudaStream_t stream) {
@@ -890,6 +1433,11 @@ void backward(const GroupNormFilmArgs& args, const Params<S>& p, unsigned char* 
   const int64_t B = args.batch, C = args.channels;
   const bool vectorise_nchw = aligned && aligned16(args.u) && args.pixels % kVec == 0;
 
+  if constexpr (!std::is_same_v<S, double>) {
+    if (group_backward_shape(args) && group_launch(args, vectorise_nchw, device) &&
+        backward_group<S, Silu>(args, p, workspace, device, stream))
+      return;
+  }
   if (args.channels_last) {
     backward_reduce_nhwc<S, Silu><<<dim3(unsigned(geo.chunks), unsigned(ceil_div(C, 32)), unsigned(B)),
                                     dim3(32, kRows), 0, stream>>>(p, geo.chunks, partial, grad_table);
@@ -901,9 +1449,7 @@ void backward(const GroupNormFilmArgs& args, const Params<S>& p, unsigned char* 
       constexpr int VEC = decltype(vec)::value;
       auto kernel = backward_reduce_nchw<S, VEC, Silu>;
       if (shared_bytes > 48 * 1024) {
-        int limit = 0;
-        check(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-              "cudaDeviceGetAttribute");
+        const int limit = shared_optin_limit(device);
         if (shared_bytes > limit)
           throw std::invalid_argument("groupnorm_film (CUDA): the table has " + std::to_string(args.knots) +
                                       " rows; the NCHW backward holds 2 * rows values per block in shared "

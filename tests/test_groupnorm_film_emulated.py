@@ -204,3 +204,25 @@ def test_emulated_cuda_writes_only_its_outputs(emulated, monkeypatch, shape, dty
         assert_untouched(whole, name)
     for grad in (grad_h, grad_table, grad_weight, grad_bias):
         assert grad.isfinite().all()
+
+
+@pytest.mark.parametrize("time_map, size", [("constant", (64, 160)), ("ramp", (64, 160)), ("noisy", (32, 64))])
+def test_emulated_group_backward_time_maps(cuda_glue, monkeypatch, time_map, size):
+    """The one-block-per-group backward sums the table gradient along runs of one knot in each chunk of
+    pixels sorted by knot, a range of sorted positions per thread: a constant time map is one run through
+    every thread and warp (the deferred first runs, totalled across warps), a ramp gives runs over a few
+    threads, a noisy map over all knots runs shorter than a thread's range (16 positions). 64x160: planes of
+    two chunks (8192 + 2048 pixels), three channels per group (slices of two and one)."""
+    monkeypatch.setenv("EMU_SMS", "1")
+    knots, (H, W) = 257, size
+    h, _, table, weight, bias, groups = film_inputs((1, 3 if H * W > 8192 else 2, H, W, 1), knots=knots)
+    gen = torch.Generator().manual_seed(3)
+    u = {"constant": lambda: torch.full((1, 1, H, W), 37.3),
+         "ramp": lambda: torch.linspace(-2.0, knots + 1.0, H * W).view(1, 1, H, W),
+         "noisy": lambda: torch.rand((1, 1, H, W), generator=gen) * knots}[time_map]()
+    grad_out = torch.randn(h.shape, generator=gen)
+    out, mean, rstd = glue.fused_forward(h, u, table, weight, bias, groups, 1e-5, "silu")
+    grads = glue.fused_backward(grad_out, h, u, table, weight, bias, mean, rstd, groups, "silu")
+    exact = float64_reference(h, u, table, weight, bias, groups, "silu", grad_out)
+    for name, got, x in zip(NAMES, (out, *grads), exact):
+        assert relative_error(got, x) < 1e-5, (name, relative_error(got, x))
