@@ -310,7 +310,8 @@ def _warp_zero_guards(threads: int) -> dict[str, Callable]:
     """Branches only warp 0 takes (thread 0's work, the second level of a block reduction): 1 of the block's
     threads / 32 warps issues them."""
     share = 32 / threads
-    return {"if (warp == 0) {": lambda sites: share, "if (threadIdx.x == 0) {": lambda sites: share}
+    return {"if (warp == 0) {": lambda sites: share, "if (threadIdx.x == 0) {": lambda sites: share,
+            "if (threadIdx.x < 32) {": lambda sites: share}
 
 
 def _block_strided(n: int, threads: int) -> float:
@@ -400,9 +401,10 @@ def _groupnorm_film_backward(shape, dtype, arch):
                            "chunk_begin < unsigned(pixels); chunk_begin += chunk_pixels": chunks,
                            "pixel < chunk_len; pixel += blockDim.x * VEC": _block_strided(chunk // vec, threads),
                            "(unsigned i = begin; i < end; i += 4)": per_thread / 4,
+                           "k < knots; k += 32": math.ceil(KNOTS / 32),
                            "for (int c = 0; c < per_group; ++c) {": per_group,
-                           "pack < count / VEC;": _block_strided(per_group * H * W // vec, threads)},
-                    guards={"four.x >> 16) != run_k": lambda sites, share=_sorted_run_shares(shape)[0]: share,
+                           "pack < unsigned(count / VEC); pack += blockDim.x": _block_strided(per_group * H * W // vec, threads)},
+                    guards={"four.x >> kKeyShift) != run_k": lambda sites, share=_sorted_run_shares(shape)[0]: share,
                             "if (k != run_k) {": lambda sites, share=_sorted_run_shares(shape)[1]: share,
                             **_warp_zero_guards(threads)}),
         cuda_launch("finalize_group_backward", arch, K_THREADS, math.ceil((table_size + 2 * C) / K_THREADS), 0,

@@ -1,11 +1,23 @@
 // Fused GroupNorm + spatial FiLM + SiLU on CUDA (DESIGN.md §1.6), forward and backward. Depends only on the
 // CUDA runtime; tensors arrive as raw pointers with torch's current stream (GroupNormFilmArgs).
 //
-// Forward, NCHW groups of up to 32K elements when there are at least as many (image, group) pairs as SMs
-// (the UNet case), 1 launch: forward_group_nchw holds a group in one block's registers, so h is read once,
-// and the group's table columns in shared memory (for the lerp gathers at scattered knots).
-// Otherwise (channels_last, larger groups, small batches, float64), 3 launches (NCHW: 4, after a copy of the
-// table transposed into the workspace, so that a channel's column is contiguous):
+// One block per (image, group), the UNet case: NCHW, float32/bfloat16/float16, planes of whole 16-byte
+// packs, groups of at most 128 KB, and at least as many (image, group) pairs as SMs.
+//   forward   forward_group_nchw, 1 launch, 512 threads, 2 blocks/SM: pass 1 reads the group for its
+//             statistics, pass 2 reads it again from L2 and applies GroupNorm, FiLM and SiLU, finding each
+//             pixel's knot once for the group's channels; the FiLM per (channel, knot) is one float4 in
+//             shared memory (fill_film_segments)
+//   backward  3 launches: knot_records sorts each chunk of 8192 pixels by knot (a stable counting sort,
+//             per image, shared by all groups); backward_group_nchw (256 threads, 1 block/SM: a 128 KB
+//             tile) reads h and grad_out once per slice of two channels, writes grad_h's first term, keeps
+//             (d pre, d pre * (h - mean)) per pixel in the tile, and sums them in knot order along runs of
+//             one knot in registers: the table-gradient histogram without atomics (no two threads ever add
+//             to one knot at once, see add_first_runs); a last pass adds grad_h's group-mean terms, reading
+//             h and grad_h back from L2; finalize_group_backward sums the per-image partials of grad_table,
+//             grad_weight and grad_bias in a fixed order (the backward is deterministic)
+// Otherwise (channels_last, larger groups, small batches, float64, unaligned tensors), chunked kernels: 3
+// launches (NCHW: 4, after a copy of the table transposed into the workspace, so that a channel's column is
+// contiguous):
 //   stats     per (image, channel, chunk of pixels): count, mean, M2 from shifted sums (x - first value)
 //   finalize  one warp per (image, group): Chan-merge the chunks in double -> mean, rstd (saved outputs)
 //   apply     per element: lerp the table at u, GroupNorm, FiLM, SiLU; the table (K, 2C) is read through L1
@@ -20,18 +32,20 @@
 // NCHW blocks cover a chunk of one (image, channel) plane, so per-channel values are block constants;
 // NHWC kernels run channels innermost (coalesced rows of the table, weight and bias).
 //
-// Bytes moved per element, s = bytes per stored element (4 float32, 2 bf16/fp16):
-//   forward  minimal 2s (read h, write out), which the one-launch path moves; the three-launch path
-//            reads h twice: 3s from DRAM unless the apply pass finds h still in L2 (50 MB on H100; beyond
-//            L2 the reversed apply order still reuses the last part read)
-//   backward minimal 3s (read grad_out and h, write grad_h); this kernel reads both twice: 5s, less the
-//            part the apply pass finds in L2
-// Roofline on H100 (~3.0 TB/s measured copy bandwidth, read + write), 8x64x128x128 (8.4M elements):
-//   forward float32 2 * 4 * 8.4M / 3.0e12 = 22 us minimal (34 us for 3 passes); bfloat16 11 us (17 us)
-//   backward float32 34 us minimal (56 us for 5 passes); bfloat16 17 us (28 us)
-// H200 (4.25 TB/s measured): divide by 1.42. 8x128x64x64 has half the elements (4.2M), 8x256x32x32 a quarter
-// (2.1M): halve and quarter the times. All three have B * G = 256 (image, group) blocks for the one-launch
-// forward: 1024, 512 and 256 threads of 32 elements each (float32; bf16 the same with 16-byte packs of 8).
+// Bytes moved per element, s = bytes per stored element (4 float32, 2 bf16/fp16): forward minimal 2s (read h,
+// write out), backward 3s (read grad_out and h, write grad_h). The one-block-per-group kernels move these from
+// DRAM when their second reads hit L2 (the forward's 2 blocks per SM keep at most 264 groups, 34 MB in
+// float32, in flight; the backward's 1 block per SM 132 groups of h and grad_h, 34 MB; H100 and H200 have 50
+// MB of L2); they request 3s and 6s. The chunked kernels read h (and grad_out) twice: 3s and 5s from DRAM,
+// less what the apply pass finds in L2 (it visits the planes in reverse).
+// Static roofline (benchmarks/roofline.py, sm_90, H200 model: 132 SMs x 4 issues x 1.98 GHz, 4248 GB/s copy
+// bandwidth), 8x64x128x128 (8.4M elements), SiLU:
+//   forward   float32 31.4 instructions/element, issue 7.9 us vs DRAM 16.0 us (0.49); bfloat16 28.7, 7.2 us vs
+//             8.1 us (0.89); 64 registers at most, 2 blocks/SM
+//   backward  float32 49.7 instructions/element, issue 12.5 us vs DRAM 23.9 us (0.52); bfloat16 51.9, 13.0 us
+//             vs 12.0 us (1.08: over the 1.0 budget); 108 registers at most, 1 block/SM; no spills
+// H100 (3.0 TB/s assumed): DRAM times x 1.42. 8x128x64x64 has half the elements, 8x256x32x32 a quarter; both
+// have B * G = 256 (image, group) blocks (benchmarks/results/roofline-sm90.md has every shape).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -59,7 +73,9 @@ constexpr int kGroupThreads = 512;                  // forward: two blocks fill 
 constexpr int64_t kGroupMaxBytes = 128 * 1024;      // a group's bytes of h, read twice (the second time from L2)
 constexpr int64_t kGroupFilmBytes = 40 * 1024;      // forward: its FiLM segments in shared memory
 constexpr int kBackThreads = 256;                   // backward: at most; one block per SM (kBackChunk's tile)
-constexpr int kBackChunk = 8192;                    // backward: pixels sorted together (indices fit 16 bits)
+constexpr int kBackChunk = 8192;                    // backward: pixels sorted together
+constexpr int kKeyShift = 17;                       // sorted keys: the tile byte offset (16 * pixel) below bit 17
+constexpr unsigned kTileByteMask = (1u << kKeyShift) - 1;
 constexpr int kSliceChannels = 2;                   // backward: channels of a group processed together
 constexpr int kMinRun = 16;                         // backward: sorted positions per thread at least, where possible
 constexpr int kSortThreads = 1024;                  // knot_records, at most
@@ -134,14 +150,20 @@ __device__ __forceinline__ Pack<float, VEC> load_floats(const S* src) {
   return out;
 }
 
-// A 16-byte pack stored with one 16-byte access: __stwb (st.global.wb.v4, the default write-back policy),
-// since a struct copy amid other work may be split into element stores.
+// A 16-byte pack stored with one 16-byte access (st.global.v4): where a pack is filled amid other work,
+// nvcc may split the struct copy into element stores.
 template <typename S, int VEC>
 __device__ __forceinline__ void store_pack(S* dst, const Pack<S, VEC>& values) {
   static_assert(sizeof(Pack<S, VEC>) == 16, "16-byte packs");
   unsigned words[4];
   memcpy(words, &values, 16);
-  __stwb(reinterpret_cast<uint4*>(dst), make_uint4(words[0], words[1], words[2], words[3]));
+#if defined(__CUDA_ARCH__)
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "r"(words[0]), "r"(words[1]), "r"(words[2]),
+               "r"(words[3])
+               : "memory");
+#else
+  memcpy(dst, words, 16);
+#endif
 }
 
 template <typename T>
@@ -739,7 +761,7 @@ __global__ void backward_apply_nhwc(Params<S> p, int64_t packs) {
 struct KnotRecords {
   int* k;                    // (B, HW) segment of each pixel, times 16 (its byte offset in a channel's segments)
   float* frac;               // (B, HW)
-  unsigned* sorted_key;      // (B, HW): per chunk, (pixel in the chunk) | segment << 16, in segment order
+  unsigned* sorted_key;      // (B, HW): per chunk, 16 * (pixel in the chunk) | segment << kKeyShift, in segment order
   float* sorted_frac;        // (B, HW)
 };
 
@@ -816,7 +838,7 @@ __global__ void knot_records(const float* __restrict__ u, int pixels, int chunk_
     const unsigned peers = __match_any_sync(kFullMask, k);
     if (k < knots) {
       const int position = base[k] + warp_slot[k] + __popc(peers & lower_lanes);
-      out.sorted_key[offset + position] = unsigned(pixel) | unsigned(k) << 16;
+      out.sorted_key[offset + position] = unsigned(pixel) * unsigned(sizeof(float4)) | unsigned(k) << kKeyShift;
       out.sorted_frac[offset + position] = out.frac[offset + pixel];
     }
     __syncwarp();   // every lane has read warp_slot[k] before its lowest lane advances it
@@ -885,19 +907,21 @@ __device__ __forceinline__ void subtract_pair(float (&total)[8], float4 kept, fl
 }
 
 template <int CS>
-struct RunSlot {
-  int key;
+struct alignas(16) RunSlot {
   float v[4 * CS];
+  int key;
 };
 
 // The deferred first runs of the threads' sorted ranges, added to hist without two threads ever writing
-// one cell. Keys do not decrease with the thread (kNoKey, above all, for threads without positions), so
-// equal keys are runs of consecutive threads: each warp totals its runs (run_totals) and the first lane of
+// one cell at once. Keys do not decrease with the thread (no_key, above all, for threads without positions),
+// so equal keys are runs of consecutive threads: each warp totals its runs (run_totals) and the first lane of
 // a run inside the warp adds it; a run that touches lane 0 or lane 31 may continue into the neighbouring
-// warp, so the warp's first and last runs go to slots, which warp 0 totals the same way and adds. Keys
-// added before the barrier (inside warps) differ from each other, from the slots' keys and from the keys
-// other warps add in their phase 1 (which lie strictly between the thread's first key and the next
-// thread's), so plain read-modify-writes suffice.
+// warp, so the warp's first and last runs go to slots, which warp 0 totals the same way and adds after a
+// barrier. Why plain read-modify-writes suffice: a thread's own (phase-1) runs have keys above its first key
+// and up to the next thread's first key, so they differ between threads; a run totalled inside a warp has a
+// key strictly between the warp's first and last keys, so no other warp writes it before the barrier, and in
+// this warp only the lane just before the run may have written it, in its phase 1, which the __syncwarp
+// below orders before the total is added.
 template <int CS>
 __device__ void add_first_runs(float4* hist, int knots, int channels, int key, float (&v)[4 * CS],
                                RunSlot<CS>* slots, int no_key) {
@@ -909,14 +933,17 @@ __device__ void add_first_runs(float4* hist, int knots, int channels, int key, f
   const bool head = lane == 0 || before != key;
   if (head && key != first_key && key != last_key) add_to_cell<CS>(hist, knots, channels, key, v);
   if (lane == 0) {
-    slots[2 * warp].key = key;
+    RunSlot<CS>& slot = slots[2 * warp];
 #pragma unroll
-    for (int j = 0; j < 4 * CS; ++j) slots[2 * warp].v[j] = v[j];
+    for (int j = 0; j < 4 * CS; ++j) slot.v[j] = v[j];
+    slot.key = key;
   }
   if (head && key == last_key) {   // lane 0 when the warp is one run: the total is in the first slot already
-    slots[2 * warp + 1].key = key;
+    RunSlot<CS>& slot = slots[2 * warp + 1];
+    const bool whole_warp = lane == 0;
 #pragma unroll
-    for (int j = 0; j < 4 * CS; ++j) slots[2 * warp + 1].v[j] = lane == 0 ? 0.0f : v[j];
+    for (int j = 0; j < 4 * CS; ++j) slot.v[j] = whole_warp ? 0.0f : v[j];
+    slot.key = key;
   }
   __syncthreads();
   if (warp == 0) {
@@ -950,7 +977,7 @@ __device__ void add_first_runs(float4* hist, int knots, int channels, int key, f
 // channel each; (rstd * weight, bias) and the channel sums per channel; the tile, one float4 per pixel of the
 // chunk (d pre, d scale of the slice's two channels).
 template <typename S, int VEC, bool Silu>
-__global__ void __launch_bounds__(kBackThreads) backward_group_nchw(Params<S> p, KnotRecords knots_of,
+__global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S> p, KnotRecords knots_of,
                                                                      int chunk_pixels, int per_thread,
                                                                      float* __restrict__ partial) {
   constexpr int CS = kSliceChannels;
@@ -960,7 +987,8 @@ __global__ void __launch_bounds__(kBackThreads) backward_group_nchw(Params<S> p,
   __shared__ float2 correction;   // grad_h's second term is correction.x + h * correction.y
   const int per_group = int(p.per_group), pixels = int(p.pixels), knots = p.knots;
   float4* film = reinterpret_cast<float4*>(shared_raw);
-  float4* hist = film + per_group * knots;
+  float4* hist = film + per_group * knots;   // per (channel, segment): sums of d pre (h - mean), of that * frac,
+                                             // of d pre and of d pre * frac
   float2* channel = reinterpret_cast<float2*>(hist + per_group * knots);   // rstd * weight, bias
   float2* channel_sums = channel + per_group;                              // sum dn, sum dn * (h - mean)
   float2* tile = channel_sums + per_group;
@@ -982,7 +1010,6 @@ __global__ void __launch_bounds__(kBackThreads) backward_group_nchw(Params<S> p,
 #pragma unroll 1
   for (int c0 = 0; c0 < per_group; c0 += CS) {
     const int channels = per_group - c0 < CS ? per_group - c0 : CS;
-    float sums[2 * CS] = {};   // per channel of the slice: sum dn, sum dn * (h - mean)
     // the slice's planes (a missing second channel repeats the first: same values, written twice)
     const int64_t plane = int64_t(c0) * pixels, next = channels > 1 ? pixels : 0;
     const S* slice_x[CS] = {x + plane, x + plane + next};
@@ -999,7 +1026,7 @@ __global__ void __launch_bounds__(kBackThreads) backward_group_nchw(Params<S> p,
         const unsigned at = chunk_begin + pixel;
         const Pack<int, VEC> ks = load_pack<VEC>(image_k + at);
         const Pack<float, VEC> fracs = load_pack<VEC>(image_frac + at);
-        float4 kept[VEC];   // per pixel (d pre, d scale) of the slice's channels
+        float4 kept[VEC];   // per pixel (d pre, d pre * (h - mean)) of the slice's channels
 #pragma unroll
         for (int cc = 0; cc < CS; ++cc) {
           const Pack<float, VEC> xs = load_floats<S, VEC>(slice_x[cc] + at);
@@ -1014,11 +1041,9 @@ __global__ void __launch_bounds__(kBackThreads) backward_group_nchw(Params<S> p,
             const float normalized = fmaf(d, coef[cc].x, coef[cc].y);
             const float dpre = dys.v[v] * activate_grad_fast<Silu>(fmaf(normalized, scale, shift));
             const float dn = dpre * scale;
-            sums[2 * cc] += dn;
-            sums[2 * cc + 1] = fmaf(dn, d, sums[2 * cc + 1]);
             store(first_term.v[v], dn * coef[cc].x);
             (cc == 0 ? kept[v].x : kept[v].z) = dpre;
-            (cc == 0 ? kept[v].y : kept[v].w) = dpre * normalized;
+            (cc == 0 ? kept[v].y : kept[v].w) = dpre * d;
           }
           store_pack(slice_dx[cc] + at, first_term);   // a missing channel rewrites the first
         }
@@ -1036,19 +1061,20 @@ __global__ void __launch_bounds__(kBackThreads) backward_group_nchw(Params<S> p,
       // Running sums over the thread's positions; a run's sums are their difference from the sums at its
       // start (no accumulators reset in the loop, which would cost register moves on every position).
       float total[4 * CS] = {}, start[4 * CS] = {}, first[4 * CS] = {};
-      int run_k = begin < end ? int(keys[begin] >> 16) : knots, first_k = knots;   // knots: no key
+      int run_k = begin < end ? int(keys[begin] >> kKeyShift) : knots, first_k = knots;   // knots: no key
 #pragma unroll 1
       for (unsigned i = begin; i < end; i += 4) {
-        const uint4 four = *reinterpret_cast<const uint4*>(keys + i);
+        const uint4 four = *reinterpret_cast<const uint4*>(keys + i);   // (keys and fracs indexed alike)
         const float4 four_fracs = *reinterpret_cast<const float4*>(key_fracs + i);
         const unsigned key[4] = {four.x, four.y, four.z, four.w};
         const float frac[4] = {four_fracs.x, four_fracs.y, four_fracs.z, four_fracs.w};
         float4 kept[4];   // (d pre, d scale) of the slice's two channels at each position
 #pragma unroll
-        for (int j = 0; j < 4; ++j) kept[j] = reinterpret_cast<const float4*>(tile)[key[j] & 0xFFFFu];
+        for (int j = 0; j < 4; ++j)
+          kept[j] = *reinterpret_cast<const float4*>(reinterpret_cast<const char*>(tile) + (key[j] & kTileByteMask));
 #pragma unroll
         for (int j = 0; j < 4; ++j) accumulate_pair(total, kept[j], frac[j]);
-        if (int(four.x >> 16) != run_k || int(four.w >> 16) != run_k) {   // a run ends in these four positions
+        if (int(four.x >> kKeyShift) != run_k || int(four.w >> kKeyShift) != run_k) {   // a run ends in these four
           float before[4 * CS];   // the sums before this group: total less its four positions
 #pragma unroll
           for (int q = 0; q < 4 * CS; ++q) before[q] = total[q];
@@ -1056,7 +1082,7 @@ __global__ void __launch_bounds__(kBackThreads) backward_group_nchw(Params<S> p,
           for (int j = 0; j < 4; ++j) subtract_pair(before, kept[j], frac[j]);
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
-            const int k = int(key[j] >> 16);
+            const int k = int(key[j] >> kKeyShift);
             if (k != run_k) {   // the thread's first run is deferred, the others are this thread's alone
               float run[4 * CS];
 #pragma unroll
@@ -1092,15 +1118,25 @@ __global__ void __launch_bounds__(kBackThreads) backward_group_nchw(Params<S> p,
       add_first_runs<CS>(hist + c0 * knots, knots, channels, first_k, first, slots, knots);
       __syncthreads();   // the histogram's cells are added before the next chunk's; the tile is free again
     }
-    block_sums(sums);
-    if (threadIdx.x == 0) {
-#pragma unroll
-      for (int cc = 0; cc < CS; ++cc)
-        if (cc < channels) channel_sums[c0 + cc] = make_float2(sums[2 * cc], sums[2 * cc + 1]);
-    }
-    __syncthreads();   // block_sums' partials are read before the next slice's call overwrites them
   }
 
+  // The channel sums from the histogram: dn = d pre (1 + scale) and 1 + scale = x + frac y on segment k, so sum dn
+  // = sum over k of x_k A_k + y_k B_k, A and B the sums of d pre and d pre * frac; likewise sum dn (h - mean)
+  // from the sums of d pre (h - mean).
+  if (threadIdx.x < 32) {
+#pragma unroll 1
+    for (int c = 0; c < per_group; ++c) {
+      float dn = 0, dn_d = 0;
+      for (int k = threadIdx.x; k < knots; k += 32) {
+        const float4 segment = film[c * knots + k], cell = hist[c * knots + k];
+        dn = fmaf(segment.x, cell.z, fmaf(segment.y, cell.w, dn));
+        dn_d = fmaf(segment.x, cell.x, fmaf(segment.y, cell.y, dn_d));
+      }
+      dn = warp_sum(dn);
+      dn_d = warp_sum(dn_d);
+      if (threadIdx.x == 0) channel_sums[c] = make_float2(dn, dn_d);
+    }
+  }
   if (threadIdx.x == 0) {   // means over the group of dxhat = dn * weight and dxhat * xhat
     float mean_dxhat = 0, mean_dxhat_d = 0;
     for (int c = 0; c < per_group; ++c) {
@@ -1114,10 +1150,6 @@ __global__ void __launch_bounds__(kBackThreads) backward_group_nchw(Params<S> p,
   // the image's partials: the table gradient (K, 2C), then the bias and weight gradients (C each)
   const int64_t width = 2 * p.channels;
   float* image_partial = partial + b * (knots + 1) * width;
-  for (int c = threadIdx.x; c < per_group; c += blockDim.x) {
-    image_partial[knots * width + first_channel + c] = channel_sums[c].x;
-    image_partial[knots * width + p.channels + first_channel + c] = rs * channel_sums[c].y;
-  }
   // table gradient of segment k's knots: row k gets g (1 - frac) = A_k - B_k, row k + 1 gets g frac = B_k
 #pragma unroll 1
   for (int c = 0; c < per_group; ++c) {
@@ -1127,22 +1159,24 @@ __global__ void __launch_bounds__(kBackThreads) backward_group_nchw(Params<S> p,
       const float4 cell = cells[k];
       const float4 below = k > 0 ? cells[k - 1] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       float* row = image_partial + k * width + first_channel + c;
-      row[0] = cell.x - cell.y + below.y;
+      const float2 coef = channel[c];   // d scale = d pre * normalized, normalized = coef.x (h - mean) + coef.y
+      row[0] = fmaf(coef.x, cell.x - cell.y + below.y, coef.y * (cell.z - cell.w + below.w));
       row[p.channels] = cell.z - cell.w + below.w;
     }
   }
   __syncthreads();
+  for (int c = threadIdx.x; c < per_group; c += blockDim.x) {
+    image_partial[knots * width + first_channel + c] = channel_sums[c].x;
+    image_partial[knots * width + p.channels + first_channel + c] = rs * channel_sums[c].y;
+  }
   const float2 rest = correction;
-  const S* h_pack = x + threadIdx.x * VEC;
-  S* grad_pack = dx + threadIdx.x * VEC;
 #pragma unroll 1
-  for (int pack = threadIdx.x; pack < count / VEC;
-       pack += blockDim.x, h_pack += blockDim.x * VEC, grad_pack += blockDim.x * VEC) {
-    const Pack<float, VEC> hs = load_floats<S, VEC>(h_pack), first_term = load_floats<S, VEC>(grad_pack);
+  for (unsigned pack = threadIdx.x; pack < unsigned(count / VEC); pack += blockDim.x) {
+    const Pack<float, VEC> hs = load_floats<S, VEC>(x + pack * VEC), first_term = load_floats<S, VEC>(dx + pack * VEC);
     Pack<S, VEC> grad;
 #pragma unroll
     for (int v = 0; v < VEC; ++v) store(grad.v[v], first_term.v[v] + fmaf(hs.v[v], rest.y, rest.x));
-    store_pack(grad_pack, grad);
+    *reinterpret_cast<Pack<S, VEC>*>(dx + pack * VEC) = grad;
   }
 }
 
@@ -1286,7 +1320,7 @@ int sort_warps(const GroupNormFilmArgs& args) {
 }
 
 bool group_backward_shape(const GroupNormFilmArgs& args) {
-  return group_shape(args) && args.knots < 65536 && sort_warps(args) >= 1;   // segments fit 16 bits
+  return group_shape(args) && args.knots <= (1 << (32 - kKeyShift)) && sort_warps(args) >= 1;   // segment keys fit
 }
 
 template <typename S>

@@ -42,7 +42,7 @@ KNOWN_OVER_BUDGET = {
     ("reverse_step", "bfloat16"): "1.57 > 1.0: the same instructions as float32 for half the bytes",
     ("training_sample", "float32"): "1.73 > 0.7: binary-search time lookup, per-program t0 search, two draws",
     ("training_sample", "bfloat16"): "3.37 > 1.0",
-    ("groupnorm_film_bwd", "bfloat16"): "1.11 > 1.0: the float32 instructions (53 per element) for half the bytes",
+    ("groupnorm_film_bwd", "bfloat16"): "1.08 > 1.0: the float32 instructions (52 per element) for half the bytes",
 }
 
 

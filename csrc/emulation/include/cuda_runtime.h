@@ -27,7 +27,6 @@ struct float2 { float x, y; };
 struct alignas(16) float4 { float x, y, z, w; };
 struct alignas(16) uint4 { unsigned x, y, z, w; };
 inline float2 make_float2(float x, float y) { return {x, y}; }
-inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 typedef int cudaError_t;
 enum { cudaSuccess = 0 };
@@ -139,7 +138,6 @@ inline void __syncwarp(unsigned mask = 0xFFFFFFFFu) {
   emu_warp_exchange(mask, 0, "__syncwarp", [](const std::uint64_t*, int) { return std::uint64_t(0); });
 }
 
-template <class T> void __stwb(T* p, T v) { *p = v; }
 inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
 inline float __uint_as_float(unsigned x) { float f; std::memcpy(&f, &x, 4); return f; }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
