@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launcher
+
 BLOCK = 512           # pixels per program: 4 per thread, one 128-bit access per float32 tensor
 NUM_WARPS = 4
 LAUNCH = {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
@@ -172,25 +174,29 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def table_args(table: torch.Tensor) -> tuple[int, int, int]:
     """(T, search_top, n_search) for time_lookup on a table of T + 1 entries."""
-    T = table.numel() - 1
+    return table_size_args(table.numel())
+
+
+def table_size_args(size: int) -> tuple[int, int, int]:
+    """table_args of a table of `size` entries."""
+    T = size - 1
     n_search = (T - 1).bit_length()
     return T, (1 << (n_search - 1)) if n_search else 0, n_search
 
 
 def dense_plane(t: torch.Tensor) -> bool:
     """Whether pixel (h, w) of every (b, c) plane of `t` sits at offset h * W + w."""
-    H, W = t.shape[-2:]
-    return (W == 1 or t.stride(-1) == 1) and (H == 1 or t.stride(-2) == W)
+    return dense_strides(t.shape, t.stride())
+
+
+def dense_strides(shape: tuple, strides: tuple) -> bool:
+    """dense_plane of a tensor with this shape and these strides."""
+    H, W = shape[-2:]
+    return (W == 1 or strides[-1] == 1) and (H == 1 or strides[-2] == W)
 
 
 def image_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(t.stride())
-
-
-def time_map_strides(t: torch.Tensor) -> tuple[int, int, int]:
-    """(stride_b, stride_h, stride_w) of a (B, 1, H, W) time map."""
-    sb, _, sh, sw = t.stride()
-    return sb, sh, sw
 
 
 def split_offset(offset: int) -> tuple[int, int]:
@@ -200,11 +206,16 @@ def split_offset(offset: int) -> tuple[int, int]:
 
 def run(kernel, grid: tuple, data: torch.Tensor, *args, **constants) -> None:
     """kernel[grid](*args) on the device of `data`: Triton launches on the current CUDA device, which
-    need not be the data's (a custom op gets no device guard)."""
+    need not be the data's (a custom op gets no device guard). Compiled kernels go through
+    kernels/_launch.py (a few microseconds of Python where kernel[grid] takes ~20)."""
+    fast = launcher(kernel, LAUNCH)
+    if fast is not None:
+        fast(grid, data.get_device(), args, constants)
+        return
     guard = torch.cuda.device(data.device) if data.is_cuda else contextlib.nullcontext()
     with guard:
         kernel[grid](*args, **constants, **LAUNCH)
 
 
 def tiles(HW: int) -> int:
-    return triton.cdiv(HW, BLOCK)
+    return -(-HW // BLOCK)   # triton.cdiv, without its constexpr unwrapping (a microsecond a call)

@@ -48,10 +48,10 @@ def _time_map_kernel(v_ptr, out_ptr, table_ptr, C, HW, W, n_tiles, v_sb, v_sc, v
 
 def _flat(values: torch.Tensor, table: torch.Tensor, kernel, *lookup_args):
     """Run an elementwise lookup kernel over `values` (any shape; non-contiguous input is copied first)."""
-    out = torch.empty(values.shape, dtype=compute_dtype(values.dtype), device=values.device)
+    out = torch.empty_like(values, dtype=compute_dtype(values.dtype), memory_format=torch.contiguous_format)
     n = values.numel()
     if n:
-        run(kernel, (triton.cdiv(n, BLOCK),), values, values.reshape(-1), out, table, n, *lookup_args,
+        run(kernel, (tiles(n),), values, values.reshape(-1), out, table, n, *lookup_args,
             COMPUTE=TL_DTYPE[out.dtype], BLOCK=BLOCK)
     return out
 
@@ -66,7 +66,7 @@ def time_from_variance(v: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 def time_map(variance: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     B, C, H, W = variance.shape
-    out = torch.empty((B, 1, H, W), dtype=compute_dtype(variance.dtype), device=variance.device)
+    out = variance.new_empty((B, 1, H, W), dtype=compute_dtype(variance.dtype))
     if out.numel():
         n_tiles = tiles(H * W)
         run(_time_map_kernel, (B * n_tiles,), variance, variance, out, table, C, H * W, W, n_tiles,

@@ -10,13 +10,14 @@ s 4/3 written = 14.67 B (+4 with a z tensor, +4 with return_x0_hat; bfloat16 dat
 Roofline at 16x3x512x512 (12.6 M elements): float32 184.5 MB -> 61.5 us on an H100 (~3.0 TB/s measured
 copy bandwidth), 42.9 us on an H200 (~4.3 TB/s); bfloat16 109.1 MB -> 36.4 us / 25.4 us.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (BLOCK, TL_DTYPE, compute_dtype, dense_plane, div_rn, gamma_lookup, image_strides,
-                             load_channel, normals, plane_offsets, run, split_offset, sqrt_rn, store, tiles,
-                             time_map_strides)
+from ._triton_common import (BLOCK, TL_DTYPE, compute_dtype, dense_strides, div_rn, gamma_lookup, load_channel, normals,
+                             plane_offsets, run, split_offset, sqrt_rn, store, tiles)
 
 
 @triton.jit
@@ -114,17 +115,27 @@ def _reverse_step_kernel(x_ptr, eps_ptr, z_ptr, tau_ptr, delta_ptr, table_ptr, x
     tl.store(tau_new_ptr + b * HW + hw, s, mask=mask)
 
 
+@functools.lru_cache(maxsize=64)
+def _plan(shape, x_strides, e_strides, z_strides, tau_strides, dtype, T, z_tensor, z_drawn, clamp, write_x0_hat):
+    """(grid, the integer arguments, the constexprs) of a launch on tensors of these shapes, strides and flags."""
+    B, C, H, W = shape
+    n_tiles = tiles(H * W)
+    ints = (C, H * W, W, n_tiles, T, *x_strides, *e_strides, *z_strides, tau_strides[0], *tau_strides[2:])
+    dense = all(dense_strides(shape, strides) for strides in (x_strides, e_strides, z_strides, tau_strides))
+    return (B * n_tiles,), ints, dict(COMPUTE=TL_DTYPE[compute_dtype(dtype)], DENSE_PLANE=dense, Z_TENSOR=z_tensor,
+                                      Z_DRAWN=z_drawn, CLAMP=clamp, WRITE_X0_HAT=write_x0_hat, BLOCK=BLOCK)
+
+
 def reverse_step(x, eps_hat, tau, delta, table, eta, z, clamp_min, clamp_max, seed, offset, return_x0_hat):
     """reverse_step on checked arguments (see svnr_fast.reference._reverse_step)."""
-    B, C, H, W = x.shape
     if tau.shape[1] != 1:
         # TODO(triton): per-channel time maps are not in the kernel yet; the reference serves them
         from svnr_fast import reference
         return reference._reverse_step(x, eps_hat, tau, delta, table, eta, z, clamp_min, clamp_max, seed, offset,
                                        return_x0_hat)
-    x_new = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    tau_new = torch.empty(tau.shape, dtype=tau.dtype, device=tau.device)
-    x0_hat = torch.empty(x.shape, dtype=x.dtype, device=x.device) if return_x0_hat else x.new_empty(0)
+    x_new = torch.empty_like(x, memory_format=torch.contiguous_format)
+    tau_new = torch.empty_like(tau, memory_format=torch.contiguous_format)
+    x0_hat = torch.empty_like(x_new) if return_x0_hat else x.new_empty(0)
     if x.numel() == 0:
         return x_new, tau_new, x0_hat
     eta2 = float(eta) ** 2
@@ -132,13 +143,9 @@ def reverse_step(x, eps_hat, tau, delta, table, eta, z, clamp_min, clamp_max, se
     z_tensor, z_drawn = eta2 > 0 and z is not None, eta2 > 0 and z is None
     z_arg = z if z_tensor else x
     clamp = clamp_min is not None
-    n_tiles = tiles(H * W)
-    run(_reverse_step_kernel, (B * n_tiles,), x,
-        x, eps_hat, z_arg, tau, delta.contiguous(), table, x_new, tau_new, x0_hat,
-        C, H * W, W, n_tiles, table.numel() - 1,
-        *image_strides(x), *image_strides(eps_hat), *image_strides(z_arg), *time_map_strides(tau),
-        eta2, float(clamp_min) if clamp else 0.0, float(clamp_max) if clamp else 0.0,
-        seed, *split_offset(offset),
-        COMPUTE=TL_DTYPE[compute_dtype(x.dtype)], DENSE_PLANE=all(map(dense_plane, (x, eps_hat, z_arg, tau))),
-        Z_TENSOR=z_tensor, Z_DRAWN=z_drawn, CLAMP=clamp, WRITE_X0_HAT=bool(return_x0_hat), BLOCK=BLOCK)
+    grid, ints, constants = _plan(x.shape, x.stride(), eps_hat.stride(), z_arg.stride(), tau.stride(), x.dtype,
+                                  table.numel() - 1, z_tensor, z_drawn, clamp, bool(return_x0_hat))
+    run(_reverse_step_kernel, grid, x, x, eps_hat, z_arg, tau, delta.contiguous(), table, x_new, tau_new, x0_hat,
+        *ints, eta2, float(clamp_min) if clamp else 0.0, float(clamp_max) if clamp else 0.0,
+        seed, *split_offset(offset), **constants)
     return x_new, tau_new, x0_hat

@@ -30,13 +30,15 @@ measured copy bandwidth), 50.7 us on an H200 (~4.3 TB/s); bfloat16: 117.4 MB -> 
 Two-pass float32: 268.4 MB of DRAM traffic -> 89.5 us / 62.4 us, at most 81% of copy bandwidth when
 counted against the 218.1 MB minimum.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (BLOCK, TL_DTYPE, channel_max, compute_dtype, dense_plane, div_rn, gamma_lookup,
-                             image_strides, load_channel, normals, plane_offsets, run, split_offset, sqrt_rn, store,
-                             table_args, tiles, time_lookup)
+from ._triton_common import (BLOCK, TL_DTYPE, channel_max, compute_dtype, dense_strides, div_rn, gamma_lookup,
+                             load_channel, normals, plane_offsets, run, split_offset, sqrt_rn, store, table_size_args,
+                             tiles, time_lookup)
 
 ORDERED, MAX_PHASE, SAMPLE_PHASE = 0, 1, 2   # values of the kernel's PHASE
 
@@ -195,26 +197,34 @@ def _training_sample_kernel(x0_ptr, eps_t_ptr, eps_p_ptr, sigma_r_ptr, sigma_s_p
         tl.store(tau_ptr + b * HW + hw, tau, mask=mask)
 
 
+@functools.lru_cache(maxsize=64)
+def _plan(shape, x_strides, a_strides, p_strides, dtype, table_size, eps_t_tensor, eps_prime_tensor, correlated):
+    """(tiles per image, the integer arguments, the constexprs) of launches on tensors of these shapes, strides
+    and flags."""
+    B, C, H, W = shape
+    n_tiles = tiles(H * W)
+    ints = (B, C, H * W, W, n_tiles, *table_size_args(table_size), *x_strides, *a_strides, *p_strides)
+    dense = all(dense_strides(shape, strides) for strides in (x_strides, a_strides, p_strides))
+    return n_tiles, ints, dict(COMPUTE=TL_DTYPE[compute_dtype(dtype)], DENSE_PLANE=dense, EPS_T_TENSOR=eps_t_tensor,
+                               EPS_PRIME_TENSOR=eps_prime_tensor, CORRELATED=correlated, BLOCK=BLOCK)
+
+
 def launch(x0, sigma_r, sigma_s, u, table, correlated, eps_T, eps_prime, seed, offset, *, ordered: bool = False):
     """training_sample on checked arguments, in two passes or in one ordered launch (`ordered=True`)."""
     B, C, H, W = x0.shape
-    dtype = compute_dtype(x0.dtype)
-    y = torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
+    y = torch.empty_like(x0, memory_format=torch.contiguous_format)
     x_t = torch.empty_like(y)
     target = torch.empty_like(y)
-    tau = torch.empty((B, 1, H, W), dtype=dtype, device=x0.device)
+    tau = y.new_empty((B, 1, H, W), dtype=compute_dtype(x0.dtype))
     if x0.numel() == 0:
         return y, x_t, tau, target
-    n_tiles = tiles(H * W)
-    sync = torch.zeros(1 + 2 * B, dtype=torch.int64, device=x0.device)
+    sync = y.new_zeros(1 + 2 * B, dtype=torch.int64)
     eps_t_arg = eps_T if eps_T is not None else x0
     eps_p_arg = eps_prime if eps_prime is not None else x0
+    n_tiles, ints, constants = _plan(x0.shape, x0.stride(), eps_t_arg.stride(), eps_p_arg.stride(), x0.dtype,
+                                     table.numel(), eps_T is not None, eps_prime is not None, bool(correlated))
     args = (x0, eps_t_arg, eps_p_arg, sigma_r.contiguous(), sigma_s.contiguous(), u.contiguous(), table,
-            y, x_t, tau, target, sync, B, C, H * W, W, n_tiles, *table_args(table),
-            *image_strides(x0), *image_strides(eps_t_arg), *image_strides(eps_p_arg), seed, *split_offset(offset))
-    constants = dict(COMPUTE=TL_DTYPE[dtype], DENSE_PLANE=all(map(dense_plane, (x0, eps_t_arg, eps_p_arg))),
-                     EPS_T_TENSOR=eps_T is not None, EPS_PRIME_TENSOR=eps_prime is not None,
-                     CORRELATED=bool(correlated), BLOCK=BLOCK)
+            y, x_t, tau, target, sync, *ints, seed, *split_offset(offset))
     if ordered:
         run(_training_sample_kernel, (2 * B * n_tiles,), x0, *args, PHASE=ORDERED, **constants)
     else:
