@@ -130,6 +130,8 @@ void groupnorm_film_cpu(Pass pass, const GroupNormFilmArgs& args, int threads) {
 
 void lookup_cpu(const LookupArgs& args, int threads) {
   check_image_shape("lookup", args.batch, args.channels, args.pixels);
+  if (args.op == Lookup::kTimeMap && args.channels < 1)
+    throw std::invalid_argument("time_map: the variance needs at least one channel");
   check_table("lookup", args.table);
   kernels().lookup(args, threads);
 }

@@ -564,7 +564,9 @@ void backward_nhwc(const Film<S>& f, int threads) {
 }  // namespace
 
 void groupnorm_film(Pass pass, const GroupNormFilmArgs& args, int threads) {
-  threads = thread_count(threads, args.batch * args.channels * args.pixels);
+  const int64_t elements = args.batch * args.channels * args.pixels;
+  threads = thread_count(threads, elements);
+  advise_huge_pages(pass == Pass::kForward ? args.out : args.grad_h, elements * element_size(args.dtype));
   dispatch(args.dtype, "groupnorm_film", [&](auto storage) {
     using S = decltype(storage);
     const Film<S> film = typed<S>(args);

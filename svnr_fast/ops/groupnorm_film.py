@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from . import _checks, backends
+from . import _checks, _native, backends
 
 
 def memory_format(h: Tensor) -> torch.memory_format:
@@ -99,18 +99,6 @@ def groupnorm_film(h: Tensor, u: Tensor, table: Tensor, gn_weight: Tensor, gn_bi
 # Glue of the C++ and CUDA kernels
 # ---------------------------------------------------------------------------------------------------
 
-_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
-
-
-def _extension():
-    ext, error = backends.extension()
-    if ext is None:
-        raise backends.BackendUnavailable(f"the C++/CUDA extension svnr_fast._C is not built ({error}); "
-                                          f"reinstall svnr_fast with a C++ compiler, or use "
-                                          f"SVNR_FAST_BACKEND=reference")
-    return ext
-
-
 def _prepare(h: Tensor, u: Tensor, table: Tensor, gn_weight: Tensor, gn_bias: Tensor):
     """h in the layout the kernels read; u (B, H*W), table, weight and bias contiguous in the compute dtype."""
     h = h.contiguous(memory_format=memory_format(h))
@@ -125,7 +113,7 @@ def _run(ext, backward: bool, shape: tuple, addresses: tuple, eps: float, silu: 
     the launch (the workspace, converted inputs) are safe, since the caching allocator hands their memory
     only to work queued later on the same stream."""
     if not h.is_cuda:
-        ext.groupnorm_film_cpu(backward, shape, addresses, eps, silu, torch.get_num_threads())
+        ext.groupnorm_film_cpu(backward, shape, addresses, eps, silu, _native.threads())
         return
     workspace = torch.empty(ext.groupnorm_film_cuda_workspace_bytes(shape), dtype=torch.uint8, device=h.device)
     ext.groupnorm_film_cuda(backward, shape, addresses, eps, silu, workspace.data_ptr(), h.device.index,
@@ -137,9 +125,9 @@ def _launch(backward: bool, groups: int, tensors: tuple, eps: float, act: str) -
     grad_weight, grad_bias), None where the pass has none (the order of the extension's `tensors`)."""
     h, table = tensors[0], tensors[2]
     B, C, H, W = h.shape
-    shape = (_DTYPE_CODES[h.dtype], B, C, H * W, groups, table.shape[0], memory_format(h) == torch.channels_last)
+    shape = (_native.DTYPE_CODES[h.dtype], B, C, H * W, groups, table.shape[0], memory_format(h) == torch.channels_last)
     addresses = tuple(0 if t is None else t.data_ptr() for t in tensors)
-    _run(_extension(), backward, shape, addresses, float(eps), act == "silu", h)
+    _run(_native.extension(), backward, shape, addresses, float(eps), act == "silu", h)
 
 
 def _statistics(h: Tensor, groups: int) -> Tensor:
