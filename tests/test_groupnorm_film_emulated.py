@@ -25,6 +25,7 @@ from test_groupnorm_film import (
 )
 
 from svnr_fast import reference
+from svnr_fast.ops import _native
 
 glue = importlib.import_module("svnr_fast.ops.groupnorm_film")   # the module (the package attribute is the op)
 
@@ -63,7 +64,7 @@ def cuda_glue(emulated, monkeypatch):
         workspace = torch.empty(ext.groupnorm_film_cuda_workspace_bytes(shape), dtype=torch.uint8)
         ext.groupnorm_film_cuda(backward, shape, addresses, eps, silu, workspace.data_ptr(), 0, 0)
 
-    monkeypatch.setattr(glue, "_extension", lambda: module)
+    monkeypatch.setattr(_native, "extension", lambda: module)
     monkeypatch.setattr(glue, "_run", run_cuda)
     return launches
 
@@ -168,7 +169,7 @@ def test_emulated_cuda_writes_only_its_outputs(emulated, monkeypatch, shape, dty
     B, C, H, W = h.shape
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     channels_last = glue.memory_format(h) == torch.channels_last
-    film_shape = (glue._DTYPE_CODES[dtype], B, C, H * W, groups, table.shape[0], channels_last)
+    film_shape = (_native.DTYPE_CODES[dtype], B, C, H * W, groups, table.shape[0], channels_last)
 
     def image():
         view, whole = guarded(h.numel(), dtype)
