@@ -1062,6 +1062,23 @@ __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S>
       // start (no accumulators reset in the loop, which would cost register moves on every position).
       float total[4 * CS] = {}, start[4 * CS] = {}, first[4 * CS] = {};
       int run_k = begin < end ? int(keys[begin] >> kKeyShift) : knots, first_k = knots;   // knots: no key
+      // Ends the current run at the running sums `at`: the thread's first run is deferred (add_first_runs), the
+      // others are this thread's alone.
+      auto end_run = [&](const float (&at)[4 * CS]) {
+        float run[4 * CS];
+#pragma unroll
+        for (int q = 0; q < 4 * CS; ++q) {
+          run[q] = at[q] - start[q];
+          start[q] = at[q];
+        }
+        if (first_k == knots) {
+#pragma unroll
+          for (int q = 0; q < 4 * CS; ++q) first[q] = run[q];
+          first_k = run_k;
+        } else {
+          add_to_cell<CS>(hist + c0 * knots, knots, channels, run_k, run);
+        }
+      };
 #pragma unroll 1
       for (unsigned i = begin; i < end; i += 4) {
         const uint4 four = *reinterpret_cast<const uint4*>(keys + i);   // (keys and fracs indexed alike)
@@ -1083,38 +1100,15 @@ __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S>
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             const int k = int(key[j] >> kKeyShift);
-            if (k != run_k) {   // the thread's first run is deferred, the others are this thread's alone
-              float run[4 * CS];
-#pragma unroll
-              for (int q = 0; q < 4 * CS; ++q) {
-                run[q] = before[q] - start[q];
-                start[q] = before[q];
-              }
-              if (first_k == knots) {
-#pragma unroll
-                for (int q = 0; q < 4 * CS; ++q) first[q] = run[q];
-                first_k = run_k;
-              } else {
-                add_to_cell<CS>(hist + c0 * knots, knots, channels, run_k, run);
-              }
+            if (k != run_k) {
+              end_run(before);
               run_k = k;
             }
             accumulate_pair(before, kept[j], frac[j]);
           }
         }
       }
-      if (begin < end) {
-        float run[4 * CS];
-#pragma unroll
-        for (int q = 0; q < 4 * CS; ++q) run[q] = total[q] - start[q];
-        if (first_k == knots) {
-#pragma unroll
-          for (int q = 0; q < 4 * CS; ++q) first[q] = run[q];
-          first_k = run_k;
-        } else {
-          add_to_cell<CS>(hist + c0 * knots, knots, channels, run_k, run);
-        }
-      }
+      if (begin < end) end_run(total);
       add_first_runs<CS>(hist + c0 * knots, knots, channels, first_k, first, slots, knots);
       __syncthreads();   // the histogram's cells are added before the next chunk's; the tile is free again
     }
