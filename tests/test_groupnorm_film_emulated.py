@@ -6,7 +6,8 @@ README.md says what it cannot see). The emulated module replaces svnr_fast._C in
 (svnr_fast.ops.groupnorm_film), whose CUDA entry points then run on CPU memory. Criteria as in
 test_groupnorm_film.py: float32 < 1e-5, float64 < 1e-12 relative to the float64 reference, bfloat16 and
 float16 results at most 2x the eager reference's error. EMU_SMS is the multiprocessor count the emulated device reports: 1
-makes every eligible NCHW shape take the one-launch forward, 132 (an H100) the three-launch one.
+makes every eligible NCHW shape take the one-block-per-group kernels (the one-launch forward, the knot-sorted
+backward), 132 (an H100) the chunked ones.
 """
 import ctypes
 import importlib
