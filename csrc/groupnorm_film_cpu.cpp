@@ -6,7 +6,8 @@
 // NCHW (the main layout). One task per (image, group) in the forward: the group is contiguous, so its
 // statistics (two passes: mean, then squared deviations) and the apply pass reread it from the core's
 // cache: h comes from memory once. Per pixel, the segment k and frac of the time map are computed once
-// per image; each channel then gathers from its own contiguous column of the transposed table.
+// per image; each channel then reads one record (scale_k, d scale, shift_k, d shift) per pixel, several
+// pixels' records transposed in registers (lerp_records), before a vectorised loop applies the FiLM.
 // The backward runs one task per (group, slice of images); the task owns its channels' columns of its
 // slice's table-gradient buffer (double), so it accumulates them without atomics; a first pass over each
 // group computes dn and the table gradient, a second pass writes grad_h from the cached dn.
@@ -16,17 +17,16 @@
 // shifted values over pixel blocks, merged per group (Chan); the backward accumulates the table
 // gradient per slice of the pixel blocks, slices summed in order.
 //
-// Every sum has a fixed order that depends on the shape only: results are the same for any thread count.
+// Every sum has a fixed order that depends on the shape and the instruction set only: results are the same
+// for any thread count.
 //
 // Bytes per element that must move (float32; half for bfloat16/float16): forward 8 (read h, write out),
 // backward 12 (read grad_out and h, write grad_h). NCHW reads h from memory once in the forward (the
 // later passes over a group hit the core's cache) and grad_out and h once in the backward; NHWC reads
-// each twice. Roofline on the development machine (2 shared cores of an AVX-512 Xeon; a 256 MB torch
-// copy_ moves 13.4 GB/s, read + write): 8x64x128x128 float32 (8.4M elements) moves at least 67 MB
-// forward (5.0 ms) and 101 MB backward (7.5 ms), 0.6 and 0.9 ns per element. Measured CPU time per
-// element on one thread: forward 2.3-4.4 ns, backward 6 ns (NCHW) and 8-10 ns (NHWC), so with two
-// threads the kernels are compute bound, not memory bound: SiLU's exp and division and the four table
-// gathers per element, which baseline x86-64 (SSE2) code emulates; -march=native measured 5-30% faster.
+// each twice. 8x64x128x128 float32 (8.4M elements) moves at least 67 MB forward and 101 MB backward; a
+// torch copy_ of that size took 1.9 ms on this 2-core AMD EPYC (Zen 5, AVX-512) when it was quiet. The
+// forward is compute bound: one thread's CPU time per call at that size, best of 30, AVX-512: 8.3 ms
+// (10.1 with four emulated gathers per element instead of the records); AVX2 11.1 (12.2).
 #include <cmath>
 
 #include "cpu_common.h"
@@ -88,13 +88,90 @@ Film<S> typed(const GroupNormFilmArgs& a) {
           a.eps};
 }
 
-// The table's scale and shift columns, (2C, K): the NCHW kernels lerp one channel over many pixels.
+// The table as the NCHW kernels read it, one channel over many pixels: per channel c and segment k in
+// [0, K - 2] the record (scale_k, scale_k+1 - scale_k, shift_k, shift_k+1 - shift_k), so that a pixel's lerp
+// reads one 16-byte record (float) and scale_k + frac * (scale_k+1 - scale_k) is the reference's lerp exactly.
 template <typename T>
-Buffer<T> table_columns(const T* table, int64_t C, int64_t K) {
-  Buffer<T> columns(2 * C * K);
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t j = 0; j < 2 * C; ++j) columns[j * K + k] = table[k * 2 * C + j];
-  return columns;
+Buffer<T> film_records(const T* table, int64_t C, int64_t K) {
+  Buffer<T> records(C * (K - 1) * 4);
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t k = 0; k < K - 1; ++k) {
+      const T* row = table + k * 2 * C;
+      const T* next = row + 2 * C;
+      T* record = records.data() + (c * (K - 1) + k) * 4;
+      record[0] = row[c];
+      record[1] = next[c] - row[c];
+      record[2] = row[C + c];
+      record[3] = next[C + c] - row[C + c];
+    }
+  }
+  return records;
+}
+
+// scale and shift of one channel at n pixels from its records (film_records) and the pixels' segments and
+// fractions. For float, the records of 4, 8 or 16 pixels (SSE, AVX, AVX-512) are loaded whole and transposed in
+// registers into (scale_k, d scale, shift_k, d shift) vectors: GCC's own code reads the four values as four
+// emulated gathers (10 of the forward's 15 instructions per element with AVX2, callgrind), and hardware
+// gathers are 2-3x slower still on this AMD machine.
+#if defined(__AVX512F__)
+constexpr int kRecordLanes = 16;
+#elif defined(__AVX__)
+constexpr int kRecordLanes = 8;
+#else
+constexpr int kRecordLanes = 4;
+#endif
+
+#if defined(__SSE2__)
+// Four pixels' records at `records + 4 * k[0..3]` transposed: lane j of s, ds, h, dh is pixel j's.
+inline void transpose_records(const float* records, const std::int32_t* k, __m128& s, __m128& ds, __m128& h,
+                              __m128& dh) {
+  s = _mm_loadu_ps(records + 4 * k[0]);
+  ds = _mm_loadu_ps(records + 4 * k[1]);
+  h = _mm_loadu_ps(records + 4 * k[2]);
+  dh = _mm_loadu_ps(records + 4 * k[3]);
+  _MM_TRANSPOSE4_PS(s, ds, h, dh);
+}
+#endif
+
+template <typename T>
+void lerp_records(const T* records, const std::int32_t* k, const T* frac, int64_t n, T* scale, T* shift) {
+  int64_t p = 0;
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<T, float>) {
+    for (; p + kRecordLanes <= n; p += kRecordLanes) {
+#if defined(__AVX512F__)
+      __m128 s[4], ds[4], h[4], dh[4];
+      for (int part = 0; part < 4; ++part) transpose_records(records, k + p + 4 * part, s[part], ds[part], h[part], dh[part]);
+      auto join = [](const __m128* q) {
+        const __m512 low = _mm512_insertf32x4(_mm512_castps128_ps512(q[0]), q[1], 1);
+        return _mm512_insertf32x4(_mm512_insertf32x4(low, q[2], 2), q[3], 3);
+      };
+      const __m512 f = _mm512_loadu_ps(frac + p);
+      _mm512_storeu_ps(scale + p, _mm512_add_ps(join(s), _mm512_mul_ps(f, join(ds))));
+      _mm512_storeu_ps(shift + p, _mm512_add_ps(join(h), _mm512_mul_ps(f, join(dh))));
+#elif defined(__AVX__)
+      __m128 s0, ds0, h0, dh0, s1, ds1, h1, dh1;
+      transpose_records(records, k + p, s0, ds0, h0, dh0);
+      transpose_records(records, k + p + 4, s1, ds1, h1, dh1);
+      auto join = [](__m128 low, __m128 high) { return _mm256_insertf128_ps(_mm256_castps128_ps256(low), high, 1); };
+      const __m256 f = _mm256_loadu_ps(frac + p);
+      _mm256_storeu_ps(scale + p, _mm256_add_ps(join(s0, s1), _mm256_mul_ps(f, join(ds0, ds1))));
+      _mm256_storeu_ps(shift + p, _mm256_add_ps(join(h0, h1), _mm256_mul_ps(f, join(dh0, dh1))));
+#else
+      __m128 s, ds, h, dh;
+      transpose_records(records, k + p, s, ds, h, dh);
+      const __m128 f = _mm_loadu_ps(frac + p);
+      _mm_storeu_ps(scale + p, _mm_add_ps(s, _mm_mul_ps(f, ds)));
+      _mm_storeu_ps(shift + p, _mm_add_ps(h, _mm_mul_ps(f, dh)));
+#endif
+    }
+  }
+#endif
+  for (; p < n; ++p) {
+    const T* record = records + 4 * k[p];
+    scale[p] = record[0] + frac[p] * record[1];
+    shift[p] = record[2] + frac[p] * record[3];
+  }
 }
 
 // Per pixel of every image: the table segment k and frac of u (math::knot).
@@ -153,18 +230,31 @@ double squared_deviations(const S* x, int64_t count, Compute<S> mean) {
 // NCHW
 // ---------------------------------------------------------------------------------------------------
 
+// Per-thread rows of scale(u) and shift(u) for a tile of kTile pixels.
+template <typename T>
+struct FilmRows {
+  Buffer<T> scale, shift;
+  FilmRows() : scale(kTile), shift(kTile) {}
+};
+
 // One channel plane: out = act(film(xhat * w + b, scale(u), shift(u))).
 template <typename S, bool Silu>
 void forward_plane(const S* x, S* out, int64_t pixels, const std::int32_t* knot_k,
-                   const Compute<S>* knot_frac, const Compute<S>* scale_column,
-                   const Compute<S>* shift_column, Compute<S> mean, Compute<S> rstd, Compute<S> w,
-                   Compute<S> b) {
+                   const Compute<S>* knot_frac, const Compute<S>* records, Compute<S> mean, Compute<S> rstd,
+                   Compute<S> w, Compute<S> b, FilmRows<Compute<S>>& film) {
   using T = Compute<S>;
+  for (int64_t start = 0; start < pixels; start += kTile) {
+    const int64_t n = min64(kTile, pixels - start);
+    lerp_records(records, knot_k + start, knot_frac + start, n, film.scale.data(), film.shift.data());
+    const T* scale = film.scale.data();
+    const T* shift = film.shift.data();
+    const S* xs = x + start;
+    S* ys = out + start;
 #pragma omp simd
-  for (int64_t p = 0; p < pixels; ++p) {
-    const math::ScaleShift<T> film = math::film_at(scale_column, shift_column, 1, {knot_k[p], knot_frac[p]});
-    const T n = math::normalize(load(x[p]), mean, rstd) * w + b;
-    store(out[p], math::activate<Silu>(math::film(n, film.scale, film.shift)));
+    for (int64_t p = 0; p < n; ++p) {
+      const T normed = math::normalize(load(xs[p]), mean, rstd) * w + b;
+      store(ys[p], math::activate<Silu>(math::film(normed, scale[p], shift[p])));
+    }
   }
 }
 
@@ -175,9 +265,12 @@ void forward_nchw(const Film<S>& f, int threads) {
   const int K = f.K;
   const int64_t per_group = C / G, count = per_group * HW;
   const Knots<T> knots = knots_of(f.u, B * HW, K, threads);
-  const Buffer<T> columns = table_columns(f.table, C, K);
+  const Buffer<T> records = film_records(f.table, C, K);
 
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel num_threads(threads)
+  {
+  FilmRows<T> film;
+#pragma omp for schedule(static)
   for (int64_t task = 0; task < B * G; ++task) {
     const int64_t b = task / G, g = task % G;
     const S* x = f.h + (b * C + g * per_group) * HW;
@@ -188,14 +281,16 @@ void forward_nchw(const Film<S>& f, int threads) {
     for (int64_t i = 0; i < per_group; ++i) {
       const int64_t c = g * per_group + i;
       forward_plane<S, Silu>(x + i * HW, f.out + (b * C + c) * HW, HW, knots.k.data() + b * HW,
-                             knots.frac.data() + b * HW, columns.data() + c * K, columns.data() + (C + c) * K, mu,
-                             rs, f.weight[c], f.bias[c]);
+                             knots.frac.data() + b * HW, records.data() + c * (K - 1) * 4, mu, rs, f.weight[c],
+                             f.bias[c], film);
     }
+  }
   }
 }
 
 // First backward pass over one channel plane: dn (kept for the second pass) and the per-pixel table
-// gradients dscale, dpre (= dshift); returns the plane's sums of dn and dn * xhat.
+// gradients dscale, dpre (= dshift); returns the plane's sums of dn and dn * xhat. dscale and dshift first
+// hold the plane's scale(u) and shift(u), each pixel's read before its gradient replaces it.
 struct PlaneSums {
   double dn;
   double dn_xhat;
@@ -203,19 +298,19 @@ struct PlaneSums {
 
 template <typename S, bool Silu>
 PlaneSums backward_plane(const S* grad_out, const S* x, int64_t pixels, const std::int32_t* knot_k,
-                         const Compute<S>* knot_frac, const Compute<S>* scale_column,
-                         const Compute<S>* shift_column, Compute<S> mean, Compute<S> rstd, Compute<S> w,
-                         Compute<S> b, Compute<S>* dn, Compute<S>* dscale, Compute<S>* dshift) {
+                         const Compute<S>* knot_frac, const Compute<S>* records, Compute<S> mean,
+                         Compute<S> rstd, Compute<S> w, Compute<S> b, Compute<S>* dn, Compute<S>* dscale,
+                         Compute<S>* dshift) {
   using T = Compute<S>;
+  lerp_records(records, knot_k, knot_frac, pixels, dscale, dshift);
   PlaneSums sums{0, 0};
   for (int64_t start = 0; start < pixels; start += kSumBlock) {
     const int64_t end = min64(pixels, start + kSumBlock);
     T sum_dn = 0, sum_dn_xhat = 0;
 #pragma omp simd reduction(+ : sum_dn, sum_dn_xhat)
     for (int64_t p = start; p < end; ++p) {
-      const math::ScaleShift<T> film = math::film_at(scale_column, shift_column, 1, {knot_k[p], knot_frac[p]});
       const T xhat = math::normalize(load(x[p]), mean, rstd);
-      const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(grad_out[p])), xhat, w, b, film.scale, film.shift);
+      const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(grad_out[p])), xhat, w, b, dscale[p], dshift[p]);
       dn[p] = grad.dn;
       dscale[p] = grad.dscale;
       dshift[p] = grad.dpre;
@@ -285,7 +380,7 @@ void backward_nchw(const Film<S>& f, int threads) {
   const int K = f.K;
   const int64_t per_group = C / G, count = per_group * HW;
   const Knots<T> knots = knots_of(f.u, B * HW, K, threads);
-  const Buffer<T> columns = table_columns(f.table, C, K);
+  const Buffer<T> records = film_records(f.table, C, K);
 
   // one task per (group, slice of the images); the task owns its group's channels in its slice's buffer
   const int64_t slices = slice_count(min64(B, (kSliceTasks + G - 1) / G), B * C * HW, C, K);
@@ -295,8 +390,7 @@ void backward_nchw(const Film<S>& f, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t task = 0; task < G * slices; ++task) {
     const int64_t g = task / slices, slice = task % slices;
-    Buffer<T> dn(count), dscale(HW),
-        dshift(HW);
+    Buffer<T> dn(count), dscale(HW), dshift(HW);
     for (int64_t b = slice * B / slices; b < (slice + 1) * B / slices; ++b) {
       const int64_t group_offset = (b * C + g * per_group) * HW;
       const T mu = f.mean[b * G + g], rs = f.rstd[b * G + g];
@@ -306,9 +400,8 @@ void backward_nchw(const Film<S>& f, int threads) {
       for (int64_t i = 0; i < per_group; ++i) {
         const int64_t c = g * per_group + i, offset = group_offset + i * HW;
         const PlaneSums sums = backward_plane<S, Silu>(
-            f.grad_out + offset, f.h + offset, HW, knot_k, knot_frac, columns.data() + c * K,
-            columns.data() + (C + c) * K, mu, rs, f.weight[c], f.bias[c], dn.data() + i * HW, dscale.data(),
-            dshift.data());
+            f.grad_out + offset, f.h + offset, HW, knot_k, knot_frac, records.data() + c * (K - 1) * 4, mu, rs,
+            f.weight[c], f.bias[c], dn.data() + i * HW, dscale.data(), dshift.data());
         accumulate_segments(segments.data() + (slice * C + c) * K, HW, knot_k, knot_frac, dscale.data(),
                             dshift.data());
         plane_dn[b * C + c] = sums.dn;
@@ -564,7 +657,9 @@ void backward_nhwc(const Film<S>& f, int threads) {
 }  // namespace
 
 void groupnorm_film(Pass pass, const GroupNormFilmArgs& args, int threads) {
-  threads = thread_count(threads, args.batch * args.channels * args.pixels);
+  const int64_t elements = args.batch * args.channels * args.pixels;
+  threads = thread_count(threads, elements);
+  advise_huge_pages(pass == Pass::kForward ? args.out : args.grad_h, elements * element_size(args.dtype));
   dispatch(args.dtype, "groupnorm_film", [&](auto storage) {
     using S = decltype(storage);
     const Film<S> film = typed<S>(args);

@@ -20,10 +20,30 @@ template <typename T>
 struct StepRows {
   Buffer<T> tau, s, gt, gs, sqrt_gt, eps_scale, z_scale, x, eps, z, x0_hat, x_new;
   Buffer<float> drawn;
+  NormalScratch scratch;
   explicit StepRows(int64_t n)
       : tau(n), s(n), gt(n), gs(n), sqrt_gt(n), eps_scale(n), z_scale(n), x(n), eps(n), z(n), x0_hat(n),
-        x_new(n), drawn(n) {}
+        x_new(n), drawn(n), scratch(n) {}
 };
+
+// Steps 2-4 on one row: x0_hat, x_new; Clamp and Noise (a z term) are template arguments so that the loop
+// has no branches and vectorises.
+template <bool Clamp, bool Noise, typename T>
+void update(int64_t n, const StepRows<T>& r, T low, T high, T* x0_hat_out, T* x_new_out) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const T x = r.x[i], eps = r.eps[i];
+    // 3. the network's estimate of the clean image
+    T x0_hat = x - r.sqrt_gt[i] * eps;
+    if (Clamp) x0_hat = math::clamp(x0_hat, low, high);
+    T x_new = x0_hat + r.eps_scale[i] * eps;
+    if (Noise) x_new = x_new + r.z_scale[i] * r.z[i];
+    // 2. finished pixels (gamma(tau) = 0) stay as they are
+    const bool finished = r.gt[i] == T(0);
+    x_new_out[i] = math::select(finished, x, x_new);
+    x0_hat_out[i] = math::select(finished, x, x0_hat);
+  }
+}
 
 template <typename T>
 void step(const ReverseStepArgs& a, int threads) {
@@ -35,7 +55,12 @@ void step(const ReverseStepArgs& a, int threads) {
   // Python scalars, rounded to the compute type as torch rounds them
   const T eta2 = T(a.eta * a.eta), low = T(a.clamp_min), high = T(a.clamp_max);
   const bool noise = a.eta > 0, drawn = noise && a.z.data == nullptr;
-  const int x_dtype = a.x.dtype;
+  auto update_row = noise ? (a.clamp ? update<true, true, T> : update<false, true, T>)
+                          : (a.clamp ? update<true, false, T> : update<false, false, T>);
+  const int64_t elements = a.batch * C * HW;
+  advise_huge_pages(a.x_new, elements * element_size(a.x.dtype));
+  advise_huge_pages(a.x0_hat, elements * element_size(a.x.dtype));
+  advise_huge_pages(a.tau_new, a.batch * time_channels * HW * element_size(a.tau.dtype));
 
 #pragma omp parallel num_threads(thread_count(threads, a.batch * C * HW))
   {
@@ -69,28 +94,16 @@ void step(const ReverseStepArgs& a, int threads) {
         load_row(a.x, b, c, p, n, r.x.data());
         load_row(a.eps_hat, b, c, p, n, r.eps.data());
         if (drawn) {
-          normals_row(a.seed, a.offset, std::uint64_t(b * C + c), p, n, r.drawn.data());
+          normals_row(a.seed, a.offset, std::uint64_t(b * C + c), p, n, r.scratch, r.drawn.data());
 #pragma omp simd
           for (int64_t i = 0; i < n; ++i) r.z[i] = T(r.drawn[i]);
         } else if (noise) {
           load_row(a.z, b, c, p, n, r.z.data());
         }
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) {
-          const T x = r.x[i], eps = r.eps[i];
-          // 3. the network's estimate of the clean image
-          T x0_hat = x - r.sqrt_gt[i] * eps;
-          if (a.clamp) x0_hat = math::clamp(x0_hat, low, high);
-          T x_new = x0_hat + r.eps_scale[i] * eps;
-          if (noise) x_new = x_new + r.z_scale[i] * r.z[i];
-          // 2. finished pixels (gamma(tau) = 0) stay as they are
-          const bool finished = r.gt[i] == T(0);
-          r.x_new[i] = math::select(finished, x, x_new);
-          r.x0_hat[i] = math::select(finished, x, x0_hat);
-        }
+        update_row(n, r, low, high, r.x0_hat.data(), r.x_new.data());
         const int64_t out = (b * C + c) * HW + p;
-        store_row(a.x_new, x_dtype, out, r.x_new.data(), n);
-        if (a.x0_hat != nullptr) store_row(a.x0_hat, x_dtype, out, r.x0_hat.data(), n);
+        store_row(a.x_new, a.x.dtype, out, r.x_new.data(), n);
+        if (a.x0_hat != nullptr) store_row(a.x0_hat, a.x.dtype, out, r.x0_hat.data(), n);
       }
     }
   }

@@ -355,6 +355,14 @@ struct Philox {
 // Philox-4x32-10 (Salmon et al., Random123) of counter (c0, c1, c2, c3) under key (k0, k1).
 SVNR_HD Philox philox4x32_10(std::uint32_t c0, std::uint32_t c1, std::uint32_t c2, std::uint32_t c3,
                              std::uint32_t k0, std::uint32_t k1) {
+  // unrolled, so that a loop over counters around this call is the innermost loop, which GCC vectorises
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#elif defined(__GNUC__) && !defined(__clang__)
+#pragma GCC unroll 10
+#elif defined(__clang__)
+#pragma unroll
+#endif
   for (int round = 0; round < 10; ++round) {
     const std::uint64_t p0 = std::uint64_t(0xD2511F53u) * c0, p1 = std::uint64_t(0xCD9E8D57u) * c2;
     const std::uint32_t hi0 = std::uint32_t(p0 >> 32), lo0 = std::uint32_t(p0);

@@ -28,22 +28,16 @@ T variance_of(T x, T sigma_r2, T sigma_s2, T floor) {
   return math::select(v < floor, floor, v);
 }
 
-template <typename T>
-T time_of(T v, const T* table, int last) {
-  int k = 0;
-  for (int step = math::search_top(last); step > 0; step >>= 1) k = math::search_step(k, step, v, table, last);
-  return math::time_on_segment(v, k, table, last);
-}
-
 // Per-tile rows, kTile values each; x holds every channel of the tile.
 template <typename T>
 struct SampleRows {
   Buffer<T> x, v, tau_star, g_star, tau, g, y_scale, r, noise_scale, target_scale, eps_t, eps_p, y, x_t, target;
   Buffer<int> segment;
   Buffer<float> drawn;
+  NormalScratch scratch;
   SampleRows(int64_t n, int64_t channels)
       : x(n * channels), v(n), tau_star(n), g_star(n), tau(n), g(n), y_scale(n), r(n), noise_scale(n),
-        target_scale(n), eps_t(n), eps_p(n), y(n), x_t(n), target(n), segment(n), drawn(n) {}
+        target_scale(n), eps_t(n), eps_p(n), y(n), x_t(n), target(n), segment(n), drawn(n), scratch(n) {}
 };
 
 template <typename T>
@@ -54,12 +48,16 @@ class Sampler {
         table_(static_cast<const T*>(a.table.data)),
         last_(a.table.last),
         tiles_(ceil_div(a.pixels, kTile)),
-        floor_(T(a.min_std * a.min_std)) {}
+        floor_(T(a.min_std * a.min_std)),
+        times_(table_, last_, a.batch * a.pixels * (a.per_channel ? a.channels : 1)) {}
 
   void run(int threads) {
     const int64_t B = a_.batch, image_bytes = a_.channels * a_.pixels * 8;
     const int64_t chunk = a_.batch_t0 ? B : max64(1, kChunkBytes / max64(1, image_bytes));
     Buffer<T> tile_max(B * tiles_), t0(B);
+    const int64_t elements = B * a_.channels * a_.pixels;
+    for (void* image : {a_.y, a_.x_t, a_.target}) advise_huge_pages(image, elements * element_size(a_.x0.dtype));
+    advise_huge_pages(a_.tau, B * (a_.per_channel ? a_.channels : 1) * a_.pixels * int64_t(sizeof(T)));
 #pragma omp parallel num_threads(thread_count(threads, B * a_.channels * a_.pixels))
     {
       SampleRows<T> rows(kTile, a_.channels);
@@ -91,7 +89,7 @@ class Sampler {
     for (int64_t c = 0; c < a_.channels; ++c) {
       load_row(a_.x0, b, c, p, n, rows.v.data());
 #pragma omp simd reduction(max : largest)
-      for (int64_t i = 0; i < n; ++i) largest = largest > rows.v[i] ? largest : rows.v[i];
+      for (int64_t i = 0; i < n; ++i) largest = rows.v[i] > largest ? rows.v[i] : largest;
     }
     return largest;
   }
@@ -104,16 +102,20 @@ class Sampler {
     for (int64_t b = first; b < end; ++b) {
       T x = tile_max[b * tiles_];
       for (int64_t t = 1; t < tiles_; ++t) x = x > tile_max[b * tiles_ + t] ? x : tile_max[b * tiles_ + t];
-      t0[b] = time_of(variance_of(x, sigma_r2(b), sigma_s2(b), floor_), table_, last_);
+      const T v = variance_of(x, sigma_r2(b), sigma_s2(b), floor_);
+      int segment;
+      times_.row(&v, 1, &segment, &t0[b]);
       batch_largest = t0[b] > batch_largest ? t0[b] : batch_largest;
     }
     for (int64_t b = first; b < end; ++b) t0[b] = u[b] * (a_.batch_t0 ? batch_largest : t0[b]);
   }
 
   // Steps 1-3 for one row of the time map: tau*, gamma(tau*), tau, gamma(tau) and the coefficients of y' and
-  // x_t, from the variances in rows.v; writes tau (channel tc of the time map).
+  // x_t, from the variances in rows.v; writes tau (channel tc of the time map). Uncorrelated noise (the
+  // ablation) is the bridge with r = 0: x0 + 0 * (y' - x0) + sqrt(gamma(tau)) eps' is x0 + sqrt(gamma(tau)) eps'
+  // exactly.
   void coefficients(int64_t b, int64_t tc, int64_t p, int64_t n, T t0, SampleRows<T>& r) const {
-    time_row(r.v.data(), n, table_, last_, r.segment.data(), r.tau_star.data());
+    times_.row(r.v.data(), n, r.segment.data(), r.tau_star.data());
     gamma_row(r.tau_star.data(), n, table_, last_, r.g_star.data());
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
@@ -124,15 +126,16 @@ class Sampler {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) tau_out[i] = r.tau[i];
     gamma_row(r.tau.data(), n, table_, last_, r.g.data());
+    const bool correlated = a_.correlated;
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
       const T g_star = r.g_star[i], g = r.g[i];
-      const bool bridge = g_star > T(0), has_target = g > T(0);
+      const bool bridge = correlated && g_star > T(0), has_target = g > T(0);
       const T ratio = math::select(bridge, g / math::select(bridge, g_star, T(1)), T(0));
       const T rest = g * (T(1) - ratio);
       r.y_scale[i] = math::sqrt_of(g_star);
       r.r[i] = ratio;
-      r.noise_scale[i] = a_.correlated ? math::sqrt_of(math::select(rest < T(0), T(0), rest)) : math::sqrt_of(g);
+      r.noise_scale[i] = math::sqrt_of(math::select(rest < T(0), T(0), rest));
       r.target_scale[i] = math::sqrt_of(math::select(has_target, g, T(1)));
     }
   }
@@ -143,7 +146,7 @@ class Sampler {
       load_row(given, b, c, p, n, dst);
       return;
     }
-    normals_row(a_.seed, a_.offset, stream, p, n, r.drawn.data());
+    normals_row(a_.seed, a_.offset, stream, p, n, r.scratch, r.drawn.data());
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) dst[i] = T(r.drawn[i]);
   }
@@ -178,9 +181,8 @@ class Sampler {
       for (int64_t i = 0; i < n; ++i) {
         const T x0 = x[i];
         const T y = x0 + r.y_scale[i] * r.eps_t[i];
-        // 4. the Brownian bridge between x0 and y', or independent noise (the ablation)
-        const T x_t = a_.correlated ? x0 + r.r[i] * (y - x0) + r.noise_scale[i] * r.eps_p[i]
-                                    : x0 + r.noise_scale[i] * r.eps_p[i];
+        // 4. the Brownian bridge between x0 and y' (r = 0: independent noise, the ablation)
+        const T x_t = x0 + r.r[i] * (y - x0) + r.noise_scale[i] * r.eps_p[i];
         // 5. the epsilon target; 0 where gamma(tau) = 0
         r.y[i] = y;
         r.x_t[i] = x_t;
@@ -198,6 +200,7 @@ class Sampler {
   int last_;
   int64_t tiles_;
   T floor_;
+  TimeLookup<T> times_;
 };
 
 }  // namespace

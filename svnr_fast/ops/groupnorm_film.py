@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from . import _checks, backends
+from . import _checks, _native, backends
 
 
 def memory_format(h: Tensor) -> torch.memory_format:
@@ -101,18 +101,6 @@ def groupnorm_film(h: Tensor, u: Tensor, table: Tensor, gn_weight: Tensor, gn_bi
 # Glue of the C++ and CUDA kernels
 # ---------------------------------------------------------------------------------------------------
 
-_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
-
-
-def _extension():
-    ext, error = backends.extension()
-    if ext is None:
-        raise backends.BackendUnavailable(f"the C++/CUDA extension svnr_fast._C is not built ({error}); "
-                                          f"reinstall svnr_fast with a C++ compiler, or use "
-                                          f"SVNR_FAST_BACKEND=reference")
-    return ext
-
-
 def _prepare(h: Tensor, u: Tensor, table: Tensor, gn_weight: Tensor, gn_bias: Tensor):
     """h in the layout the kernels read; u (B, H*W), table, weight and bias contiguous in the compute dtype."""
     layout = memory_format(h)
@@ -134,7 +122,7 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _run(ext, backward: bool, shape: tuple, addresses: tuple, eps: float, silu: bool, h: Tensor) -> None:
     """The CPU kernel, with the threads torch uses."""
-    ext.groupnorm_film_cpu(backward, shape, addresses, eps, silu, torch.get_num_threads())
+    ext.groupnorm_film_cpu(backward, shape, addresses, eps, silu, _native.threads())
 
 
 def _run_cuda(ext, backward: bool, shape: tuple, addresses: tuple, eps: float, silu: bool, h: Tensor) -> None:
@@ -159,9 +147,9 @@ def _launch(backward: bool, groups: int, tensors: tuple, eps: float, act: str, r
     h, table = tensors[0], tensors[2]
     B, C, H, W = h.shape
     # h is NCHW-contiguous or channels_last (_prepare)
-    shape = (_DTYPE_CODES[h.dtype], B, C, H * W, groups, table.shape[0], not h.is_contiguous())
+    shape = (_native.DTYPE_CODES[h.dtype], B, C, H * W, groups, table.shape[0], not h.is_contiguous())
     addresses = tuple([0 if t is None else t.data_ptr() for t in tensors])
-    (run or _run)(_extension(), backward, shape, addresses, float(eps), act == "silu", h)
+    (run or _run)(_native.extension(), backward, shape, addresses, float(eps), act == "silu", h)
 
 
 def _statistics(h: Tensor, groups: int) -> Tensor:
