@@ -107,7 +107,7 @@ def test_float32_matches_float64():
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
 
 
-def test_ops_match_reference_on_cpu():
+def test_ops_match_reference_on_cpu(fused_cpu):
     x0 = repeated_image(3, seed=8).float()
     eps_T, eps_prime = torch.randn((2, *x0.shape), generator=torch.Generator().manual_seed(11))
     kwargs = dict(eps_T=eps_T, eps_prime=eps_prime)
@@ -120,7 +120,7 @@ def test_ops_match_reference_on_cpu():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", [reference, ops])
+@pytest.mark.parametrize("impl", [reference, ops], indirect=True)
 def test_other_codebases_conventions_follow_the_formulas(impl):
     """per_channel: tau*_c = tau(V_c); t0_per='batch': t0 = u * the batch's largest tau*; min_std floors V."""
     gen = torch.Generator().manual_seed(5)
