@@ -16,7 +16,7 @@ from common import Case, with_backend
 from svnr_fast.app.checkpoint import load_model
 from svnr_fast.app.denoise import BUNDLED_MODEL, denoise
 from svnr_fast.app.models import SVNRUNet, preset
-from svnr_fast.app.sampling import SamplerGraphs
+from svnr_fast.sampling import SamplerGraphs
 
 STEPS = 25
 NOISE = (0.05, 0.10)

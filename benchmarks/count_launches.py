@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 from svnr_fast import Schedule
 from svnr_fast.app import training
 from svnr_fast.app.models import SVNRUNet, preset
-from svnr_fast.app.sampling import _loop, plan_steps
+from svnr_fast.sampling import _loop, plan_steps
 
 # aten operators that launch no kernel on CUDA: metadata, views and allocations
 NO_LAUNCH = {

@@ -22,7 +22,23 @@ class GroupNormSpatialFiLM(nn.Module):
     warped time map u (B, 1, H, W) in knot units and the (K, 2C) [scale | shift] table of this block
     (DESIGN.md §1.6). Served by the fused op `svnr::groupnorm_film`. Only shapes are checked here:
     a NaN check would synchronise with the GPU in every block of every step.
+
+    A drop-in for a UNet block's `act(GroupNorm(h) * (1 + scale(t)) + shift(t))` with one (scale, shift)
+    per image (e.g. diffusers' ResnetBlock2D with time_embedding_norm="scale_shift"): build it with
+    `from_group_norm(block.norm2)` and give it, as `table`, the block's own (scale, shift) at K knot times
+    (its time-embedding path applied to those times); each pixel then gets the FiLM of its own time, lerped
+    between knots. At a time map equal everywhere to a knot time the block computes what it computed
+    before. examples/per_pixel_time_unet.py converts a diffusers UNet2DModel this way.
     """
+
+    @classmethod
+    def from_group_norm(cls, norm: nn.GroupNorm, act: str = "silu") -> "GroupNormSpatialFiLM":
+        """The module for an existing GroupNorm, sharing its weight and bias Parameters."""
+        if not norm.affine:
+            raise ValueError("the GroupNorm must be affine (GroupNormSpatialFiLM owns a weight and a bias)")
+        film = cls(norm.num_channels, norm.num_groups, norm.eps, act)
+        film.weight, film.bias = norm.weight, norm.bias
+        return film
 
     def __init__(self, channels: int, groups: int = 32, eps: float = 1e-5, act: str = "silu"):
         super().__init__()

@@ -13,7 +13,7 @@ from svnr_fast import Schedule
 from svnr_fast.app import training
 from svnr_fast.app.cli import train
 from svnr_fast.app.models import SVNRUNet, preset
-from svnr_fast.app.sampling import _loop, plan_steps, sample
+from svnr_fast.sampling import _loop, plan_steps, sample
 from svnr_fast.app.training import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")

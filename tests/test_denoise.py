@@ -5,7 +5,7 @@ from conftest import requires_cuda
 
 from svnr_fast import PoissonGaussian, Schedule, reference
 from svnr_fast.app.denoise import blend_ramp, denoise, tile_starts
-from svnr_fast.app.sampling import SamplerGraphs
+from svnr_fast.sampling import SamplerGraphs
 
 
 class PixelwiseDenoiser(torch.nn.Module):

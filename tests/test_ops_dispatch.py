@@ -146,16 +146,30 @@ def test_the_package_exposes_the_main_job_and_the_scheduler():
     assert svnr_fast.SVNRScheduler().config["num_train_timesteps"] == 1000
 
 
-def test_the_application_is_built_on_the_ops_not_on_the_reference():
-    """The reference is the tests' oracle and the CPU implementation behind the ops; application code never
-    imports it, and the Triton kernels import nothing from the package but their own helpers."""
+def _imports(path):
+    """(module, names) of every `from ... import ...` in a file."""
     import ast
+    return [((node.module or "").split("."), {alias.name for alias in node.names})
+            for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ImportFrom)]
+
+
+def test_the_layers_import_in_one_direction():
+    """The reference is the tests' oracle and the CPU implementation behind the ops: application code never
+    imports it. The speed layer never imports the application (the package's __init__ exports `denoise`), and
+    the Triton kernels import nothing from the package."""
     from pathlib import Path
 
     root = Path(svnr_fast.__file__).parent
     for path in sorted((root / "app").rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                names = {alias.name for alias in node.names}
-                assert "reference" not in (node.module or "").split(".") and "reference" not in names, \
-                    f"{path.relative_to(root)} imports the reference"
+        for module, names in _imports(path):
+            assert "reference" not in module and "reference" not in names, f"{path.relative_to(root)} imports the reference"
+    kernels = Path(__file__).resolve().parents[1] / "kernels"
+    for path in sorted(kernels.glob("*.py")):
+        for module, names in _imports(path):
+            assert "svnr_fast" not in module, f"kernels/{path.name} imports from svnr_fast"
+    speed_layer = [p for p in root.rglob("*.py") if "app" not in p.relative_to(root).parts and p.name != "__init__.py"
+                   or p.parent.name in ("ops", "integrations")]
+    assert len(speed_layer) >= 10
+    for path in speed_layer:
+        for module, names in _imports(path):
+            assert "app" not in module and "app" not in names, f"{path.relative_to(root)} imports the application"

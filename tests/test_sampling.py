@@ -6,7 +6,7 @@ import torch
 from conftest import requires_cuda
 
 from svnr_fast import PoissonGaussian, Schedule, reference
-from svnr_fast.app.sampling import SamplerGraphs, SVNRScheduler, default_steps, plan_steps, sample, sample_baseline
+from svnr_fast.sampling import SamplerGraphs, SVNRScheduler, default_steps, plan_steps, sample, sample_baseline
 
 TABLE = Schedule().table
 
@@ -220,7 +220,7 @@ def test_cuda_graph_follows_the_model_weights():
 def test_graph_state_follows_the_module_behind_a_bound_method():
     """SamplerGraphs keys and checks a bound method (model.network) by its module, whose weights it reads."""
     from svnr_fast.app import models
-    from svnr_fast.app.sampling import _owner, _state
+    from svnr_fast.sampling import _owner, _state
     model = models.SVNRUNet(models.preset("tiny")).eval()
     assert _owner(model.network) is model and _owner(model) is model
     before = _state(model.network)

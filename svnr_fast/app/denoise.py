@@ -9,7 +9,7 @@
 Large photos are processed in overlapping tiles. The time map, the step plan and the top-up are computed
 on the whole photo, so every tile walks the same per-pixel times; tiles are blended with raised-cosine
 ramps over their overlaps, so no seam shows.
-On a GPU, `cuda_graph` replays the sampling loop from CUDA graphs (svnr_fast.app.sampling.SamplerGraphs).
+On a GPU, `cuda_graph` replays the sampling loop from CUDA graphs (svnr_fast.sampling.SamplerGraphs).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from ..ops import _checks
 from ..schedule import PoissonGaussian
 from .conditioning import observe
 from .noise_estimation import estimate_noise_model
-from .sampling import Denoiser, SamplerGraphs, default_steps, sample
+from ..sampling import Denoiser, SamplerGraphs, default_steps, sample
 
 NoiseSpec = Union[str, PoissonGaussian, Sequence[float]]
 

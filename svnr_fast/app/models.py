@@ -187,7 +187,7 @@ class SVNRUNet(nn.Module):
     def __init__(self, config: UNetConfig | None = None):
         super().__init__()
         self.config = config = config or UNetConfig()
-        self.schedule = Schedule(**config.schedule)
+        self.schedule = Schedule.from_config(config.schedule)
         self.register_buffer("variance_table", self.schedule.table.clone(), persistent=False)
         ch, groups, levels = config.channels, config.groups, len(config.channel_mult)
         embed = 4 * ch

@@ -13,6 +13,8 @@ float32): u is 1/C of h, the others are tiny; the kernels take the (K, 2C) table
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -55,7 +57,7 @@ backends.define(
     fake=lambda h, u, table, gn_weight, gn_bias, groups, eps, act: (
         _image_like(h), _statistics_like(h, groups), _statistics_like(h, groups)),
     reference=_reference_forward, cpp="svnr_fast.ops.groupnorm_film:fused_forward",
-    cuda="svnr_fast.ops.groupnorm_film:fused_forward")
+    cuda="svnr_fast.ops.groupnorm_film:fused_forward_cuda")
 backends.define(
     "groupnorm_film_backward",
     "(Tensor grad_out, Tensor h, Tensor u, Tensor table, Tensor gn_weight, Tensor gn_bias, Tensor mean, "
@@ -63,7 +65,7 @@ backends.define(
     fake=lambda grad_out, h, u, table, gn_weight, gn_bias, mean, rstd, groups, act: (
         _image_like(h), torch.empty_like(table), torch.empty_like(gn_weight), torch.empty_like(gn_bias)),
     reference=_reference_backward, cpp="svnr_fast.ops.groupnorm_film:fused_backward",
-    cuda="svnr_fast.ops.groupnorm_film:fused_backward")
+    cuda="svnr_fast.ops.groupnorm_film:fused_backward_cuda")
 
 
 def _setup_context(ctx, inputs, output):
@@ -101,60 +103,86 @@ def groupnorm_film(h: Tensor, u: Tensor, table: Tensor, gn_weight: Tensor, gn_bi
 
 def _prepare(h: Tensor, u: Tensor, table: Tensor, gn_weight: Tensor, gn_bias: Tensor):
     """h in the layout the kernels read; u (B, H*W), table, weight and bias contiguous in the compute dtype."""
-    h = h.contiguous(memory_format=memory_format(h))
+    layout = memory_format(h)
+    if not h.is_contiguous(memory_format=layout):
+        h = h.contiguous(memory_format=layout)
     dtype = _checks.compute_dtype(h.dtype)
-    B, _, H, W = h.shape
-    return (h, u.to(dtype).reshape(B, H * W).contiguous(), table.to(dtype).contiguous(),
-            gn_weight.to(dtype).contiguous(), gn_bias.to(dtype).contiguous())
+    # a contiguous (B, 1, H, W) u is laid out as (B, H*W)
+    return h, _in(u, dtype), _in(table, dtype), _in(gn_weight, dtype), _in(gn_bias, dtype)
+
+
+def _in(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t contiguous in `dtype`: t itself when it already is (the test costs less than the conversion calls)."""
+    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _run(ext, backward: bool, shape: tuple, addresses: tuple, eps: float, silu: bool, h: Tensor) -> None:
-    """The kernel of h's device. CUDA: on torch's current stream, with a workspace; temporaries freed after
-    the launch (the workspace, converted inputs) are safe, since the caching allocator hands their memory
-    only to work queued later on the same stream."""
-    if not h.is_cuda:
-        ext.groupnorm_film_cpu(backward, shape, addresses, eps, silu, _native.threads())
-        return
-    workspace = torch.empty(ext.groupnorm_film_cuda_workspace_bytes(shape), dtype=torch.uint8, device=h.device)
-    ext.groupnorm_film_cuda(backward, shape, addresses, eps, silu, workspace.data_ptr(), h.device.index,
-                            torch.cuda.current_stream(h.device).cuda_stream)
+    """The CPU kernel, with the threads torch uses."""
+    ext.groupnorm_film_cpu(backward, shape, addresses, eps, silu, _native.threads())
 
 
-def _launch(backward: bool, groups: int, tensors: tuple, eps: float, act: str) -> None:
+def _run_cuda(ext, backward: bool, shape: tuple, addresses: tuple, eps: float, silu: bool, h: Tensor) -> None:
+    """The CUDA kernel, on torch's current stream of h's device, with a workspace; temporaries freed after the
+    launch (the workspace, converted inputs) are safe, since the caching allocator hands their memory only to
+    work queued later on the same stream."""
+    device = h.get_device()
+    workspace = torch.empty(_workspace_bytes(ext, shape), dtype=torch.uint8, device=h.device)
+    ext.groupnorm_film_cuda(backward, shape, addresses, eps, silu, workspace.data_ptr(), device,
+                            backends.cuda_stream(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _workspace_bytes(ext, shape: tuple) -> int:
+    return ext.groupnorm_film_cuda_workspace_bytes(shape)
+
+
+def _launch(backward: bool, groups: int, tensors: tuple, eps: float, act: str, run=None) -> None:
     """Runs one pass on `tensors` = (h, u, table, weight, bias, out, mean, rstd, grad_out, grad_h, grad_table,
-    grad_weight, grad_bias), None where the pass has none (the order of the extension's `tensors`)."""
+    grad_weight, grad_bias), None where the pass has none (the order of the extension's `tensors`), with the
+    kernel of `run` (the CPU one, `_run`, by default)."""
     h, table = tensors[0], tensors[2]
     B, C, H, W = h.shape
-    shape = (_native.DTYPE_CODES[h.dtype], B, C, H * W, groups, table.shape[0], memory_format(h) == torch.channels_last)
-    addresses = tuple(0 if t is None else t.data_ptr() for t in tensors)
-    _run(_native.extension(), backward, shape, addresses, float(eps), act == "silu", h)
+    # h is NCHW-contiguous or channels_last (_prepare)
+    shape = (_native.DTYPE_CODES[h.dtype], B, C, H * W, groups, table.shape[0], not h.is_contiguous())
+    addresses = tuple([0 if t is None else t.data_ptr() for t in tensors])
+    (run or _run)(_native.extension(), backward, shape, addresses, float(eps), act == "silu", h)
 
 
 def _statistics(h: Tensor, groups: int) -> Tensor:
     return h.new_empty((h.shape[0], groups), dtype=_checks.compute_dtype(h.dtype))
 
 
-def fused_forward(h, u, table, gn_weight, gn_bias, groups, eps, act):
-    """The fused forward on h's device (the C++ kernel for CPU tensors, the CUDA kernel for CUDA ones)."""
+def fused_forward(h, u, table, gn_weight, gn_bias, groups, eps, act, run=None):
+    """The fused forward: the C++ kernel (CPU tensors), or the kernel `run` launches (`fused_forward_cuda`)."""
     if h.numel() == 0:   # nothing to compute; the reference gives the empty results their exact form
         return _reference_forward(h, u, table, gn_weight, gn_bias, groups, eps, act)
     h, u, table, weight, bias = _prepare(h, u, table, gn_weight, gn_bias)
-    out, mean, rstd = torch.empty_like(h), _statistics(h, groups), _statistics(h, groups)
-    _launch(False, groups, (h, u, table, weight, bias, out, mean, rstd) + (None,) * 5, eps, act)
+    out, mean = torch.empty_like(h), _statistics(h, groups)
+    rstd = torch.empty_like(mean)
+    _launch(False, groups, (h, u, table, weight, bias, out, mean, rstd) + (None,) * 5, eps, act, run)
     return out, mean, rstd
 
 
-def fused_backward(grad_out, h, u, table, gn_weight, gn_bias, mean, rstd, groups, act):
-    """The fused backward on h's device, from the statistics the forward saved."""
+def fused_backward(grad_out, h, u, table, gn_weight, gn_bias, mean, rstd, groups, act, run=None):
+    """The fused backward, from the statistics the forward saved (devices as fused_forward)."""
     if h.numel() == 0:
         return _reference_backward(grad_out, h, u, table, gn_weight, gn_bias, mean, rstd, groups, act)
     dtype = _checks.compute_dtype(h.dtype)
     h, u, table_c, weight, bias = _prepare(h, u, table, gn_weight, gn_bias)
-    C = h.shape[1]
-    grad_out = grad_out.to(h.dtype).contiguous(memory_format=memory_format(h))
-    grad_h, grad_table = torch.empty_like(h), h.new_zeros(table_c.shape, dtype=dtype)
-    grad_weight, grad_bias = h.new_empty(C, dtype=dtype), h.new_empty(C, dtype=dtype)
-    statistics = (mean.to(dtype).contiguous(), rstd.to(dtype).contiguous())
+    if grad_out.dtype != h.dtype or grad_out.stride() != h.stride():
+        grad_out = grad_out.to(h.dtype).contiguous(memory_format=memory_format(h))
+    grad_h, grad_table = torch.empty_like(h), torch.zeros_like(table_c)
+    grad_weight, grad_bias = torch.empty_like(weight), torch.empty_like(bias)
+    statistics = (_in(mean, dtype), _in(rstd, dtype))
     _launch(True, groups, (h, u, table_c, weight, bias, None, *statistics, grad_out, grad_h, grad_table, grad_weight,
-                           grad_bias), 0.0, act)
-    return grad_h, grad_table.to(table.dtype), grad_weight.to(gn_weight.dtype), grad_bias.to(gn_bias.dtype)
+                           grad_bias), 0.0, act, run)
+    return grad_h, _as(grad_table, table.dtype), _as(grad_weight, gn_weight.dtype), _as(grad_bias, gn_bias.dtype)
+
+
+# CUDA tensors: the kernels registered for the CUDA dispatch key
+fused_forward_cuda = functools.partial(fused_forward, run=_run_cuda)
+fused_backward_cuda = functools.partial(fused_backward, run=_run_cuda)

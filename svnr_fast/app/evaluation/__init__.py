@@ -25,7 +25,7 @@ Methods (`--methods`; each is skipped, with the reason printed, when its model o
   from the same y' (so the two are compared on identical inputs).
 - `baseline` (all T steps; shown as `baseline-1000` for T = 1000) / `baseline-N` (respaced to N equal
   steps): the model trained with `--baseline`, from x_T = 0.5 + sqrt(gamma(T)) z with the observed y
-  as the condition (svnr_fast.app.sampling.sample_baseline).
+  as the condition (svnr_fast.sampling.sample_baseline).
 - `bm3d` (only when the optional, non-commercial `bm3d` package imports; never a dependency), `nlm`
   (skimage.restoration.denoise_nl_means) and `wavelet` (skimage.restoration.denoise_wavelet): on the
   generalised-Anscombe-stabilised photo (`anscombe`, unit noise variance, so sigma = 1), mapped back
@@ -49,6 +49,6 @@ results.md (setup and the table), grid-<level>.png per level (the first photo: n
 log axis, one panel per level; written by hand: matplotlib is not a dependency).
 
 Network calls are batched across photos of the same shape (and, for `svnr`/`ablation`, the same step
-count), under torch.inference_mode, through the fixed-length sampler (svnr_fast.app.sampling) and the
+count), under torch.inference_mode, through the fixed-length sampler (svnr_fast.sampling) and the
 fused `svnr::reverse_step` op.
 """

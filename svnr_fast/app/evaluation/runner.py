@@ -13,7 +13,7 @@ import torch
 from ...schedule import PoissonGaussian
 from ..conditioning import observe as condition
 from ..metrics import image_metrics, to_hwc
-from ..sampling import default_steps, sample, sample_baseline
+from ...sampling import default_steps, sample, sample_baseline
 from .methods import (
     SCHEME_OF_MODEL,
     TRAIN_FLAG,

@@ -20,9 +20,9 @@ from typing import Callable, NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from .. import ops
-from ..ops import _checks
-from ..schedule import Schedule
+from . import ops
+from .ops import _checks
+from .schedule import Schedule
 
 Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
 StepCallback = Callable[[int, Tensor, Tensor, Tensor], None]
