@@ -6,7 +6,8 @@ README.md says what it cannot see). The emulated module replaces svnr_fast._C in
 (svnr_fast.ops.groupnorm_film), whose CUDA entry points then run on CPU memory. Criteria as in
 test_groupnorm_film.py: float32 < 1e-5, float64 < 1e-12 relative to the float64 reference, bfloat16 and
 float16 results at most 2x the eager reference's error. EMU_SMS is the multiprocessor count the emulated device reports: 1
-makes every eligible NCHW shape take the one-launch forward, 132 (an H100) the three-launch one.
+makes every eligible NCHW shape take the one-block-per-group kernels (the one-launch forward, the knot-sorted
+backward), 132 (an H100) the chunked ones.
 """
 import ctypes
 import importlib
@@ -72,14 +73,14 @@ def cuda_glue(emulated, monkeypatch):
 # (shape (B, C, H, W, groups), dtype, layout, knots, u misaligned, EMU_SMS, forward launches: 1 for the one-launch
 # path, 3 for the three-launch path, 4 when it is NCHW and transposes the table first)
 CASES = [
-    # one-launch forward: a group in one block's registers, its table columns in shared memory
+    # one-launch forward: one block per (image, group), its FiLM segments in shared memory
     ((2, 16, 8, 8, 4), torch.float32, "nchw", 9, False, 1, 1),
     ((2, 16, 8, 8, 4), torch.bfloat16, "nchw", 9, False, 1, 1),
     ((3, 16, 8, 8, 4), torch.float16, "nchw", 9, False, 1, 1),
     ((4, 8, 2, 2, 8), torch.float32, "nchw", 9, False, 1, 1),           # one channel per group
     ((2, 4, 64, 128, 2), torch.bfloat16, "nchw", 9, False, 1, 1),       # 16384 elements per group
-    ((2, 16, 4, 4, 8), torch.float32, "nchw", 2500, False, 1, 1),       # table columns fill the 40 KB
-    ((2, 16, 4, 4, 8), torch.float32, "nchw", 2600, False, 1, 4),       # they do not fit
+    ((2, 16, 4, 4, 8), torch.float32, "nchw", 1279, False, 1, 1),       # FiLM segments fill the 40 KB
+    ((2, 16, 4, 4, 8), torch.float32, "nchw", 1280, False, 1, 4),       # they do not fit
     ((2, 32, 8, 8, 4), torch.float32, "nchw", 9, True, 1, 4),           # u misaligned: scalar loads
     ((2, 10, 6, 4, 5), torch.float64, "nchw", 9, False, 1, 4),          # float64 never takes it
     # three-launch forward (stats, finalize, apply; NCHW after transpose_table)
@@ -205,3 +206,25 @@ def test_emulated_cuda_writes_only_its_outputs(emulated, monkeypatch, shape, dty
         assert_untouched(whole, name)
     for grad in (grad_h, grad_table, grad_weight, grad_bias):
         assert grad.isfinite().all()
+
+
+@pytest.mark.parametrize("time_map, size", [("constant", (64, 160)), ("ramp", (64, 160)), ("noisy", (32, 64))])
+def test_emulated_group_backward_time_maps(cuda_glue, monkeypatch, time_map, size):
+    """The one-block-per-group backward sums the table gradient along runs of one knot in each chunk of
+    pixels sorted by knot, a range of sorted positions per thread: a constant time map is one run through
+    every thread and warp (the deferred first runs, totalled across warps), a ramp gives runs over a few
+    threads, a noisy map over all knots runs shorter than a thread's range (16 positions). 64x160: planes of
+    two chunks (8192 + 2048 pixels), three channels per group (slices of two and one)."""
+    monkeypatch.setenv("EMU_SMS", "1")
+    knots, (H, W) = 257, size
+    h, _, table, weight, bias, groups = film_inputs((1, 3 if H * W > 8192 else 2, H, W, 1), knots=knots)
+    gen = torch.Generator().manual_seed(3)
+    u = {"constant": lambda: torch.full((1, 1, H, W), 37.3),
+         "ramp": lambda: torch.linspace(-2.0, knots + 1.0, H * W).view(1, 1, H, W),
+         "noisy": lambda: torch.rand((1, 1, H, W), generator=gen) * knots}[time_map]()
+    grad_out = torch.randn(h.shape, generator=gen)
+    out, mean, rstd = glue.fused_forward(h, u, table, weight, bias, groups, 1e-5, "silu")
+    grads = glue.fused_backward(grad_out, h, u, table, weight, bias, mean, rstd, groups, "silu")
+    exact = float64_reference(h, u, table, weight, bias, groups, "silu", grad_out)
+    for name, got, x in zip(NAMES, (out, *grads), exact):
+        assert relative_error(got, x) < 1e-5, (name, relative_error(got, x))
