@@ -9,7 +9,9 @@ bytes_moved (each input read once, each output written once; float32, C = 3, per
 time_from_variance 8; time_map 4 + 4/3; reverse_step 12 + 8/3 (x, eps_hat read, x_new written, tau read and
 written per pixel); training_sample 16 + 4/3 (x0 read; y', x_t, target written; tau per pixel).
 
-`python benchmarks/bench_cpu_kernels.py` prints a table of ms, GB/s and percent of the copy's bandwidth.
+`python benchmarks/bench_cpu_kernels.py` prints a table of ms, GB/s and percent of the copy's bandwidth: wall
+time with torch's threads, best of repeated calls over a second. `--cpu-time` measures instead the CPU time of
+one call on one torch thread (best of 7), which other processes on a shared machine disturb much less.
 """
 from __future__ import annotations
 
@@ -109,16 +111,29 @@ def _best_ms(fn, seconds: float = 1.0) -> float:
     return best * 1e3
 
 
-def main() -> None:
+def _best_cpu_ms(fn, repeats: int = 7) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.thread_time()
+        fn()
+        best = min(best, time.thread_time() - t)
+    return best * 1e3
+
+
+def main(cpu_time: bool) -> None:
     ext = backends.extension()[0]
-    print(f"torch threads {torch.get_num_threads()}; C++ kernels: {ext.cpu_isa() if ext else 'not built'}; "
-          "best of repeated calls over 1 s each")
+    if cpu_time:
+        torch.set_num_threads(1)
+    measure = _best_cpu_ms if cpu_time else _best_ms
+    what = "CPU time of one call, one thread, best of 7" if cpu_time else "wall time, best of repeated calls over 1 s"
+    print(f"torch threads {torch.get_num_threads()}; C++ kernels: {ext.cpu_isa() if ext else 'not built'}; {what}")
     print(f"{'op':20s} {'shape':14s} {'cpp ms':>8s} {'eager ms':>9s} {'compiled':>9s} {'copy ms':>8s} "
           f"{'GB/s':>6s} {'% copy':>7s} {'vs eager':>8s}")
     for shape in SHAPES:
         for op in OPS:
             fns = calls(op, shape)
-            ms = {impl: _best_ms(fns[impl]) for impl in ("cpp", "eager", "compiled", "copy")}
+            ms = {impl: measure(fns[impl]) for impl in ("cpp", "eager", "compiled", "copy")}
             gb_s = fns["bytes"] / ms["cpp"] / 1e6
             copy_gb_s = fns["copy_bytes"] / ms["copy"] / 1e6
             print(f"{op:20s} {'x'.join(map(str, shape)):14s} {ms['cpp']:8.3f} {ms['eager']:9.3f} "
@@ -128,4 +143,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(cpu_time="--cpu-time" in sys.argv[1:])

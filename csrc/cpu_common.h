@@ -173,6 +173,34 @@ void store_row(void* base, int dtype, int64_t offset, const T* src, int64_t n) {
   });
 }
 
+// The DTypeCode of a compute type.
+template <typename T>
+constexpr int dtype_code() {
+  return std::is_same_v<T, double> ? kFloat64 : kFloat32;
+}
+
+// Pixels [p, p + n) of (image b, channel c) in the compute type T: the tensor's own memory where that already is
+// a contiguous row of T, else a copy converted into `scratch`.
+template <typename T>
+const T* read_row(const Strided& view, int64_t b, int64_t c, int64_t p, int64_t n, T* scratch) {
+  if (view.dtype == dtype_code<T>() && view.stride_p == 1)
+    return static_cast<const T*>(view.data) + b * view.stride_b + c * view.stride_c + p;
+  load_row(view, b, c, p, n, scratch);
+  return scratch;
+}
+
+// Where to compute n results for element `offset` of a contiguous output of `dtype`: the output itself when it
+// holds T, else `scratch`, which written_row then converts into it.
+template <typename T>
+T* output_row(void* base, int dtype, int64_t offset, T* scratch) {
+  return dtype == dtype_code<T>() ? static_cast<T*>(base) + offset : scratch;
+}
+
+template <typename T>
+void written_row(void* base, int dtype, int64_t offset, const T* row, int64_t n) {
+  if (dtype != dtype_code<T>()) store_row(base, dtype, offset, row, n);
+}
+
 // Philox-4x32-10 of the counters (first + q, c1, c2, c3) under key (k0, k1) for q in [0, quads): the four
 // outputs of counter q in out0[q] .. out3[q]; the numbers of math::philox4x32_10. The rounds' 32 x 32 -> 64-bit
 // products are done lane-wise, even and odd lanes apart, with the widest integer vectors the instruction set
@@ -301,6 +329,19 @@ inline void normals_row(std::uint64_t seed, std::uint64_t offset, std::uint64_t 
     dst[4 * q + 1] = first.b;
     dst[4 * q + 2] = second.a;
     dst[4 * q + 3] = second.b;
+  }
+}
+
+// normals_row in the compute type T: straight into dst for float, through `drawn` for double.
+template <typename T>
+void draw_row(std::uint64_t seed, std::uint64_t offset, std::uint64_t stream, int64_t p, int64_t n,
+              NormalScratch& scratch, float* drawn, T* dst) {
+  if constexpr (std::is_same_v<T, float>) {
+    normals_row(seed, offset, stream, p, n, scratch, dst);
+  } else {
+    normals_row(seed, offset, stream, p, n, scratch, drawn);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dst[i] = T(drawn[i]);
   }
 }
 

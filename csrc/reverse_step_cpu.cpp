@@ -29,19 +29,19 @@ struct StepRows {
 // Steps 2-4 on one row: x0_hat, x_new; Clamp and Noise (a z term) are template arguments so that the loop
 // has no branches and vectorises.
 template <bool Clamp, bool Noise, typename T>
-void update(int64_t n, const StepRows<T>& r, T low, T high, T* x0_hat_out, T* x_new_out) {
+void update(int64_t n, const T* x, const T* eps, const T* z, const StepRows<T>& r, T low, T high, T* x0_hat_out,
+            T* x_new_out) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const T x = r.x[i], eps = r.eps[i];
     // 3. the network's estimate of the clean image
-    T x0_hat = x - r.sqrt_gt[i] * eps;
+    T x0_hat = x[i] - r.sqrt_gt[i] * eps[i];
     if (Clamp) x0_hat = math::clamp(x0_hat, low, high);
-    T x_new = x0_hat + r.eps_scale[i] * eps;
-    if (Noise) x_new = x_new + r.z_scale[i] * r.z[i];
+    T x_new = x0_hat + r.eps_scale[i] * eps[i];
+    if (Noise) x_new = x_new + r.z_scale[i] * z[i];
     // 2. finished pixels (gamma(tau) = 0) stay as they are
     const bool finished = r.gt[i] == T(0);
-    x_new_out[i] = math::select(finished, x, x_new);
-    x0_hat_out[i] = math::select(finished, x, x0_hat);
+    x_new_out[i] = math::select(finished, x[i], x_new);
+    x0_hat_out[i] = math::select(finished, x[i], x0_hat);
   }
 }
 
@@ -70,16 +70,18 @@ void step(const ReverseStepArgs& a, int threads) {
       const int64_t b = task / tiles, p = (task % tiles) * kTile, n = min64(kTile, HW - p);
       for (int64_t c = 0; c < C; ++c) {
         if (c < time_channels) {   // 1. s, gamma(tau), gamma(s) and the coefficients of this time map row
-          load_row(a.tau, b, c, p, n, r.tau.data());
+          const T* tau = read_row(a.tau, b, c, p, n, r.tau.data());
           const T d = delta[b];
+          const int64_t out = (b * time_channels + c) * HW + p;
+          T* s = output_row(a.tau_new, a.tau.dtype, out, r.s.data());
 #pragma omp simd
           for (int64_t i = 0; i < n; ++i) {
-            const T s = r.tau[i] - d;
-            r.s[i] = math::select(s < T(0), T(0), s);
+            const T next = tau[i] - d;
+            s[i] = math::select(next < T(0), T(0), next);
           }
-          store_row(a.tau_new, a.tau.dtype, (b * time_channels + c) * HW + p, r.s.data(), n);
-          gamma_row(r.tau.data(), n, table, last, r.gt.data());
-          gamma_row(r.s.data(), n, table, last, r.gs.data());
+          written_row(a.tau_new, a.tau.dtype, out, s, n);
+          gamma_row(tau, n, table, last, r.gt.data());
+          gamma_row(s, n, table, last, r.gs.data());
 #pragma omp simd
           for (int64_t i = 0; i < n; ++i) {
             const T gt = r.gt[i], gs = r.gs[i];
@@ -91,19 +93,20 @@ void step(const ReverseStepArgs& a, int threads) {
             r.z_scale[i] = math::sqrt_of(math::select(sig2 < T(0), T(0), sig2));
           }
         }
-        load_row(a.x, b, c, p, n, r.x.data());
-        load_row(a.eps_hat, b, c, p, n, r.eps.data());
+        const T* x = read_row(a.x, b, c, p, n, r.x.data());
+        const T* eps = read_row(a.eps_hat, b, c, p, n, r.eps.data());
+        const T* z = r.z.data();
         if (drawn) {
-          normals_row(a.seed, a.offset, std::uint64_t(b * C + c), p, n, r.scratch, r.drawn.data());
-#pragma omp simd
-          for (int64_t i = 0; i < n; ++i) r.z[i] = T(r.drawn[i]);
+          draw_row(a.seed, a.offset, std::uint64_t(b * C + c), p, n, r.scratch, r.drawn.data(), r.z.data());
         } else if (noise) {
-          load_row(a.z, b, c, p, n, r.z.data());
+          z = read_row(a.z, b, c, p, n, r.z.data());
         }
-        update_row(n, r, low, high, r.x0_hat.data(), r.x_new.data());
         const int64_t out = (b * C + c) * HW + p;
-        store_row(a.x_new, a.x.dtype, out, r.x_new.data(), n);
-        if (a.x0_hat != nullptr) store_row(a.x0_hat, a.x.dtype, out, r.x0_hat.data(), n);
+        T* x_new = output_row(a.x_new, a.x.dtype, out, r.x_new.data());
+        T* x0_hat = a.x0_hat != nullptr ? output_row(a.x0_hat, a.x.dtype, out, r.x0_hat.data()) : r.x0_hat.data();
+        update_row(n, x, eps, z, r, low, high, x0_hat, x_new);
+        written_row(a.x_new, a.x.dtype, out, x_new, n);
+        if (a.x0_hat != nullptr) written_row(a.x0_hat, a.x.dtype, out, x0_hat, n);
       }
     }
   }

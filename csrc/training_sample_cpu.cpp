@@ -34,10 +34,12 @@ struct SampleRows {
   Buffer<T> x, v, tau_star, g_star, tau, g, y_scale, r, noise_scale, target_scale, eps_t, eps_p, y, x_t, target;
   Buffer<int> segment;
   Buffer<float> drawn;
+  Buffer<const T*> x_rows;   // x0's rows of the tile, one per channel (into x0 itself where it allows)
   NormalScratch scratch;
   SampleRows(int64_t n, int64_t channels)
       : x(n * channels), v(n), tau_star(n), g_star(n), tau(n), g(n), y_scale(n), r(n), noise_scale(n),
-        target_scale(n), eps_t(n), eps_p(n), y(n), x_t(n), target(n), segment(n), drawn(n), scratch(n) {}
+        target_scale(n), eps_t(n), eps_p(n), y(n), x_t(n), target(n), segment(n), drawn(n), x_rows(channels),
+        scratch(n) {}
 };
 
 template <typename T>
@@ -87,9 +89,9 @@ class Sampler {
     const int64_t b = task / tiles_, p = (task % tiles_) * kTile, n = min64(kTile, a_.pixels - p);
     T largest = T(-INFINITY);
     for (int64_t c = 0; c < a_.channels; ++c) {
-      load_row(a_.x0, b, c, p, n, rows.v.data());
+      const T* x = read_row(a_.x0, b, c, p, n, rows.v.data());
 #pragma omp simd reduction(max : largest)
-      for (int64_t i = 0; i < n; ++i) largest = rows.v[i] > largest ? rows.v[i] : largest;
+      for (int64_t i = 0; i < n; ++i) largest = x[i] > largest ? x[i] : largest;
     }
     return largest;
   }
@@ -140,58 +142,60 @@ class Sampler {
     }
   }
 
-  void noise(const Strided& given, std::uint64_t stream, int64_t b, int64_t c, int64_t p, int64_t n, T* dst,
-             SampleRows<T>& r) const {
-    if (given.data != nullptr) {
-      load_row(given, b, c, p, n, dst);
-      return;
-    }
-    normals_row(a_.seed, a_.offset, stream, p, n, r.scratch, r.drawn.data());
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) dst[i] = T(r.drawn[i]);
+  // The given noise's row, or one drawn into `scratch`.
+  const T* noise(const Strided& given, std::uint64_t stream, int64_t b, int64_t c, int64_t p, int64_t n, T* scratch,
+                 SampleRows<T>& r) const {
+    if (given.data != nullptr) return read_row(given, b, c, p, n, scratch);
+    draw_row(a_.seed, a_.offset, stream, p, n, r.scratch, r.drawn.data(), scratch);
+    return scratch;
   }
 
   void sample(int64_t task, T t0, SampleRows<T>& r) const {
     const int64_t C = a_.channels, b = task / tiles_, p = (task % tiles_) * kTile, n = min64(kTile, a_.pixels - p);
     const T sr2 = sigma_r2(b), ss2 = sigma_s2(b);
-    for (int64_t c = 0; c < C; ++c) load_row(a_.x0, b, c, p, n, r.x.data() + c * n);
+    for (int64_t c = 0; c < C; ++c) r.x_rows[c] = read_row(a_.x0, b, c, p, n, r.x.data() + c * n);
     if (!a_.per_channel) {   // 1. the shared time map from the largest variance of each pixel
-      const T* x = r.x.data();
+      const T* x = r.x_rows[0];
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) r.v[i] = x[i];
       for (int64_t c = 1; c < C; ++c) {
+        x = r.x_rows[c];
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) r.v[i] = math::select(x[c * n + i] > r.v[i], x[c * n + i], r.v[i]);
+        for (int64_t i = 0; i < n; ++i) r.v[i] = math::select(x[i] > r.v[i], x[i], r.v[i]);
       }
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) r.v[i] = variance_of(r.v[i], sr2, ss2, floor_);
       coefficients(b, 0, p, n, t0, r);
     }
     for (int64_t c = 0; c < C; ++c) {
-      const T* x = r.x.data() + c * n;
+      const T* x = r.x_rows[c];
       if (a_.per_channel) {
 #pragma omp simd
         for (int64_t i = 0; i < n; ++i) r.v[i] = variance_of(x[i], sr2, ss2, floor_);
         coefficients(b, c, p, n, t0, r);
       }
       const std::uint64_t stream = std::uint64_t(2 * (b * C + c));
-      noise(a_.eps_T, stream, b, c, p, n, r.eps_t.data(), r);
-      noise(a_.eps_prime, stream + 1, b, c, p, n, r.eps_p.data(), r);
+      const T* eps_t = noise(a_.eps_T, stream, b, c, p, n, r.eps_t.data(), r);
+      const T* eps_p = noise(a_.eps_prime, stream + 1, b, c, p, n, r.eps_p.data(), r);
+      const int dtype = a_.x0.dtype;
+      const int64_t out = (b * C + c) * a_.pixels + p;
+      T* ys = output_row(a_.y, dtype, out, r.y.data());
+      T* x_ts = output_row(a_.x_t, dtype, out, r.x_t.data());
+      T* targets = output_row(a_.target, dtype, out, r.target.data());
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) {
         const T x0 = x[i];
-        const T y = x0 + r.y_scale[i] * r.eps_t[i];
+        const T y = x0 + r.y_scale[i] * eps_t[i];
         // 4. the Brownian bridge between x0 and y' (r = 0: independent noise, the ablation)
-        const T x_t = x0 + r.r[i] * (y - x0) + r.noise_scale[i] * r.eps_p[i];
+        const T x_t = x0 + r.r[i] * (y - x0) + r.noise_scale[i] * eps_p[i];
         // 5. the epsilon target; 0 where gamma(tau) = 0
-        r.y[i] = y;
-        r.x_t[i] = x_t;
-        r.target[i] = math::select(r.g[i] > T(0), (x_t - x0) / r.target_scale[i], T(0));
+        ys[i] = y;
+        x_ts[i] = x_t;
+        targets[i] = math::select(r.g[i] > T(0), (x_t - x0) / r.target_scale[i], T(0));
       }
-      const int64_t out = (b * C + c) * a_.pixels + p;
-      store_row(a_.y, a_.x0.dtype, out, r.y.data(), n);
-      store_row(a_.x_t, a_.x0.dtype, out, r.x_t.data(), n);
-      store_row(a_.target, a_.x0.dtype, out, r.target.data(), n);
+      written_row(a_.y, dtype, out, ys, n);
+      written_row(a_.x_t, dtype, out, x_ts, n);
+      written_row(a_.target, dtype, out, targets, n);
     }
   }
 

@@ -9,6 +9,7 @@ csrc/tests/test_math.cpp.
 import pytest
 import torch
 from conftest import requires_cuda
+from cpp_isas import isa  # noqa: F401 (fixture)
 
 from svnr_fast import ops, reference
 from svnr_fast.nn import GroupNormSpatialFiLM
@@ -98,6 +99,16 @@ def test_cpp_matches_reference_float32(backend, shape, act, layout):
         assert out.is_contiguous(memory_format=torch.channels_last)
     else:
         assert out.is_contiguous()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_cpp_every_instruction_set(backend, isa, layout):
+    """The kernels of each instruction set compiled in (tests/cpp_isas.py): planes whose pixel count leaves a
+    remainder after the vector widths (4, 8, 16), and one-element groups."""
+    backend("cpp")
+    for shape in ((1, 8, 33, 17, 2), (2, 5, 1, 1, 5), (2, 12, 16, 16, 4)):
+        for act in ("silu", "identity"):
+            check_float32("cpu", shape, act, layout)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
