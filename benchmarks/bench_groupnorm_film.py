@@ -117,6 +117,22 @@ def compiled_module_wide():
     return compiled_reference()
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_copy_of_h(benchmark, shape):
+    """The ceiling of the forward: a copy of h moves what a forward must (read h, write the result), so the
+    forward's share of copy bandwidth is copy time / forward time, read from this group's rows."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    h = inputs(shape, torch.float32, device)[0].detach()
+    out = torch.empty_like(h)
+    benchmark.group = f"groupnorm_film_fwd {'x'.join(map(str, shape))} float32"
+    benchmark.extra_info["bytes_moved"] = 2 * h.numel() * h.element_size()
+    out.copy_(h)
+    if device == "cuda":
+        benchmark.pedantic(lambda: (out.copy_(h), torch.cuda.synchronize()), rounds=20, warmup_rounds=2)
+    else:
+        benchmark.pedantic(lambda: out.copy_(h), rounds=5, warmup_rounds=1)
+
+
 @pytest.mark.parametrize("impl", ["eager", "compiled", "fused"])
 @pytest.mark.parametrize("pass_", PASSES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))

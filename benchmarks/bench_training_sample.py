@@ -1,16 +1,14 @@
 """training_sample (DESIGN.md §1.4): the fused Triton op vs the eager reference vs torch.compile(reference).
 
 `training_sample`: the training step's call, correlated, eps_T and eps' drawn in the kernel (the baselines
-draw them with torch.randn, see triton_cases.py), the two-pass launch. `training_sample_ordered`: the
-kernel's ordered single-launch variant (fused column only differs). `training_sample_given_noise`: all three
-read the same eps_T and eps' tensors.
+draw them with torch.randn, see triton_cases.py). `training_sample_given_noise`: all three read the same
+eps_T and eps' tensors.
 bytes_moved: x0 read, y', x_t, target written (data dtype), tau written (float32 per pixel), plus eps_T and
 eps' read when given; see kernels/training_sample.py for the roofline.
 """
 import pytest
 import torch
 from common import Case, dtype_name
-from svnr_fast.kernels import training_sample as kernel
 from triton_cases import (
     BENCHMARK_SHAPE,
     GPU_DTYPES,
@@ -46,24 +44,18 @@ def reference_drawing_noise(x0, sigma_r, sigma_s, u, table):
     return reference._training_sample(x0, sigma_r, sigma_s, u, table, True, eps_T, eps_prime, 0, 0, False, False, 0.0)
 
 
-def case(shape, dtype, device, *, variant: str = "") -> Case:
-    """variant: "" (the op), "ordered" or "given_noise"."""
+def case(shape, dtype, device, *, given_noise: bool = False) -> Case:
     x0, sigma_r, sigma_s, u, table, eps_T, eps_prime = inputs(shape, dtype, device)
     n, pixels = elements(shape)
-    given = variant == "given_noise"
-    bytes_moved = (4 + 2 * given) * n * x0.element_size() + pixels * 4
-    noise = (eps_T, eps_prime) if given else (None, None)
+    bytes_moved = (4 + 2 * given_noise) * n * x0.element_size() + pixels * 4
+    noise = (eps_T, eps_prime) if given_noise else (None, None)
     args = (x0, sigma_r, sigma_s, u, table, True, *noise, 0, 0, False, False, 0.0)
-    reference_fn, reference_args = ((reference._training_sample, args) if given else
+    reference_fn, reference_args = ((reference._training_sample, args) if given_noise else
                                     (reference_drawing_noise, (x0, sigma_r, sigma_s, u, table)))
-    if variant == "ordered":
-        fused, compiled_fn = (lambda: kernel.launch(*args[:10], ordered=True)), None
-    else:
-        compiled = compile_reference(reference_fn)
-        fused, compiled_fn = (lambda: torch.ops.svnr.training_sample(*args)), (lambda: compiled(*reference_args))
-    return Case(op="training_sample" + (f"_{variant}" if variant else ""), shape=shape_name(shape),
-                dtype=dtype_name(dtype), bytes_moved=bytes_moved, fused=fused,
-                eager=lambda: reference_fn(*reference_args), compiled=compiled_fn)
+    compiled = compile_reference(reference_fn)
+    return Case(op="training_sample_given_noise" if given_noise else "training_sample", shape=shape_name(shape),
+                dtype=dtype_name(dtype), bytes_moved=bytes_moved, fused=lambda: torch.ops.svnr.training_sample(*args),
+                eager=lambda: reference_fn(*reference_args), compiled=lambda: compiled(*reference_args))
 
 
 def gpu_cases(device: str):
@@ -71,9 +63,8 @@ def gpu_cases(device: str):
     for shape in sizes(device):
         for dtype in GPU_DTYPES:
             yield case(shape, dtype, device)
-    for variant in ("ordered", "given_noise"):
-        for dtype in GPU_DTYPES:
-            yield case(sizes(device)[0], dtype, device, variant=variant)
+    for dtype in GPU_DTYPES:
+        yield case(sizes(device)[0], dtype, device, given_noise=True)
 
 
 @pytest.mark.parametrize("impl", ["eager", "compiled", "fused"])

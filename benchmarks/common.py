@@ -43,8 +43,8 @@ class Case(NamedTuple):
 # Triton kernels take the RNG seed and offset as plain ints (baked into the graph, as a replay of fixed
 # inputs wants), groupnorm_film's forward runs on torch's current stream. Named here, not in each Case,
 # so that bench_groupnorm_film.py needs no change; its bwd passes (autograd.grad) are left out.
-CUDA_GRAPH_OPS = frozenset({"reverse_step", "reverse_step_given_z", "training_sample", "training_sample_ordered",
-                            "training_sample_given_noise", "groupnorm_film_fwd"})
+CUDA_GRAPH_OPS = frozenset({"reverse_step", "reverse_step_given_z", "training_sample", "training_sample_given_noise",
+                            "groupnorm_film_fwd"})
 CUDA_GRAPH_CALLS = 20
 
 

@@ -24,11 +24,11 @@ built code's by the loop overhead unrolling saves. Counted per thread:
   square root for special operands, 64-bit integer division when an operand needs more than 32 bits, none
   of which the benchmark data reach) and the divergent-warp fallbacks (BRA.DIV) are not counted;
 - a loop is a backward branch; its body is multiplied by a trip count taken from the per-kernel facts below,
-  found by the source line of the branch (the loop header), e.g. a time lookup's binary search runs
-  bit_length(T - 1) times. A compare-and-swap retry loop counts one try (no contention). A loop with no
-  trip count stops the tool: it never guesses;
+  found by the source line of the branch (the loop header), e.g. the time lookup's extra refinement steps,
+  which the prepared default schedule's header gives (none). A compare-and-swap retry loop counts one try
+  (no contention). A loop with no trip count stops the tool: it never guesses;
 - a forward branch's skipped code counts as executed (an upper bound), except the guards the facts give a
-  share for, e.g. the fourth of four unrolled channels is skipped when C = 3.
+  share for, e.g. the tau*max lookup that only an image's last max program of training_sample makes.
 Instructions per element = per-thread count x threads launched / elements. On a GPU model:
 issue time = warp instructions / (SMs x 4 schedulers x clock) (a lower bound: MUFU and FP64 issue at less
 than one warp instruction per cycle), DRAM time = minimal bytes / measured copy bandwidth. An op is
@@ -128,32 +128,27 @@ GROUPS, KNOTS = 32, 257              # groupnorm_film as benchmarks/bench_groupn
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def schedule_steps() -> int:
+def refinement_steps() -> int:
+    """Refinement steps the time lookup takes beyond its first for the default schedule (its prepared
+    schedule's header: kernels/_triton_common.py)."""
     from svnr_fast import Schedule
-    return Schedule().table.numel() - 1
+    from svnr_fast.kernels._triton_common import prepared_schedule
+    extra = int(prepared_schedule(Schedule().table)[1]) & 0xFFFFFFFF
+    return max(extra - 2**32 if extra >= 2**31 else extra, 0)
 
 
 def triton_loops(shape) -> dict[str, float]:
-    """Trip counts of the Triton kernels' loops, by the text of their header line."""
-    C = shape[1]
-    return {
-        "for c in range(0, C, 4):": math.ceil(C / 4),                 # channel groups of four
-        "for i in range(n_search):": (schedule_steps() - 1).bit_length(),   # the time lookup's binary search
-        "while tl.atomic_add(max_done_ptr": 1,                         # ordered launch's wait: one poll at least
-    }
+    """Trip counts of the Triton kernels' loops, by the text of their header line (the channel and tile
+    loops are unrolled at compile time)."""
+    return {"for _ in range(extra_steps):": refinement_steps()}
 
 
-def unrolled_channel_share(C: int) -> Callable[[tuple[str, ...]], float]:
-    """Share of the channel-loop iterations in which copy k of the four unrolled channels (`f(c + k, ...)`)
-    passes its `if c < C:` guard: ceil((C - k) / 4) of ceil(C / 4)."""
-    def share(call_sites: tuple[str, ...]) -> float:
-        k = next((int(m.group(1)) for text in call_sites if (m := re.search(r"\(c \+ (\d+),", text))), 0)
-        return max(math.ceil((C - k) / 4), 0) / math.ceil(C / 4)
-    return share
-
-
-def triton_guards(shape) -> dict[str, Callable[[tuple[str, ...]], float]]:
-    return {"if c < C:": unrolled_channel_share(shape[1])}
+def triton_guards(grid) -> dict[str, Callable[[tuple[str, ...]], float]]:
+    """Shares of a launch's runtime branches: of the `groups` max programs of an image in training_sample's
+    max phase, the last turns the image's maximum into tau*max."""
+    from svnr_fast.kernels import training_sample
+    groups = math.ceil(grid[0] / (training_sample.MAX_TILES // training_sample.SAMPLE_TILES))
+    return {"== groups - 1:": lambda sites: 1 / groups}
 
 
 @dataclass(frozen=True)
@@ -199,18 +194,17 @@ def _ops() -> list[Op]:
         Op("time_from_variance", "triton", image, _lookup("time_from_variance"),
            lambda sh, s: s + 4, lambda sh, s: s + 4),
         Op("time_map", "triton", image, _lookup("time_map"), lambda sh, s: s + 4 / sh[1], lambda sh, s: s + 4 / sh[1]),
-        # training_sample: x0 read; y', x_t, target written; tau (float32) per pixel; the two-pass launch reads x0
-        # twice, and so does the ordered one (the second read meant to come from L2)
+        # training_sample: x0 read; y', x_t, target written; tau (float32) per pixel. The max and the sample
+        # phases both read x0; on a GPU the second read comes from L2 (chunks of images whose x0 fits in it)
         Op("training_sample", "triton", image, _training_sample(),
            lambda sh, s: 4 * s + 4 / sh[1], lambda sh, s: 5 * s + 4 / sh[1]),
         Op("training_sample[uncorrelated]", "triton", image, _training_sample(correlated=False),
            lambda sh, s: 4 * s + 4 / sh[1], lambda sh, s: 5 * s + 4 / sh[1]),
         Op("training_sample[given noise]", "triton", image, _training_sample(given_noise=True),
            lambda sh, s: 6 * s + 4 / sh[1], lambda sh, s: 7 * s + 4 / sh[1]),
-        Op("training_sample[ordered]", "triton", image, _training_sample(ordered=True),
-           lambda sh, s: 4 * s + 4 / sh[1], lambda sh, s: 5 * s + 4 / sh[1], budgeted=False,
-           note="each program runs one phase, chosen at run time; both are counted for every program, so the "
-                "count is about twice the real one (not budgeted)"),
+        Op("training_sample[per-channel]", "triton", image, _training_sample(per_channel=True),
+           lambda sh, s: 4 * s + 4, lambda sh, s: 5 * s + 4, budgeted=False,
+           note="other codebases' convention: one time map per channel, the lookups per element (not budgeted)"),
         # reverse_step: x, eps_hat read, x_new written; tau read and tau_new written (float32 per pixel)
         Op("reverse_step", "triton", image, _reverse_step(eta=1.0),
            lambda sh, s: 3 * s + 8 / sh[1], lambda sh, s: 3 * s + 8 / sh[1]),
@@ -220,19 +214,28 @@ def _ops() -> list[Op]:
            lambda sh, s: 3 * s + 8 / sh[1], lambda sh, s: 3 * s + 8 / sh[1]),
         Op("reverse_step[x0_hat, clamp]", "triton", image, _reverse_step(eta=1.0, clamp=True, x0_hat=True),
            lambda sh, s: 4 * s + 8 / sh[1], lambda sh, s: 4 * s + 8 / sh[1]),
+        Op("reverse_step[per-channel]", "triton", image, _reverse_step(eta=1.0, per_channel=True),
+           lambda sh, s: 3 * s + 8, lambda sh, s: 3 * s + 8, budgeted=False,
+           note="other codebases' convention: one time map per channel, the lookups per element (not budgeted)"),
         # groupnorm_film (SiLU, NCHW): forward reads h and u (float32 per pixel), writes out, reads the table;
-        # backward reads grad_out, h, u, writes grad_h, reads the table and writes its gradient; its reduce and
-        # apply passes both read h, grad_out and u
+        # backward reads grad_out, h, u, writes grad_h, reads the table and writes its gradient. Requested
+        # (one block per (image, group)): the forward reads h twice (the second time from L2), u once per
+        # group and 4 table values per (channel, knot) per block; the backward writes grad_h's first term, then
+        # reads it and h again (from L2) and writes grad_h, reads each pixel's knot records once per group and
+        # slice of two channels, writes per-image table partials that finalize_group_backward sums, and
+        # knot_records reads u and writes 16 bytes of records per pixel (reading 8 back)
         Op("groupnorm_film_fwd", "cuda", UNET_SHAPES, _groupnorm_film_forward,
-           lambda sh, s: 2 * s + 4 / sh[1] + _table_bytes(sh), lambda sh, s: 2 * s + 4 / sh[1] + _table_bytes(sh)),
+           lambda sh, s: 2 * s + 4 / sh[1] + _table_bytes(sh),
+           lambda sh, s: 3 * s + 4 * GROUPS / sh[1] + 16 * KNOTS / (sh[2] * sh[3])),
         Op("groupnorm_film_bwd", "cuda", UNET_SHAPES, _groupnorm_film_backward,
            lambda sh, s: 3 * s + 4 / sh[1] + 2 * _table_bytes(sh),
-           lambda sh, s: 5 * s + 8 / sh[1] + 3 * _table_bytes(sh)),
+           lambda sh, s: (6 * s + 28 / sh[1] + 16 * GROUPS / sh[1] * math.ceil(sh[1] // GROUPS / 2)
+                          + 32 * KNOTS / (sh[2] * sh[3]))),
     ]
 
 
 # Triton ops: each calls the op's launch function on meta tensors (coupling: these signatures, which are the
-# reference functions' signatures, and kernels/training_sample.launch's `ordered` flag)
+# reference functions' signatures)
 
 def _meta(shape, dtype=torch.float32):
     return torch.empty(shape, dtype=dtype, device="meta")
@@ -251,33 +254,33 @@ def _lookup(name: str):
     return launches
 
 
-def _training_sample(*, correlated=True, given_noise=False, ordered=False):
+def _training_sample(*, correlated=True, given_noise=False, per_channel=False):
     def launches(shape, dtype, arch):
         from svnr_fast.kernels import training_sample
         B = shape[0]
         noise = (_meta(shape, dtype), _meta(shape, dtype)) if given_noise else (None, None)
-        return triton_launches(lambda: training_sample.launch(
-            _meta(shape, dtype), _meta(B), _meta(B), _meta(B), _meta_table(), correlated, *noise, 0, 0,
-            ordered=ordered), shape, arch)
+        return triton_launches(lambda: training_sample.training_sample(
+            _meta(shape, dtype), _meta(B), _meta(B), _meta(B), _meta_table(), correlated, *noise, 0, 0, per_channel,
+            False, 0.0), shape, arch)
     return launches
 
 
-def _reverse_step(*, eta, given_z=False, clamp=False, x0_hat=False):
+def _reverse_step(*, eta, given_z=False, clamp=False, x0_hat=False, per_channel=False):
     def launches(shape, dtype, arch):
         from svnr_fast.kernels import reverse_step
         B, C, H, W = shape
         z = _meta(shape, dtype) if given_z else None
         low, high = (-1.0, 1.0) if clamp else (None, None)
         return triton_launches(lambda: reverse_step.reverse_step(
-            _meta(shape, dtype), _meta(shape, dtype), _meta((B, 1, H, W)), _meta(B), _meta_table(), eta, z, low, high,
-            0, 0, x0_hat), shape, arch)
+            _meta(shape, dtype), _meta(shape, dtype), _meta((B, C if per_channel else 1, H, W)), _meta(B),
+            _meta_table(), eta, z, low, high, 0, 0, x0_hat), shape, arch)
     return launches
 
 
 # CUDA ops: the host code's choices at NCHW, 16-byte aligned tensors (csrc/groupnorm_film_cuda.cu)
 
 CUDA_STORAGE = {"float32": "float", "bfloat16": "__nv_bfloat16"}
-K_THREADS, K_CHUNK_ELEMS, K_GROUP_THREADS, K_GROUP_ELEMS = 256, 4096, 1024, 32
+K_THREADS, K_CHUNK_ELEMS, K_GROUP_THREADS = 256, 4096, 512
 
 
 def _nchw_geometry(shape, itemsize):
@@ -289,45 +292,120 @@ def _nchw_geometry(shape, itemsize):
     return chunk, threads, math.ceil(chunk / (threads * vec))
 
 
-def cuda_launch(function: str, arch: int, threads: int, blocks: int, dynamic_shared: int,
-                loops: dict[str, float]) -> Launch:
+def cuda_launch(function: str, arch: int, threads: int, blocks: int, dynamic_shared: int, loops: dict[str, float],
+                guards: dict[str, Callable] | None = None) -> Launch:
     """A launch of `function` (a short template name) from the CUDA file."""
     return Launch(function.split("<")[0], nvcc_cubin(arch), functools.partial(nvcc_rolled_cubin, arch, function),
-                  function, threads, blocks, dynamic_shared, loops)
+                  function, threads, blocks, dynamic_shared, loops, guards or {})
+
+
+def _round32(n: int) -> int:
+    return math.ceil(n / 32) * 32
+
+
+def _warp_zero_guards(threads: int) -> dict[str, Callable]:
+    """Branches only warp 0 takes (thread 0's work, the second level of a block reduction): 1 of the block's
+    threads / 32 warps issues them."""
+    share = 32 / threads
+    return {"if (warp == 0) {": lambda sites: share, "if (threadIdx.x == 0) {": lambda sites: share,
+            "if (threadIdx.x < 32) {": lambda sites: share}
+
+
+def _block_strided(n: int, threads: int) -> float:
+    """Trips of `for (i = threadIdx.x; i < n; i += blockDim.x)` per warp, averaged over the block's warps: the
+    warp-iterations ceil(n / 32) over threads / 32 warps (a warp issues an iteration when any lane takes it)."""
+    return math.ceil(n / 32) / (threads / 32)
 
 
 def _groupnorm_film_forward(shape, dtype, arch):
-    """forward_group_nchw: one block per (image, group) holding the group in registers (group_resident)."""
+    """forward_group_nchw: one block per (image, group), two passes over the group (group_forward_shape)."""
     B, C, H, W = shape
     vec, per_group = 16 // dtype.itemsize, C // GROUPS
-    assert per_group * H * W <= K_GROUP_THREADS * K_GROUP_ELEMS and B * GROUPS >= 132, "not the one-launch forward"
-    threads = math.ceil(math.ceil(per_group * H * W // vec / (K_GROUP_ELEMS // vec)) / 32) * 32
+    assert per_group * H * W * dtype.itemsize <= 128 * 1024 and B * GROUPS >= 132, "not the one-launch forward"
+    threads = min(K_GROUP_THREADS, _round32(H * W // vec))
     storage = CUDA_STORAGE[_dtype_name(dtype)]
     return [cuda_launch(f"forward_group_nchw<{storage}, {vec}, true>", arch, threads, B * GROUPS,
-                        2 * per_group * KNOTS * 4,
-                        loops={"i < column_values; i += blockDim.x": math.ceil(per_group * KNOTS / threads)})]
+                        per_group * KNOTS * 16 + per_group * 8,
+                        loops={"for (int c = 0; c < count; ++c) {": per_group,
+                               "k < knots; k += blockDim.x": _block_strided(KNOTS, threads),
+                               "pack < packs; pack += blockDim.x, in_pack += blockDim.x * VEC":
+                                   _block_strided(per_group * H * W // vec, threads),
+                               "c < per_group; c += blockDim.x": _block_strided(per_group, threads),
+                               "pixel < pixels; pixel += blockDim.x * VEC": _block_strided(H * W // vec, threads),
+                               "for (int c = 0; c < per_group; ++c, in += pixels / VEC": per_group},
+                        guards=_warp_zero_guards(threads))]
+
+
+K_BACK_CHUNK, K_BACK_THREADS, K_MIN_RUN, K_SORT_THREADS = 8192, 256, 16, 1024
+
+
+def _backward_geometry(shape):
+    """(pixels per sorted chunk, threads per block, sorted positions per thread) of backward_group_nchw."""
+    pixels = shape[2] * shape[3]
+    chunk = min(K_BACK_CHUNK, pixels)
+    threads = max(128, min(K_BACK_THREADS, _round32(chunk // K_MIN_RUN)))
+    return chunk, threads, math.ceil(chunk / (4 * threads)) * 4
+
+
+@functools.lru_cache(maxsize=None)
+def _sorted_run_shares(shape) -> tuple[float, float]:
+    """backward_group_nchw's sorted loop on the time map of benchmarks/bench_groupnorm_film.py (avg-pooled
+    noise): (share of the groups of four positions in which a run of one knot ends, share of the positions
+    of such groups that start a new run: the guards of the code that flushes runs)."""
+    import bench_groupnorm_film
+    u = bench_groupnorm_film.inputs(shape, torch.float32, "cpu")[1]
+    B, _, H, W = u.shape
+    knots = u.clamp(0, KNOTS - 1).floor().view(B, H * W)
+    chunk, threads, per_thread = _backward_geometry(shape)
+    boundary_groups = groups = changes = 0
+    for start in range(0, H * W, chunk):
+        ranges = knots[:, start:start + chunk].sort(dim=1).values.reshape(B, -1, per_thread)
+        # the run a group continues: the key before it (the range's first key for the first group)
+        before = torch.cat([ranges[..., :1], ranges[..., :-1]], dim=-1).reshape(*ranges.shape[:2], -1, 4)
+        four = ranges.reshape(*ranges.shape[:2], -1, 4)
+        boundary = (four[..., 0] != before[..., 0]) | (four[..., 3] != before[..., 0])
+        boundary_groups += int(boundary.sum())
+        groups += boundary.numel()
+        changes += int(((four != before) & boundary[..., None]).sum())
+    return boundary_groups / groups, changes / (4 * boundary_groups)
 
 
 def _groupnorm_film_backward(shape, dtype, arch):
-    """backward_reduce_nchw, finalize_backward, backward_apply_nchw."""
+    """knot_records, backward_group_nchw, finalize_group_backward (the one-block-per-group backward)."""
     B, C, H, W = shape
     vec, per_group = 16 // dtype.itemsize, C // GROUPS
-    chunk, threads, packs_per_thread = _nchw_geometry(shape, dtype.itemsize)
+    assert per_group * H * W * dtype.itemsize <= 128 * 1024 and B * GROUPS >= 132, "not the group backward"
+    chunk, threads, per_thread = _backward_geometry(shape)
     chunks = math.ceil(H * W / chunk)
+    sort_warps = min(K_SORT_THREADS // 32, 48 * 1024 // (4 * KNOTS) - 1)
     storage = CUDA_STORAGE[_dtype_name(dtype)]
-    finalize_warps = B * GROUPS + C
+    table_size = KNOTS * 2 * C
     return [
-        cuda_launch(f"backward_reduce_nchw<{storage}, {vec}, true>", arch, threads, B * C * chunks, 2 * KNOTS * 4,
-                    loops={"i < 2 * p.knots; i += blockDim.x": math.ceil(2 * KNOTS / threads),
-                           "i < end; i += int64_t(blockDim.x) * VEC": packs_per_thread,
-                           "k < p.knots; k += blockDim.x": math.ceil(KNOTS / threads)}),
-        # one warp per (image, group) or channel; both branches are counted for every warp (an upper bound), and
-        # nvcc splits each loop into a remainder and an unrolled loop, both counted with the trip count
-        cuda_launch("finalize_backward<float>", arch, K_THREADS, math.ceil(finalize_warps * 32 / K_THREADS), 0,
-                    loops={"i < count; i += 32": math.ceil(per_group * chunks / 32),
-                           "i < batch * chunks; i += 32": math.ceil(B * chunks / 32)}),
-        cuda_launch(f"backward_apply_nchw<{storage}, {vec}, true>", arch, threads, B * C * chunks, 0,
-                    loops={"i < end; i += int64_t(blockDim.x) * VEC": packs_per_thread}),
+        cuda_launch("knot_records", arch, 32 * sort_warps, B * chunks, (sort_warps + 1) * KNOTS * 4,
+                    loops={"i < warps * knots; i += blockDim.x": _block_strided(sort_warps * KNOTS, 32 * sort_warps),
+                           "step < part_end; step += 32": math.ceil(chunk / sort_warps / 32),
+                           "k < knots; k += blockDim.x": _block_strided(KNOTS, 32 * sort_warps),
+                           "w < warps; ++w": sort_warps,
+                           "k0 < knots; k0 += 32": math.ceil(KNOTS / 32)},
+                    guards=_warp_zero_guards(32 * sort_warps)),
+        cuda_launch(f"backward_group_nchw<{storage}, {vec}, true>", arch, threads, B * GROUPS,
+                    2 * per_group * KNOTS * 16 + 2 * per_group * 8 + 2 * chunk * 8,
+                    loops={"for (int c = 0; c < count; ++c) {": per_group,
+                           "k < knots; k += blockDim.x": _block_strided(KNOTS, threads),
+                           "i < per_group * knots; i += blockDim.x": _block_strided(per_group * KNOTS, threads),
+                           "c < per_group; c += blockDim.x": _block_strided(per_group, threads),
+                           "c0 < per_group; c0 += CS": math.ceil(per_group / 2),
+                           "chunk_begin < unsigned(pixels); chunk_begin += chunk_pixels": chunks,
+                           "pixel < chunk_len; pixel += blockDim.x * VEC": _block_strided(chunk // vec, threads),
+                           "(unsigned i = begin; i < end; i += 4)": per_thread / 4,
+                           "k < knots; k += 32": math.ceil(KNOTS / 32),
+                           "for (int c = 0; c < per_group; ++c) {": per_group,
+                           "pack < unsigned(count / VEC); pack += blockDim.x": _block_strided(per_group * H * W // vec, threads)},
+                    guards={"four.x >> kKeyShift) != run_k": lambda sites, share=_sorted_run_shares(shape)[0]: share,
+                            "if (k != run_k) {": lambda sites, share=_sorted_run_shares(shape)[1]: share,
+                            **_warp_zero_guards(threads)}),
+        cuda_launch("finalize_group_backward", arch, K_THREADS, math.ceil((table_size + 2 * C) / K_THREADS), 0,
+                    loops={"b < batch; ++b, value += row": B}),
     ]
 
 
@@ -557,11 +635,11 @@ def triton_launches(call: Callable[[], object], shape, arch: int) -> list[Launch
         if callable(grid):
             raise NotImplementedError(f"{fn.__name__}: grid functions are not supported")
         compiled = triton_compile(fn, args, kwargs, arch)
-        phase = {1: " max phase", 2: " sample phase"}.get(kwargs.get("PHASE"), "")
+        phase = {True: " max phase", False: " sample phase"}.get(kwargs.get("MAX_PHASE"), "")
         launches.append(Launch(fn.__name__ + phase, triton_cubin(compiled),
                                functools.partial(triton_rolled_cubin, compiled), compiled.metadata.name,
                                compiled.metadata.num_warps * 32, math.prod(grid), compiled.metadata.shared,
-                               triton_loops(shape), triton_guards(shape)))
+                               triton_loops(shape), triton_guards(grid)))
     return launches
 
 

@@ -6,7 +6,8 @@
 // NCHW (the main layout). One task per (image, group) in the forward: the group is contiguous, so its
 // statistics (two passes: mean, then squared deviations) and the apply pass reread it from the core's
 // cache: h comes from memory once. Per pixel, the segment k and frac of the time map are computed once
-// per image; each channel then gathers from its own contiguous column of the transposed table.
+// per image; each channel then reads one record (scale_k, d scale, shift_k, d shift) per pixel, several
+// pixels' records transposed in registers (lerp_records), before a vectorised loop applies the FiLM.
 // The backward runs one task per (group, slice of images); the task owns its channels' columns of its
 // slice's table-gradient buffer (double), so it accumulates them without atomics; a first pass over each
 // group computes dn and the table gradient, a second pass writes grad_h from the cached dn.
@@ -16,94 +17,177 @@
 // shifted values over pixel blocks, merged per group (Chan); the backward accumulates the table
 // gradient per slice of the pixel blocks, slices summed in order.
 //
-// Every sum has a fixed order that depends on the shape only: results are the same for any thread count.
+// Every sum has a fixed order that depends on the shape and the instruction set only: results are the same
+// for any thread count.
 //
 // Bytes per element that must move (float32; half for bfloat16/float16): forward 8 (read h, write out),
 // backward 12 (read grad_out and h, write grad_h). NCHW reads h from memory once in the forward (the
 // later passes over a group hit the core's cache) and grad_out and h once in the backward; NHWC reads
-// each twice. Roofline on the development machine (2 shared cores of an AVX-512 Xeon; a 256 MB torch
-// copy_ moves 13.4 GB/s, read + write): 8x64x128x128 float32 (8.4M elements) moves at least 67 MB
-// forward (5.0 ms) and 101 MB backward (7.5 ms), 0.6 and 0.9 ns per element. Measured CPU time per
-// element on one thread: forward 2.3-4.4 ns, backward 6 ns (NCHW) and 8-10 ns (NHWC), so with two
-// threads the kernels are compute bound, not memory bound: SiLU's exp and division and the four table
-// gathers per element, which baseline x86-64 (SSE2) code emulates; -march=native measured 5-30% faster.
-#include <algorithm>
+// each twice. 8x64x128x128 float32 (8.4M elements) moves at least 67 MB forward and 101 MB backward; a
+// torch copy_ of that size took 1.9 ms on this 2-core AMD EPYC (Zen 5, AVX-512) when it was quiet. The
+// forward is compute bound: one thread's CPU time per call at that size, best of 30, AVX-512: 8.3 ms
+// (10.1 with four emulated gathers per element instead of the records); AVX2 11.1 (12.2).
 #include <cmath>
-#include <cstdint>
-#include <stdexcept>
-#include <string>
-#include <type_traits>
-#include <vector>
 
-#include "svnr_kernels.h"
-#include "svnr_math.h"
+#include "cpu_common.h"
 
 namespace svnr {
-
-void check_groupnorm_film_shape(const GroupNormFilmShape& shape) {
-  auto fail = [](const std::string& what) { throw std::invalid_argument("groupnorm_film: " + what); };
-  if (shape.batch < 1 || shape.channels < 1 || shape.pixels < 1)
-    fail("h must have at least one image, channel and pixel");
-  if (shape.groups < 1 || shape.channels % shape.groups != 0)
-    fail("groups (" + std::to_string(shape.groups) + ") must divide the channels (" +
-         std::to_string(shape.channels) + ")");
-  if (shape.knots < 2) fail("the table needs at least 2 rows (knots), got " + std::to_string(shape.knots));
-  if (shape.knots > (std::int64_t(1) << 30)) fail("the table has too many rows");
-  if (shape.dtype < kFloat32 || shape.dtype > kFloat16)
-    fail("unknown dtype code " + std::to_string(shape.dtype));
-}
-
+namespace SVNR_CPU_NAMESPACE {
 namespace {
-
-struct BFloat16 {
-  std::uint16_t bits;
-};
-struct Float16 {
-  std::uint16_t bits;
-};
-
-inline float load(float x) { return x; }
-inline double load(double x) { return x; }
-inline float load(BFloat16 x) { return math::bf16_to_float(x.bits); }
-inline float load(Float16 x) { return math::fp16_to_float(x.bits); }
-
-inline void store(float& dst, float x) { dst = x; }
-inline void store(double& dst, double x) { dst = x; }
-inline void store(BFloat16& dst, float x) { dst.bits = math::float_to_bf16(x); }
-inline void store(Float16& dst, float x) { dst.bits = math::float_to_fp16(x); }
-
-// Compute type of a storage type: double for double, else float.
-template <typename S>
-using Compute = std::conditional_t<std::is_same_v<S, double>, double, float>;
 
 // Sums in the compute type over blocks of this many elements (vector lanes: short, accurate partial
 // sums), blocks accumulated in double.
-constexpr std::int64_t kSumBlock = 2048;
+constexpr int64_t kSumBlock = 2048;
 
 // Pixel block of the NHWC tasks.
-constexpr std::int64_t kPixelBlock = 256;
+constexpr int64_t kPixelBlock = 256;
 
-template <typename Fn>
-void dispatch(int dtype, bool silu, Fn&& fn) {
-  dispatch_storage<BFloat16, Float16>(dtype, silu, std::forward<Fn>(fn));
+// GroupNormFilmArgs with typed pointers and the shape as the kernels use it.
+template <typename S>
+struct Film {
+  using T = Compute<S>;
+  int64_t B, C, HW, G;
+  int K;
+  const S* h;
+  const T* u;
+  const T* table;   // (K, 2C)
+  const T* weight;
+  const T* bias;
+  S* out;
+  T* mean;
+  T* rstd;
+  const S* grad_out;
+  S* grad_h;
+  T* grad_table;
+  T* grad_weight;
+  T* grad_bias;
+  double eps;
+};
+
+template <typename S>
+Film<S> typed(const GroupNormFilmArgs& a) {
+  using T = Compute<S>;
+  return {a.batch,
+          a.channels,
+          a.pixels,
+          a.groups,
+          int(a.knots),
+          static_cast<const S*>(a.h),
+          static_cast<const T*>(a.u),
+          static_cast<const T*>(a.table),
+          static_cast<const T*>(a.weight),
+          static_cast<const T*>(a.bias),
+          static_cast<S*>(a.out),
+          static_cast<T*>(a.mean),
+          static_cast<T*>(a.rstd),
+          static_cast<const S*>(a.grad_out),
+          static_cast<S*>(a.grad_h),
+          static_cast<T*>(a.grad_table),
+          static_cast<T*>(a.grad_weight),
+          static_cast<T*>(a.grad_bias),
+          a.eps};
 }
 
-int thread_count(int requested) { return requested < 1 ? 1 : requested; }
+// The table as the NCHW kernels read it, one channel over many pixels: per channel c and segment k in
+// [0, K - 2] the record (scale_k, scale_k+1 - scale_k, shift_k, shift_k+1 - shift_k), so that a pixel's lerp
+// reads one 16-byte record (float) and scale_k + frac * (scale_k+1 - scale_k) is the reference's lerp exactly.
+template <typename T>
+Buffer<T> film_records(const T* table, int64_t C, int64_t K) {
+  Buffer<T> records(C * (K - 1) * 4);
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t k = 0; k < K - 1; ++k) {
+      const T* row = table + k * 2 * C;
+      const T* next = row + 2 * C;
+      T* record = records.data() + (c * (K - 1) + k) * 4;
+      record[0] = row[c];
+      record[1] = next[c] - row[c];
+      record[2] = row[C + c];
+      record[3] = next[C + c] - row[C + c];
+    }
+  }
+  return records;
+}
+
+// scale and shift of one channel at n pixels from its records (film_records) and the pixels' segments and
+// fractions. For float, the records of 4, 8 or 16 pixels (SSE, AVX, AVX-512) are loaded whole and transposed in
+// registers into (scale_k, d scale, shift_k, d shift) vectors: GCC's own code reads the four values as four
+// emulated gathers (10 of the forward's 15 instructions per element with AVX2, callgrind), and hardware
+// gathers are 2-3x slower still on this AMD machine.
+#if defined(__AVX512F__)
+constexpr int kRecordLanes = 16;
+#elif defined(__AVX__)
+constexpr int kRecordLanes = 8;
+#else
+constexpr int kRecordLanes = 4;
+#endif
+
+#if defined(__SSE2__)
+// Four pixels' records at `records + 4 * k[0..3]` transposed: lane j of s, ds, h, dh is pixel j's.
+inline void transpose_records(const float* records, const std::int32_t* k, __m128& s, __m128& ds, __m128& h,
+                              __m128& dh) {
+  s = _mm_loadu_ps(records + 4 * k[0]);
+  ds = _mm_loadu_ps(records + 4 * k[1]);
+  h = _mm_loadu_ps(records + 4 * k[2]);
+  dh = _mm_loadu_ps(records + 4 * k[3]);
+  _MM_TRANSPOSE4_PS(s, ds, h, dh);
+}
+#endif
+
+template <typename T>
+void lerp_records(const T* records, const std::int32_t* k, const T* frac, int64_t n, T* scale, T* shift) {
+  int64_t p = 0;
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<T, float>) {
+    for (; p + kRecordLanes <= n; p += kRecordLanes) {
+#if defined(__AVX512F__)
+      __m128 s[4], ds[4], h[4], dh[4];
+      for (int part = 0; part < 4; ++part) transpose_records(records, k + p + 4 * part, s[part], ds[part], h[part], dh[part]);
+      auto join = [](const __m128* q) {
+        const __m512 low = _mm512_insertf32x4(_mm512_castps128_ps512(q[0]), q[1], 1);
+        return _mm512_insertf32x4(_mm512_insertf32x4(low, q[2], 2), q[3], 3);
+      };
+      const __m512 f = _mm512_loadu_ps(frac + p);
+      _mm512_storeu_ps(scale + p, _mm512_add_ps(join(s), _mm512_mul_ps(f, join(ds))));
+      _mm512_storeu_ps(shift + p, _mm512_add_ps(join(h), _mm512_mul_ps(f, join(dh))));
+#elif defined(__AVX__)
+      __m128 s0, ds0, h0, dh0, s1, ds1, h1, dh1;
+      transpose_records(records, k + p, s0, ds0, h0, dh0);
+      transpose_records(records, k + p + 4, s1, ds1, h1, dh1);
+      auto join = [](__m128 low, __m128 high) { return _mm256_insertf128_ps(_mm256_castps128_ps256(low), high, 1); };
+      const __m256 f = _mm256_loadu_ps(frac + p);
+      _mm256_storeu_ps(scale + p, _mm256_add_ps(join(s0, s1), _mm256_mul_ps(f, join(ds0, ds1))));
+      _mm256_storeu_ps(shift + p, _mm256_add_ps(join(h0, h1), _mm256_mul_ps(f, join(dh0, dh1))));
+#else
+      __m128 s, ds, h, dh;
+      transpose_records(records, k + p, s, ds, h, dh);
+      const __m128 f = _mm_loadu_ps(frac + p);
+      _mm_storeu_ps(scale + p, _mm_add_ps(s, _mm_mul_ps(f, ds)));
+      _mm_storeu_ps(shift + p, _mm_add_ps(h, _mm_mul_ps(f, dh)));
+#endif
+    }
+  }
+#endif
+  for (; p < n; ++p) {
+    const T* record = records + 4 * k[p];
+    scale[p] = record[0] + frac[p] * record[1];
+    shift[p] = record[2] + frac[p] * record[3];
+  }
+}
 
 // Per pixel of every image: the table segment k and frac of u (math::knot).
 template <typename T>
 struct Knots {
-  std::vector<std::int32_t> k;
-  std::vector<T> frac;
+  Buffer<std::int32_t> k;
+  Buffer<T> frac;
 };
 
 template <typename T>
-Knots<T> knots_of(const T* u, std::int64_t count, int K, int threads) {
-  Knots<T> knots{std::vector<std::int32_t>(count), std::vector<T>(count)};
+Knots<T> knots_of(const T* u, int64_t count, int K, int threads) {
+  Knots<T> knots{Buffer<std::int32_t>(count), Buffer<T>(count)};
   std::int32_t* k = knots.k.data();
   T* frac = knots.frac.data();
 #pragma omp parallel for simd num_threads(threads) schedule(static)
-  for (std::int64_t i = 0; i < count; ++i) {
+  for (int64_t i = 0; i < count; ++i) {
     const math::Knot<T> knot = math::knot(u[i], K);
     k[i] = knot.k;
     frac[i] = knot.frac;
@@ -112,28 +196,28 @@ Knots<T> knots_of(const T* u, std::int64_t count, int K, int threads) {
 }
 
 template <typename S>
-double sum_of(const S* x, std::int64_t count) {
+double sum_of(const S* x, int64_t count) {
   using T = Compute<S>;
   double total = 0;
-  for (std::int64_t start = 0; start < count; start += kSumBlock) {
-    const std::int64_t end = std::min(count, start + kSumBlock);
+  for (int64_t start = 0; start < count; start += kSumBlock) {
+    const int64_t end = min64(count, start + kSumBlock);
     T sum = 0;
 #pragma omp simd reduction(+ : sum)
-    for (std::int64_t i = start; i < end; ++i) sum += load(x[i]);
+    for (int64_t i = start; i < end; ++i) sum += load(x[i]);
     total += sum;
   }
   return total;
 }
 
 template <typename S>
-double squared_deviations(const S* x, std::int64_t count, Compute<S> mean) {
+double squared_deviations(const S* x, int64_t count, Compute<S> mean) {
   using T = Compute<S>;
   double total = 0;
-  for (std::int64_t start = 0; start < count; start += kSumBlock) {
-    const std::int64_t end = std::min(count, start + kSumBlock);
+  for (int64_t start = 0; start < count; start += kSumBlock) {
+    const int64_t end = min64(count, start + kSumBlock);
     T sum = 0;
 #pragma omp simd reduction(+ : sum)
-    for (std::int64_t i = start; i < end; ++i) {
+    for (int64_t i = start; i < end; ++i) {
       const T d = load(x[i]) - mean;
       sum += d * d;
     }
@@ -146,76 +230,87 @@ double squared_deviations(const S* x, std::int64_t count, Compute<S> mean) {
 // NCHW
 // ---------------------------------------------------------------------------------------------------
 
+// Per-thread rows of scale(u) and shift(u) for a tile of kTile pixels.
+template <typename T>
+struct FilmRows {
+  Buffer<T> scale, shift;
+  FilmRows() : scale(kTile), shift(kTile) {}
+};
+
 // One channel plane: out = act(film(xhat * w + b, scale(u), shift(u))).
 template <typename S, bool Silu>
-void forward_plane(const S* x, S* out, std::int64_t pixels, const std::int32_t* knot_k,
-                   const Compute<S>* knot_frac, const Compute<S>* scale_column,
-                   const Compute<S>* shift_column, Compute<S> mean, Compute<S> rstd, Compute<S> w,
-                   Compute<S> b) {
+void forward_plane(const S* x, S* out, int64_t pixels, const std::int32_t* knot_k,
+                   const Compute<S>* knot_frac, const Compute<S>* records, Compute<S> mean, Compute<S> rstd,
+                   Compute<S> w, Compute<S> b, FilmRows<Compute<S>>& film) {
   using T = Compute<S>;
+  for (int64_t start = 0; start < pixels; start += kTile) {
+    const int64_t n = min64(kTile, pixels - start);
+    lerp_records(records, knot_k + start, knot_frac + start, n, film.scale.data(), film.shift.data());
+    const T* scale = film.scale.data();
+    const T* shift = film.shift.data();
+    const S* xs = x + start;
+    S* ys = out + start;
 #pragma omp simd
-  for (std::int64_t p = 0; p < pixels; ++p) {
-    const std::int32_t k = knot_k[p];
-    const T frac = knot_frac[p];
-    const T scale = math::lerp(scale_column[k], scale_column[k + 1], frac);
-    const T shift = math::lerp(shift_column[k], shift_column[k + 1], frac);
-    const T n = math::normalize(load(x[p]), mean, rstd) * w + b;
-    store(out[p], math::activate<Silu>(math::film(n, scale, shift)));
-  }
-}
-
-template <typename S, bool Silu>
-void forward_nchw(const GroupNormFilmShape& shape, const S* h, const Compute<S>* u, const Compute<S>* table_t,
-                  const Compute<S>* weight, const Compute<S>* bias, S* out, Compute<S>* mean,
-                  Compute<S>* rstd, double eps, int threads) {
-  using T = Compute<S>;
-  const std::int64_t B = shape.batch, C = shape.channels, HW = shape.pixels, G = shape.groups;
-  const int K = int(shape.knots);
-  const std::int64_t per_group = C / G, count = per_group * HW;
-  const Knots<T> knots = knots_of(u, B * HW, K, threads);
-
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (std::int64_t task = 0; task < B * G; ++task) {
-    const std::int64_t b = task / G, g = task % G;
-    const S* x = h + (b * C + g * per_group) * HW;
-    const T mu = T(sum_of(x, count) / double(count));
-    const T rs = T(1.0 / std::sqrt(squared_deviations(x, count, mu) / double(count) + eps));
-    mean[task] = mu;
-    rstd[task] = rs;
-    for (std::int64_t i = 0; i < per_group; ++i) {
-      const std::int64_t c = g * per_group + i;
-      forward_plane<S, Silu>(x + i * HW, out + (b * C + c) * HW, HW, knots.k.data() + b * HW,
-                             knots.frac.data() + b * HW, table_t + c * K, table_t + (C + c) * K, mu, rs,
-                             weight[c], bias[c]);
+    for (int64_t p = 0; p < n; ++p) {
+      const T normed = math::normalize(load(xs[p]), mean, rstd) * w + b;
+      store(ys[p], math::activate<Silu>(math::film(normed, scale[p], shift[p])));
     }
   }
 }
 
+template <typename S, bool Silu>
+void forward_nchw(const Film<S>& f, int threads) {
+  using T = Compute<S>;
+  const int64_t B = f.B, C = f.C, HW = f.HW, G = f.G;
+  const int K = f.K;
+  const int64_t per_group = C / G, count = per_group * HW;
+  const Knots<T> knots = knots_of(f.u, B * HW, K, threads);
+  const Buffer<T> records = film_records(f.table, C, K);
+
+#pragma omp parallel num_threads(threads)
+  {
+  FilmRows<T> film;
+#pragma omp for schedule(static)
+  for (int64_t task = 0; task < B * G; ++task) {
+    const int64_t b = task / G, g = task % G;
+    const S* x = f.h + (b * C + g * per_group) * HW;
+    const T mu = T(sum_of(x, count) / double(count));
+    const T rs = T(1.0 / std::sqrt(squared_deviations(x, count, mu) / double(count) + f.eps));
+    f.mean[task] = mu;
+    f.rstd[task] = rs;
+    for (int64_t i = 0; i < per_group; ++i) {
+      const int64_t c = g * per_group + i;
+      forward_plane<S, Silu>(x + i * HW, f.out + (b * C + c) * HW, HW, knots.k.data() + b * HW,
+                             knots.frac.data() + b * HW, records.data() + c * (K - 1) * 4, mu, rs, f.weight[c],
+                             f.bias[c], film);
+    }
+  }
+  }
+}
+
 // First backward pass over one channel plane: dn (kept for the second pass) and the per-pixel table
-// gradients dscale, dpre (= dshift); returns the plane's sums of dn and dn * xhat.
+// gradients dscale, dpre (= dshift); returns the plane's sums of dn and dn * xhat. dscale and dshift first
+// hold the plane's scale(u) and shift(u), each pixel's read before its gradient replaces it.
 struct PlaneSums {
   double dn;
   double dn_xhat;
 };
 
 template <typename S, bool Silu>
-PlaneSums backward_plane(const S* grad_out, const S* x, std::int64_t pixels, const std::int32_t* knot_k,
-                         const Compute<S>* knot_frac, const Compute<S>* scale_column,
-                         const Compute<S>* shift_column, Compute<S> mean, Compute<S> rstd, Compute<S> w,
-                         Compute<S> b, Compute<S>* dn, Compute<S>* dscale, Compute<S>* dshift) {
+PlaneSums backward_plane(const S* grad_out, const S* x, int64_t pixels, const std::int32_t* knot_k,
+                         const Compute<S>* knot_frac, const Compute<S>* records, Compute<S> mean,
+                         Compute<S> rstd, Compute<S> w, Compute<S> b, Compute<S>* dn, Compute<S>* dscale,
+                         Compute<S>* dshift) {
   using T = Compute<S>;
+  lerp_records(records, knot_k, knot_frac, pixels, dscale, dshift);
   PlaneSums sums{0, 0};
-  for (std::int64_t start = 0; start < pixels; start += kSumBlock) {
-    const std::int64_t end = std::min(pixels, start + kSumBlock);
+  for (int64_t start = 0; start < pixels; start += kSumBlock) {
+    const int64_t end = min64(pixels, start + kSumBlock);
     T sum_dn = 0, sum_dn_xhat = 0;
 #pragma omp simd reduction(+ : sum_dn, sum_dn_xhat)
-    for (std::int64_t p = start; p < end; ++p) {
-      const std::int32_t k = knot_k[p];
-      const T frac = knot_frac[p];
-      const T scale = math::lerp(scale_column[k], scale_column[k + 1], frac);
-      const T shift = math::lerp(shift_column[k], shift_column[k + 1], frac);
+    for (int64_t p = start; p < end; ++p) {
       const T xhat = math::normalize(load(x[p]), mean, rstd);
-      const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(grad_out[p])), xhat, w, b, scale, shift);
+      const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(grad_out[p])), xhat, w, b, dscale[p], dshift[p]);
       dn[p] = grad.dn;
       dscale[p] = grad.dscale;
       dshift[p] = grad.dpre;
@@ -241,22 +336,22 @@ struct SegmentSums {
 // kSliceElementsPerEntry elements of work per buffer entry (zeroing and summing the buffers would then
 // cost as much as the work). The split depends on the shape only, so results do not depend on the
 // number of threads.
-constexpr std::int64_t kSliceTasks = 64;
-constexpr std::int64_t kSliceBudgetBytes = std::int64_t(64) << 20;
-constexpr std::int64_t kSliceElementsPerEntry = 16;
+constexpr int64_t kSliceTasks = 64;
+constexpr int64_t kSliceBudgetBytes = int64_t(64) << 20;
+constexpr int64_t kSliceElementsPerEntry = 16;
 
-std::int64_t slice_count(std::int64_t wanted, std::int64_t elements, std::int64_t C, std::int64_t K) {
-  const std::int64_t entries = C * K;
-  const std::int64_t by_memory = kSliceBudgetBytes / (entries * std::int64_t(sizeof(SegmentSums)));
-  const std::int64_t by_work = elements / (kSliceElementsPerEntry * entries);
-  return std::max<std::int64_t>(1, std::min({wanted, by_memory, by_work}));
+int64_t slice_count(int64_t wanted, int64_t elements, int64_t C, int64_t K) {
+  const int64_t entries = C * K;
+  const int64_t by_memory = kSliceBudgetBytes / (entries * int64_t(sizeof(SegmentSums)));
+  const int64_t by_work = elements / (kSliceElementsPerEntry * entries);
+  return max64(1, min64(wanted, min64(by_memory, by_work)));
 }
 
 // Adds the rows of `segments` (C channels x K segments) into grad (K, 2C).
-void add_segment_rows(const SegmentSums* segments, std::int64_t C, std::int64_t K, double* grad) {
-  for (std::int64_t c = 0; c < C; ++c) {
+void add_segment_rows(const SegmentSums* segments, int64_t C, int64_t K, double* grad) {
+  for (int64_t c = 0; c < C; ++c) {
     const SegmentSums* s = segments + c * K;
-    for (std::int64_t k = 0; k < K; ++k) {
+    for (int64_t k = 0; k < K; ++k) {
       const double scale_from_below = k > 0 ? s[k - 1].scale_frac : 0.0;
       const double shift_from_below = k > 0 ? s[k - 1].shift_frac : 0.0;
       grad[k * 2 * C + c] += s[k].scale - s[k].scale_frac + scale_from_below;
@@ -266,9 +361,9 @@ void add_segment_rows(const SegmentSums* segments, std::int64_t C, std::int64_t 
 }
 
 template <typename T>
-void accumulate_segments(SegmentSums* segments, std::int64_t pixels, const std::int32_t* knot_k,
+void accumulate_segments(SegmentSums* segments, int64_t pixels, const std::int32_t* knot_k,
                          const T* knot_frac, const T* dscale, const T* dshift) {
-  for (std::int64_t p = 0; p < pixels; ++p) {
+  for (int64_t p = 0; p < pixels; ++p) {
     SegmentSums& s = segments[knot_k[p]];
     const double frac = knot_frac[p], g_scale = dscale[p], g_shift = dshift[p];
     s.scale += g_scale;
@@ -279,53 +374,50 @@ void accumulate_segments(SegmentSums* segments, std::int64_t pixels, const std::
 }
 
 template <typename S, bool Silu>
-void backward_nchw(const GroupNormFilmShape& shape, const S* grad_out, const S* h, const Compute<S>* u,
-                   const Compute<S>* table_t, const Compute<S>* weight, const Compute<S>* bias,
-                   const Compute<S>* mean, const Compute<S>* rstd, S* grad_h, Compute<S>* grad_table,
-                   Compute<S>* grad_weight, Compute<S>* grad_bias, int threads) {
+void backward_nchw(const Film<S>& f, int threads) {
   using T = Compute<S>;
-  const std::int64_t B = shape.batch, C = shape.channels, HW = shape.pixels, G = shape.groups;
-  const int K = int(shape.knots);
-  const std::int64_t per_group = C / G, count = per_group * HW;
-  const Knots<T> knots = knots_of(u, B * HW, K, threads);
+  const int64_t B = f.B, C = f.C, HW = f.HW, G = f.G;
+  const int K = f.K;
+  const int64_t per_group = C / G, count = per_group * HW;
+  const Knots<T> knots = knots_of(f.u, B * HW, K, threads);
+  const Buffer<T> records = film_records(f.table, C, K);
 
   // one task per (group, slice of the images); the task owns its group's channels in its slice's buffer
-  const std::int64_t slices = slice_count(std::min<std::int64_t>(B, (kSliceTasks + G - 1) / G), B * C * HW, C, K);
-  std::vector<SegmentSums> segments(static_cast<std::size_t>(slices * C * K), SegmentSums{0, 0, 0, 0});
-  std::vector<double> plane_dn(static_cast<std::size_t>(B * C)), plane_dn_xhat(static_cast<std::size_t>(B * C));
+  const int64_t slices = slice_count(min64(B, (kSliceTasks + G - 1) / G), B * C * HW, C, K);
+  Buffer<SegmentSums> segments(slices * C * K, SegmentSums{0, 0, 0, 0});
+  Buffer<double> plane_dn(B * C), plane_dn_xhat(B * C);
 
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (std::int64_t task = 0; task < G * slices; ++task) {
-    const std::int64_t g = task / slices, slice = task % slices;
-    std::vector<T> dn(static_cast<std::size_t>(count)), dscale(static_cast<std::size_t>(HW)),
-        dshift(static_cast<std::size_t>(HW));
-    for (std::int64_t b = slice * B / slices; b < (slice + 1) * B / slices; ++b) {
-      const std::int64_t group_offset = (b * C + g * per_group) * HW;
-      const T mu = mean[b * G + g], rs = rstd[b * G + g];
+  for (int64_t task = 0; task < G * slices; ++task) {
+    const int64_t g = task / slices, slice = task % slices;
+    Buffer<T> dn(count), dscale(HW), dshift(HW);
+    for (int64_t b = slice * B / slices; b < (slice + 1) * B / slices; ++b) {
+      const int64_t group_offset = (b * C + g * per_group) * HW;
+      const T mu = f.mean[b * G + g], rs = f.rstd[b * G + g];
       const std::int32_t* knot_k = knots.k.data() + b * HW;
       const T* knot_frac = knots.frac.data() + b * HW;
       double sum_dxhat = 0, sum_dxhat_xhat = 0;
-      for (std::int64_t i = 0; i < per_group; ++i) {
-        const std::int64_t c = g * per_group + i, offset = group_offset + i * HW;
+      for (int64_t i = 0; i < per_group; ++i) {
+        const int64_t c = g * per_group + i, offset = group_offset + i * HW;
         const PlaneSums sums = backward_plane<S, Silu>(
-            grad_out + offset, h + offset, HW, knot_k, knot_frac, table_t + c * K, table_t + (C + c) * K, mu,
-            rs, weight[c], bias[c], dn.data() + i * HW, dscale.data(), dshift.data());
+            f.grad_out + offset, f.h + offset, HW, knot_k, knot_frac, records.data() + c * (K - 1) * 4, mu, rs,
+            f.weight[c], f.bias[c], dn.data() + i * HW, dscale.data(), dshift.data());
         accumulate_segments(segments.data() + (slice * C + c) * K, HW, knot_k, knot_frac, dscale.data(),
                             dshift.data());
         plane_dn[b * C + c] = sums.dn;
         plane_dn_xhat[b * C + c] = sums.dn_xhat;
-        sum_dxhat += weight[c] * sums.dn;
-        sum_dxhat_xhat += weight[c] * sums.dn_xhat;
+        sum_dxhat += f.weight[c] * sums.dn;
+        sum_dxhat_xhat += f.weight[c] * sums.dn_xhat;
       }
       const T mean_dxhat = T(sum_dxhat / double(count)), mean_dxhat_xhat = T(sum_dxhat_xhat / double(count));
-      for (std::int64_t i = 0; i < per_group; ++i) {
-        const std::int64_t offset = group_offset + i * HW;
-        const T w = weight[g * per_group + i];
-        const S* x = h + offset;
+      for (int64_t i = 0; i < per_group; ++i) {
+        const int64_t offset = group_offset + i * HW;
+        const T w = f.weight[g * per_group + i];
+        const S* x = f.h + offset;
         const T* dn_plane = dn.data() + i * HW;
-        S* out = grad_h + offset;
+        S* out = f.grad_h + offset;
 #pragma omp simd
-        for (std::int64_t p = 0; p < HW; ++p) {
+        for (int64_t p = 0; p < HW; ++p) {
           const T xhat = math::normalize(load(x[p]), mu, rs);
           store(out[p], math::groupnorm_grad_input(dn_plane[p], w, xhat, rs, mean_dxhat, mean_dxhat_xhat));
         }
@@ -333,18 +425,18 @@ void backward_nchw(const GroupNormFilmShape& shape, const S* grad_out, const S* 
     }
   }
 
-  std::vector<double> grad(static_cast<std::size_t>(K * 2 * C), 0.0);
-  for (std::int64_t slice = 0; slice < slices; ++slice)
+  Buffer<double> grad(K * 2 * C, 0.0);
+  for (int64_t slice = 0; slice < slices; ++slice)
     add_segment_rows(segments.data() + slice * C * K, C, K, grad.data());
-  for (std::int64_t i = 0; i < K * 2 * C; ++i) grad_table[i] = T(grad[i]);
-  for (std::int64_t c = 0; c < C; ++c) {
+  for (int64_t i = 0; i < K * 2 * C; ++i) f.grad_table[i] = T(grad[i]);
+  for (int64_t c = 0; c < C; ++c) {
     double dw = 0, db = 0;
-    for (std::int64_t b = 0; b < B; ++b) {
+    for (int64_t b = 0; b < B; ++b) {
       dw += plane_dn_xhat[b * C + c];
       db += plane_dn[b * C + c];
     }
-    grad_weight[c] = T(dw);
-    grad_bias[c] = T(db);
+    f.grad_weight[c] = T(dw);
+    f.grad_bias[c] = T(db);
   }
 }
 
@@ -355,62 +447,60 @@ void backward_nchw(const GroupNormFilmShape& shape, const S* grad_out, const S* 
 // Per-(image, group) mean and rstd of NHWC data, and the same expanded per (image, channel).
 template <typename T>
 struct ChannelStats {
-  std::vector<T> mean, rstd;   // (B, C)
+  Buffer<T> mean, rstd;   // (B, C)
 };
 
 template <typename S>
-ChannelStats<Compute<S>> statistics_nhwc(const GroupNormFilmShape& shape, const S* h, Compute<S>* mean,
-                                         Compute<S>* rstd, double eps, int threads) {
+ChannelStats<Compute<S>> statistics_nhwc(const Film<S>& f, int threads) {
   using T = Compute<S>;
-  const std::int64_t B = shape.batch, C = shape.channels, HW = shape.pixels, G = shape.groups;
-  const std::int64_t per_group = C / G, blocks = (HW + kPixelBlock - 1) / kPixelBlock;
+  const int64_t B = f.B, C = f.C, HW = f.HW, G = f.G;
+  const int64_t per_group = C / G, blocks = (HW + kPixelBlock - 1) / kPixelBlock;
   // per (image, block, channel): sums of x - shift and (x - shift)^2, shift = the channel's first pixel
-  std::vector<double> partial(static_cast<std::size_t>(B * blocks * C * 2));
+  Buffer<double> partial(B * blocks * C * 2);
 
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<T> sum(static_cast<std::size_t>(C)), sum_sq(static_cast<std::size_t>(C)), shift(static_cast<std::size_t>(C));
+    Buffer<T> sum(C), sum_sq(C), shift(C);
 #pragma omp for schedule(static)
-    for (std::int64_t task = 0; task < B * blocks; ++task) {
-      const std::int64_t b = task / blocks, block = task % blocks;
-      const S* image = h + b * HW * C;
-      for (std::int64_t c = 0; c < C; ++c) shift[c] = load(image[c]);
-      std::fill(sum.begin(), sum.end(), T(0));
-      std::fill(sum_sq.begin(), sum_sq.end(), T(0));
-      for (std::int64_t p = block * kPixelBlock; p < std::min(HW, (block + 1) * kPixelBlock); ++p) {
+    for (int64_t task = 0; task < B * blocks; ++task) {
+      const int64_t b = task / blocks, block = task % blocks;
+      const S* image = f.h + b * HW * C;
+      for (int64_t c = 0; c < C; ++c) shift[c] = load(image[c]);
+      for (int64_t c = 0; c < C; ++c) sum[c] = sum_sq[c] = T(0);
+      for (int64_t p = block * kPixelBlock; p < min64(HW, (block + 1) * kPixelBlock); ++p) {
         const S* x = image + p * C;
 #pragma omp simd
-        for (std::int64_t c = 0; c < C; ++c) {
+        for (int64_t c = 0; c < C; ++c) {
           const T d = load(x[c]) - shift[c];
           sum[c] += d;
           sum_sq[c] += d * d;
         }
       }
       double* out = partial.data() + task * C * 2;
-      for (std::int64_t c = 0; c < C; ++c) {
+      for (int64_t c = 0; c < C; ++c) {
         out[2 * c] = sum[c];
         out[2 * c + 1] = sum_sq[c];
       }
     }
   }
 
-  ChannelStats<T> stats{std::vector<T>(static_cast<std::size_t>(B * C)), std::vector<T>(static_cast<std::size_t>(B * C))};
-  for (std::int64_t b = 0; b < B; ++b) {
-    for (std::int64_t g = 0; g < G; ++g) {
+  ChannelStats<T> stats{Buffer<T>(B * C), Buffer<T>(B * C)};
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t g = 0; g < G; ++g) {
       math::Moments<double> group{0, 0, 0};
-      for (std::int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+      for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
         double sum = 0, sum_sq = 0;
-        for (std::int64_t block = 0; block < blocks; ++block) {
+        for (int64_t block = 0; block < blocks; ++block) {
           sum += partial[((b * blocks + block) * C + c) * 2];
           sum_sq += partial[((b * blocks + block) * C + c) * 2 + 1];
         }
-        group = math::merge(group, math::moments_from_shifted_sums(double(HW), double(load(h[b * HW * C + c])),
+        group = math::merge(group, math::moments_from_shifted_sums(double(HW), double(load(f.h[b * HW * C + c])),
                                                                    sum, sum_sq));
       }
-      const T mu = T(group.mean), rs = T(math::inverse_std(group.m2, group.count, eps));
-      mean[b * G + g] = mu;
-      rstd[b * G + g] = rs;
-      for (std::int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+      const T mu = T(group.mean), rs = T(math::inverse_std(group.m2, group.count, f.eps));
+      f.mean[b * G + g] = mu;
+      f.rstd[b * G + g] = rs;
+      for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
         stats.mean[b * C + c] = mu;
         stats.rstd[b * C + c] = rs;
       }
@@ -420,84 +510,72 @@ ChannelStats<Compute<S>> statistics_nhwc(const GroupNormFilmShape& shape, const 
 }
 
 template <typename S, bool Silu>
-void forward_nhwc(const GroupNormFilmShape& shape, const S* h, const Compute<S>* u, const Compute<S>* table,
-                  const Compute<S>* weight, const Compute<S>* bias, S* out, Compute<S>* mean,
-                  Compute<S>* rstd, double eps, int threads) {
+void forward_nhwc(const Film<S>& f, int threads) {
   using T = Compute<S>;
-  const std::int64_t B = shape.batch, C = shape.channels, HW = shape.pixels;
-  const int K = int(shape.knots);
-  const std::int64_t blocks = (HW + kPixelBlock - 1) / kPixelBlock;
-  const ChannelStats<T> stats = statistics_nhwc(shape, h, mean, rstd, eps, threads);
+  const int64_t B = f.B, C = f.C, HW = f.HW;
+  const int64_t blocks = (HW + kPixelBlock - 1) / kPixelBlock;
+  const ChannelStats<T> stats = statistics_nhwc(f, threads);
 
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (std::int64_t task = 0; task < B * blocks; ++task) {
-    const std::int64_t b = task / blocks, block = task % blocks;
+  for (int64_t task = 0; task < B * blocks; ++task) {
+    const int64_t b = task / blocks, block = task % blocks;
     const T* mu = stats.mean.data() + b * C;
     const T* rs = stats.rstd.data() + b * C;
-    for (std::int64_t p = block * kPixelBlock; p < std::min(HW, (block + 1) * kPixelBlock); ++p) {
-      const math::Knot<T> knot = math::knot(u[b * HW + p], K);
-      const T* row = table + knot.k * 2 * C;
-      const T* next = row + 2 * C;
-      const S* x = h + (b * HW + p) * C;
-      S* y = out + (b * HW + p) * C;
+    for (int64_t p = block * kPixelBlock; p < min64(HW, (block + 1) * kPixelBlock); ++p) {
+      const math::Knot<T> knot = math::knot(f.u[b * HW + p], f.K);
+      const S* x = f.h + (b * HW + p) * C;
+      S* y = f.out + (b * HW + p) * C;
 #pragma omp simd
-      for (std::int64_t c = 0; c < C; ++c) {
-        const T scale = math::lerp(row[c], next[c], knot.frac);
-        const T shift = math::lerp(row[C + c], next[C + c], knot.frac);
-        const T n = math::normalize(load(x[c]), mu[c], rs[c]) * weight[c] + bias[c];
-        store(y[c], math::activate<Silu>(math::film(n, scale, shift)));
+      for (int64_t c = 0; c < C; ++c) {
+        const math::ScaleShift<T> film = math::film_at(f.table + c, f.table + C + c, 2 * C, knot);
+        const T n = math::normalize(load(x[c]), mu[c], rs[c]) * f.weight[c] + f.bias[c];
+        store(y[c], math::activate<Silu>(math::film(n, film.scale, film.shift)));
       }
     }
   }
 }
 
 template <typename S, bool Silu>
-void backward_nhwc(const GroupNormFilmShape& shape, const S* grad_out, const S* h, const Compute<S>* u,
-                   const Compute<S>* table, const Compute<S>* weight, const Compute<S>* bias,
-                   const Compute<S>* mean, const Compute<S>* rstd, S* grad_h, Compute<S>* grad_table,
-                   Compute<S>* grad_weight, Compute<S>* grad_bias, int threads) {
+void backward_nhwc(const Film<S>& f, int threads) {
   using T = Compute<S>;
-  const std::int64_t B = shape.batch, C = shape.channels, HW = shape.pixels, G = shape.groups;
-  const int K = int(shape.knots);
-  const std::int64_t per_group = C / G, count = per_group * HW;
-  const std::int64_t blocks = (HW + kPixelBlock - 1) / kPixelBlock;
-  std::vector<T> mean_c(static_cast<std::size_t>(B * C)), rstd_c(static_cast<std::size_t>(B * C));
-  for (std::int64_t i = 0; i < B * C; ++i) {
-    mean_c[i] = mean[i / C * G + i % C / per_group];
-    rstd_c[i] = rstd[i / C * G + i % C / per_group];
+  const int64_t B = f.B, C = f.C, HW = f.HW, G = f.G;
+  const int K = f.K;
+  const int64_t per_group = C / G, count = per_group * HW;
+  const int64_t blocks = (HW + kPixelBlock - 1) / kPixelBlock;
+  Buffer<T> mean_c(B * C), rstd_c(B * C);
+  for (int64_t i = 0; i < B * C; ++i) {
+    mean_c[i] = f.mean[i / C * G + i % C / per_group];
+    rstd_c[i] = f.rstd[i / C * G + i % C / per_group];
   }
   // per (image, block, channel): sums of dn and dn * xhat
-  std::vector<double> partial(static_cast<std::size_t>(B * blocks * C * 2));
+  Buffer<double> partial(B * blocks * C * 2);
   // per slice of the (image, pixel block) tasks: sums of g and g * frac per (channel, segment k) of the
   // table gradient, g = d[scale | shift]
-  const std::int64_t tasks = B * blocks;
-  const std::int64_t slices = slice_count(std::min(tasks, kSliceTasks), B * C * HW, C, K);
-  std::vector<SegmentSums> segments(static_cast<std::size_t>(slices * K * C), SegmentSums{0, 0, 0, 0});
+  const int64_t tasks = B * blocks;
+  const int64_t slices = slice_count(min64(tasks, kSliceTasks), B * C * HW, C, K);
+  Buffer<SegmentSums> segments(slices * K * C, SegmentSums{0, 0, 0, 0});
 
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (std::int64_t slice = 0; slice < slices; ++slice) {
-    std::vector<T> sum_dn(static_cast<std::size_t>(C)), sum_dn_xhat(static_cast<std::size_t>(C));
+  for (int64_t slice = 0; slice < slices; ++slice) {
+    Buffer<T> sum_dn(C), sum_dn_xhat(C);
     SegmentSums* slice_segments = segments.data() + slice * K * C;   // (K, C) here: channels innermost
-    for (std::int64_t task = slice * tasks / slices; task < (slice + 1) * tasks / slices; ++task) {
-      const std::int64_t b = task / blocks, block = task % blocks;
+    for (int64_t task = slice * tasks / slices; task < (slice + 1) * tasks / slices; ++task) {
+      const int64_t b = task / blocks, block = task % blocks;
       const T* mu = mean_c.data() + b * C;
       const T* rs = rstd_c.data() + b * C;
-      std::fill(sum_dn.begin(), sum_dn.end(), T(0));
-      std::fill(sum_dn_xhat.begin(), sum_dn_xhat.end(), T(0));
-      for (std::int64_t p = block * kPixelBlock; p < std::min(HW, (block + 1) * kPixelBlock); ++p) {
-        const math::Knot<T> knot = math::knot(u[b * HW + p], K);
-        const T* row = table + knot.k * 2 * C;
-        const T* next = row + 2 * C;
+      for (int64_t c = 0; c < C; ++c) sum_dn[c] = sum_dn_xhat[c] = T(0);
+      for (int64_t p = block * kPixelBlock; p < min64(HW, (block + 1) * kPixelBlock); ++p) {
+        const math::Knot<T> knot = math::knot(f.u[b * HW + p], K);
         SegmentSums* seg = slice_segments + knot.k * C;
         const double frac = knot.frac;
-        const S* x = h + (b * HW + p) * C;
-        const S* dy = grad_out + (b * HW + p) * C;
+        const S* x = f.h + (b * HW + p) * C;
+        const S* dy = f.grad_out + (b * HW + p) * C;
 #pragma omp simd
-        for (std::int64_t c = 0; c < C; ++c) {
-          const T scale = math::lerp(row[c], next[c], knot.frac);
-          const T shift = math::lerp(row[C + c], next[C + c], knot.frac);
+        for (int64_t c = 0; c < C; ++c) {
+          const math::ScaleShift<T> film = math::film_at(f.table + c, f.table + C + c, 2 * C, knot);
           const T xhat = math::normalize(load(x[c]), mu[c], rs[c]);
-          const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(dy[c])), xhat, weight[c], bias[c], scale, shift);
+          const math::FilmGrad<T> grad =
+              math::film_grad<Silu>(T(load(dy[c])), xhat, f.weight[c], f.bias[c], film.scale, film.shift);
           sum_dn[c] += grad.dn;
           sum_dn_xhat[c] += grad.dn * xhat;
           seg[c].scale += grad.dscale;
@@ -507,7 +585,7 @@ void backward_nhwc(const GroupNormFilmShape& shape, const S* grad_out, const S* 
         }
       }
       double* out = partial.data() + task * C * 2;
-      for (std::int64_t c = 0; c < C; ++c) {
+      for (int64_t c = 0; c < C; ++c) {
         out[2 * c] = sum_dn[c];
         out[2 * c + 1] = sum_dn_xhat[c];
       }
@@ -515,64 +593,62 @@ void backward_nhwc(const GroupNormFilmShape& shape, const S* grad_out, const S* 
   }
 
   // (slice, K, C) -> per slice (C, K), the layout add_segment_rows reads
-  std::vector<double> grad(static_cast<std::size_t>(K * 2 * C), 0.0);
-  std::vector<SegmentSums> by_channel(static_cast<std::size_t>(C * K));
-  for (std::int64_t slice = 0; slice < slices; ++slice) {
-    for (std::int64_t k = 0; k < K; ++k)
-      for (std::int64_t c = 0; c < C; ++c) by_channel[c * K + k] = segments[(slice * K + k) * C + c];
+  Buffer<double> grad(K * 2 * C, 0.0);
+  Buffer<SegmentSums> by_channel(C * K);
+  for (int64_t slice = 0; slice < slices; ++slice) {
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t c = 0; c < C; ++c) by_channel[c * K + k] = segments[(slice * K + k) * C + c];
     add_segment_rows(by_channel.data(), C, K, grad.data());
   }
-  for (std::int64_t i = 0; i < K * 2 * C; ++i) grad_table[i] = T(grad[i]);
+  for (int64_t i = 0; i < K * 2 * C; ++i) f.grad_table[i] = T(grad[i]);
 
   // per (image, channel): the group means of dxhat and dxhat * xhat, broadcast to the group's channels
-  std::vector<T> mean_dxhat(static_cast<std::size_t>(B * C)), mean_dxhat_xhat(static_cast<std::size_t>(B * C));
-  std::vector<double> dw(static_cast<std::size_t>(C), 0.0), db(static_cast<std::size_t>(C), 0.0);
-  for (std::int64_t b = 0; b < B; ++b) {
-    for (std::int64_t g = 0; g < G; ++g) {
+  Buffer<T> mean_dxhat(B * C), mean_dxhat_xhat(B * C);
+  Buffer<double> dw(C, 0.0), db(C, 0.0);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t g = 0; g < G; ++g) {
       double sum_dxhat = 0, sum_dxhat_xhat = 0;
-      for (std::int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+      for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
         double s_dn = 0, s_dn_xhat = 0;
-        for (std::int64_t block = 0; block < blocks; ++block) {
+        for (int64_t block = 0; block < blocks; ++block) {
           s_dn += partial[((b * blocks + block) * C + c) * 2];
           s_dn_xhat += partial[((b * blocks + block) * C + c) * 2 + 1];
         }
         db[c] += s_dn;
         dw[c] += s_dn_xhat;
-        sum_dxhat += weight[c] * s_dn;
-        sum_dxhat_xhat += weight[c] * s_dn_xhat;
+        sum_dxhat += f.weight[c] * s_dn;
+        sum_dxhat_xhat += f.weight[c] * s_dn_xhat;
       }
-      for (std::int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+      for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
         mean_dxhat[b * C + c] = T(sum_dxhat / double(count));
         mean_dxhat_xhat[b * C + c] = T(sum_dxhat_xhat / double(count));
       }
     }
   }
-  for (std::int64_t c = 0; c < C; ++c) {
-    grad_weight[c] = T(dw[c]);
-    grad_bias[c] = T(db[c]);
+  for (int64_t c = 0; c < C; ++c) {
+    f.grad_weight[c] = T(dw[c]);
+    f.grad_bias[c] = T(db[c]);
   }
 
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (std::int64_t task = 0; task < B * blocks; ++task) {
-    const std::int64_t b = task / blocks, block = task % blocks;
+  for (int64_t task = 0; task < B * blocks; ++task) {
+    const int64_t b = task / blocks, block = task % blocks;
     const T* mu = mean_c.data() + b * C;
     const T* rs = rstd_c.data() + b * C;
     const T* m1 = mean_dxhat.data() + b * C;
     const T* m2 = mean_dxhat_xhat.data() + b * C;
-    for (std::int64_t p = block * kPixelBlock; p < std::min(HW, (block + 1) * kPixelBlock); ++p) {
-      const math::Knot<T> knot = math::knot(u[b * HW + p], K);
-      const T* row = table + knot.k * 2 * C;
-      const T* next = row + 2 * C;
-      const S* x = h + (b * HW + p) * C;
-      const S* dy = grad_out + (b * HW + p) * C;
-      S* dx = grad_h + (b * HW + p) * C;
+    for (int64_t p = block * kPixelBlock; p < min64(HW, (block + 1) * kPixelBlock); ++p) {
+      const math::Knot<T> knot = math::knot(f.u[b * HW + p], K);
+      const S* x = f.h + (b * HW + p) * C;
+      const S* dy = f.grad_out + (b * HW + p) * C;
+      S* dx = f.grad_h + (b * HW + p) * C;
 #pragma omp simd
-      for (std::int64_t c = 0; c < C; ++c) {
-        const T scale = math::lerp(row[c], next[c], knot.frac);
-        const T shift = math::lerp(row[C + c], next[C + c], knot.frac);
+      for (int64_t c = 0; c < C; ++c) {
+        const math::ScaleShift<T> film = math::film_at(f.table + c, f.table + C + c, 2 * C, knot);
         const T xhat = math::normalize(load(x[c]), mu[c], rs[c]);
-        const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(dy[c])), xhat, weight[c], bias[c], scale, shift);
-        store(dx[c], math::groupnorm_grad_input(grad.dn, weight[c], xhat, rs[c], m1[c], m2[c]));
+        const math::FilmGrad<T> grad =
+            math::film_grad<Silu>(T(load(dy[c])), xhat, f.weight[c], f.bias[c], film.scale, film.shift);
+        store(dx[c], math::groupnorm_grad_input(grad.dn, f.weight[c], xhat, rs[c], m1[c], m2[c]));
       }
     }
   }
@@ -580,38 +656,22 @@ void backward_nhwc(const GroupNormFilmShape& shape, const S* grad_out, const S* 
 
 }  // namespace
 
-void groupnorm_film_forward_cpu(const GroupNormFilmShape& shape, std::uintptr_t h, std::uintptr_t u,
-                                std::uintptr_t table, std::uintptr_t weight, std::uintptr_t bias,
-                                std::uintptr_t out, std::uintptr_t mean, std::uintptr_t rstd, double eps,
-                                bool silu, int threads) {
-  check_groupnorm_film_shape(shape);
-  threads = thread_count(threads);
-  dispatch(shape.dtype, silu, [&](auto storage, auto act) {
+void groupnorm_film(Pass pass, const GroupNormFilmArgs& args, int threads) {
+  const int64_t elements = args.batch * args.channels * args.pixels;
+  threads = thread_count(threads, elements);
+  advise_huge_pages(pass == Pass::kForward ? args.out : args.grad_h, elements * element_size(args.dtype));
+  dispatch(args.dtype, "groupnorm_film", [&](auto storage) {
     using S = decltype(storage);
-    using T = Compute<S>;
-    constexpr bool Silu = decltype(act)::value;
-    auto run = shape.channels_last ? forward_nhwc<S, Silu> : forward_nchw<S, Silu>;
-    run(shape, as<const S>(h), as<const T>(u), as<const T>(table), as<const T>(weight), as<const T>(bias),
-        as<S>(out), as<T>(mean), as<T>(rstd), eps, threads);
+    const Film<S> film = typed<S>(args);
+    dispatch_act(args.silu, [&](auto act) {
+      constexpr bool Silu = decltype(act)::value;
+      if (pass == Pass::kForward)
+        (args.channels_last ? forward_nhwc<S, Silu> : forward_nchw<S, Silu>)(film, threads);
+      else
+        (args.channels_last ? backward_nhwc<S, Silu> : backward_nchw<S, Silu>)(film, threads);
+    });
   });
 }
 
-void groupnorm_film_backward_cpu(const GroupNormFilmShape& shape, std::uintptr_t grad_out, std::uintptr_t h,
-                                 std::uintptr_t u, std::uintptr_t table, std::uintptr_t weight,
-                                 std::uintptr_t bias, std::uintptr_t mean, std::uintptr_t rstd,
-                                 std::uintptr_t grad_h, std::uintptr_t grad_table, std::uintptr_t grad_weight,
-                                 std::uintptr_t grad_bias, bool silu, int threads) {
-  check_groupnorm_film_shape(shape);
-  threads = thread_count(threads);
-  dispatch(shape.dtype, silu, [&](auto storage, auto act) {
-    using S = decltype(storage);
-    using T = Compute<S>;
-    constexpr bool Silu = decltype(act)::value;
-    auto run = shape.channels_last ? backward_nhwc<S, Silu> : backward_nchw<S, Silu>;
-    run(shape, as<const S>(grad_out), as<const S>(h), as<const T>(u), as<const T>(table), as<const T>(weight),
-        as<const T>(bias), as<const T>(mean), as<const T>(rstd), as<S>(grad_h), as<T>(grad_table),
-        as<T>(grad_weight), as<T>(grad_bias), threads);
-  });
-}
-
+}  // namespace SVNR_CPU_NAMESPACE
 }  // namespace svnr

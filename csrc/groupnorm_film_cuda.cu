@@ -1,14 +1,27 @@
 // Fused GroupNorm + spatial FiLM + SiLU on CUDA (DESIGN.md §1.6), forward and backward. Depends only on the
-// CUDA runtime; tensors arrive as raw pointers with torch's current stream (kernels/groupnorm_film.py).
+// CUDA runtime; tensors arrive as raw pointers with torch's current stream (GroupNormFilmArgs).
 //
-// Forward, NCHW groups of up to 32K elements when there are at least as many (image, group) pairs as SMs
-// (the UNet case), 1 launch: forward_group_nchw holds a group in one block's registers, so h is read once,
-// and the group's table columns in shared memory (for the lerp gathers at scattered knots).
-// Otherwise (channels_last, larger groups, small batches, float64), 3 launches:
+// One block per (image, group), the UNet case: NCHW, float32/bfloat16/float16, planes of whole 16-byte
+// packs, groups of at most 128 KB, and at least as many (image, group) pairs as SMs.
+//   forward   forward_group_nchw, 1 launch, 512 threads, 2 blocks/SM: pass 1 reads the group for its
+//             statistics, pass 2 reads it again from L2 and applies GroupNorm, FiLM and SiLU, finding each
+//             pixel's knot once for the group's channels; the FiLM per (channel, knot) is one float4 in
+//             shared memory (fill_film_segments)
+//   backward  3 launches: knot_records sorts each chunk of 8192 pixels by knot (a stable counting sort,
+//             per image, shared by all groups); backward_group_nchw (256 threads, 1 block/SM: a 128 KB
+//             tile) reads h and grad_out once per slice of two channels, writes grad_h's first term, keeps
+//             (d pre, d pre * (h - mean)) per pixel in the tile, and sums them in knot order along runs of
+//             one knot in registers: the table-gradient histogram without atomics (no two threads ever add
+//             to one knot at once, see add_first_runs); a last pass adds grad_h's group-mean terms, reading
+//             h and grad_h back from L2; finalize_group_backward sums the per-image partials of grad_table,
+//             grad_weight and grad_bias in a fixed order (the backward is deterministic)
+// Otherwise (channels_last, larger groups, small batches, float64, unaligned tensors), chunked kernels: 3
+// launches (NCHW: 4, after a copy of the table transposed into the workspace, so that a channel's column is
+// contiguous):
 //   stats     per (image, channel, chunk of pixels): count, mean, M2 from shifted sums (x - first value)
 //   finalize  one warp per (image, group): Chan-merge the chunks in double -> mean, rstd (saved outputs)
 //   apply     per element: lerp the table at u, GroupNorm, FiLM, SiLU; the table (K, 2C) is read through L1
-// Backward, 3 launches (grad_table zero-filled by the caller):
+// Backward, 3 launches (NCHW: 4, with the transposed table; grad_table zero-filled by the caller):
 //   reduce    per (image, channel, chunk): sums of dn and dn * xhat; the table gradient runs through
 //             per-thread run-length sums (neighbouring pixels mostly share a segment), then a per-block
 //             shared-memory histogram over the K rows (NCHW), flushed with one global atomic per touched
@@ -19,18 +32,20 @@
 // NCHW blocks cover a chunk of one (image, channel) plane, so per-channel values are block constants;
 // NHWC kernels run channels innermost (coalesced rows of the table, weight and bias).
 //
-// Bytes moved per element, s = bytes per stored element (4 float32, 2 bf16/fp16):
-//   forward  minimal 2s (read h, write out), which the one-launch path moves; the three-launch path
-//            reads h twice: 3s from DRAM unless the apply pass finds h still in L2 (50 MB on H100; beyond
-//            L2 the reversed apply order still reuses the last part read)
-//   backward minimal 3s (read grad_out and h, write grad_h); this kernel reads both twice: 5s, less the
-//            part the apply pass finds in L2
-// Roofline on H100 (~3.0 TB/s measured copy bandwidth, read + write), 8x64x128x128 (8.4M elements):
-//   forward float32 2 * 4 * 8.4M / 3.0e12 = 22 us minimal (34 us for 3 passes); bfloat16 11 us (17 us)
-//   backward float32 34 us minimal (56 us for 5 passes); bfloat16 17 us (28 us)
-// H200 (4.25 TB/s measured): divide by 1.42. 8x128x64x64 has half the elements (4.2M), 8x256x32x32 a quarter
-// (2.1M): halve and quarter the times. All three have B * G = 256 (image, group) blocks for the one-launch
-// forward: 1024, 512 and 256 threads of 32 elements each (float32; bf16 the same with 16-byte packs of 8).
+// Bytes moved per element, s = bytes per stored element (4 float32, 2 bf16/fp16): forward minimal 2s (read h,
+// write out), backward 3s (read grad_out and h, write grad_h). The one-block-per-group kernels move these from
+// DRAM when their second reads hit L2 (the forward's 2 blocks per SM keep at most 264 groups, 34 MB in
+// float32, in flight; the backward's 1 block per SM 132 groups of h and grad_h, 34 MB; H100 and H200 have 50
+// MB of L2); they request 3s and 6s. The chunked kernels read h (and grad_out) twice: 3s and 5s from DRAM,
+// less what the apply pass finds in L2 (it visits the planes in reverse).
+// Static roofline (benchmarks/roofline.py, sm_90, H200 model: 132 SMs x 4 issues x 1.98 GHz, 4248 GB/s copy
+// bandwidth), 8x64x128x128 (8.4M elements), SiLU:
+//   forward   float32 31.4 instructions/element, issue 7.9 us vs DRAM 16.0 us (0.49); bfloat16 28.7, 7.2 us vs
+//             8.1 us (0.89); 64 registers at most, 2 blocks/SM
+//   backward  float32 49.7 instructions/element, issue 12.5 us vs DRAM 23.9 us (0.52); bfloat16 51.9, 13.0 us
+//             vs 12.0 us (1.08: over the 1.0 budget); 108 registers at most, 1 block/SM; no spills
+// H100 (3.0 TB/s assumed): DRAM times x 1.42. 8x128x64x64 has half the elements, 8x256x32x32 a quarter; both
+// have B * G = 256 (image, group) blocks (benchmarks/results/roofline-sm90.md has every shape).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -53,9 +68,17 @@ constexpr int kThreads = 256;           // NCHW and flat NHWC kernels
 constexpr int64_t kChunkElems = 4096;   // NCHW: elements of a plane per block
 constexpr int kRows = 8;                // NHWC 2-D blocks: 32 channels x kRows pixel rows
 constexpr int64_t kPixelChunk = 256;    // NHWC: pixels per block
-constexpr int kGroupThreads = 1024;     // forward_group_nchw: at most kGroupThreads * kGroupElems elements
-constexpr int kGroupElems = 32;         // per thread, held in registers
-constexpr int64_t kGroupColumnBytes = 40 * 1024;   // forward_group_nchw: its table columns in shared memory
+// One block per (image, group): forward_group_nchw and backward_group_nchw
+constexpr int kGroupThreads = 512;                  // forward: two blocks fill an SM's 2048 threads at 64 registers
+constexpr int64_t kGroupMaxBytes = 128 * 1024;      // a group's bytes of h, read twice (the second time from L2)
+constexpr int64_t kGroupFilmBytes = 40 * 1024;      // forward: its FiLM segments in shared memory
+constexpr int kBackThreads = 256;                   // backward: at most; one block per SM (kBackChunk's tile)
+constexpr int kBackChunk = 8192;                    // backward: pixels sorted together
+constexpr int kKeyShift = 17;                       // sorted keys: the tile byte offset (16 * pixel) below bit 17
+constexpr unsigned kTileByteMask = (1u << kKeyShift) - 1;
+constexpr int kSliceChannels = 2;                   // backward: channels of a group processed together
+constexpr int kMinRun = 16;                         // backward: sorted positions per thread at least, where possible
+constexpr int kSortThreads = 1024;                  // knot_records, at most
 constexpr unsigned kFullMask = 0xFFFFFFFFu;
 
 void check(cudaError_t status, const char* what) {
@@ -104,17 +127,43 @@ __device__ __forceinline__ Pack<T, VEC> load_pack(const T* src) {
   return values;
 }
 
-template <typename T>
-struct ScaleShift {
-  T scale, shift;
-};
+// The VEC elements of the 16 bytes at src (aligned) as floats, read as four 32-bit words: a bfloat16 is the
+// high half of a float, so each unpacks with one instruction (a shift or a mask).
+template <typename S, int VEC>
+__device__ __forceinline__ Pack<float, VEC> load_floats(const S* src) {
+  static_assert(sizeof(S) * VEC == 16, "16-byte packs");
+  const uint4 w = *reinterpret_cast<const uint4*>(src);
+  const unsigned words[4] = {w.x, w.y, w.z, w.w};
+  Pack<float, VEC> out;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    if constexpr (std::is_same_v<S, float>) {
+      out.v[j] = __uint_as_float(words[j]);
+    } else if constexpr (std::is_same_v<S, __nv_bfloat16>) {
+      out.v[2 * j] = __uint_as_float(words[j] << 16);
+      out.v[2 * j + 1] = __uint_as_float(words[j] & 0xFFFF0000u);
+    } else {
+      out.v[2 * j] = __half2float(__ushort_as_half((unsigned short)(words[j] & 0xFFFFu)));
+      out.v[2 * j + 1] = __half2float(__ushort_as_half((unsigned short)(words[j] >> 16)));
+    }
+  }
+  return out;
+}
 
-// One channel's scale and shift lerped at `knot`; knot row k of the channel sits at scale[k * stride] and
-// shift[k * stride]: stride 1 in the NCHW table's (and shared memory's) columns, 2C in NHWC's (K, 2C) rows.
-template <typename T>
-__device__ __forceinline__ ScaleShift<T> film_at(const T* scale, const T* shift, int64_t stride, math::Knot<T> knot) {
-  const int64_t low = knot.k * stride, high = low + stride;
-  return {math::lerp(scale[low], scale[high], knot.frac), math::lerp(shift[low], shift[high], knot.frac)};
+// A 16-byte pack stored with one 16-byte access (st.global.v4): where a pack is filled amid other work,
+// nvcc may split the struct copy into element stores.
+template <typename S, int VEC>
+__device__ __forceinline__ void store_pack(S* dst, const Pack<S, VEC>& values) {
+  static_assert(sizeof(Pack<S, VEC>) == 16, "16-byte packs");
+  unsigned words[4];
+  memcpy(words, &values, 16);
+#if defined(__CUDA_ARCH__)
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "r"(words[0]), "r"(words[1]), "r"(words[2]),
+               "r"(words[3])
+               : "memory");
+#else
+  memcpy(dst, words, 16);
+#endif
 }
 
 template <typename T>
@@ -133,10 +182,10 @@ struct Geometry {
   int64_t chunk_elems;  // NCHW only
 };
 
-Geometry geometry(const GroupNormFilmShape& shape) {
-  if (shape.channels_last) return {ceil_div(shape.pixels, kPixelChunk), 0};
-  const int64_t chunk = std::min(kChunkElems, shape.pixels);
-  return {ceil_div(shape.pixels, chunk), chunk};
+Geometry geometry(const GroupNormFilmArgs& args) {
+  if (args.channels_last) return {ceil_div(args.pixels, kPixelChunk), 0};
+  const int64_t chunk = std::min(kChunkElems, args.pixels);
+  return {ceil_div(args.pixels, chunk), chunk};
 }
 
 template <typename T>
@@ -145,23 +194,31 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-// Sum of a and b over the block (a multiple of 32 threads, 1-D or 2-D); the result is valid in thread 0.
-template <typename T>
-__device__ void block_sum2(T& a, T& b) {
-  __shared__ T shared_a[32], shared_b[32];
+// Sums of v[0..N) over the block (a multiple of 32 threads, 1-D or 2-D); the results are valid in thread 0.
+// Two calls need a __syncthreads between them (warp 0 may still read the partials the next call overwrites).
+template <typename T, int N>
+__device__ void block_sums(T (&v)[N]) {
+  __shared__ T partial[N][32];
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   const int lane = tid & 31, warp = tid >> 5, warps = (blockDim.x * blockDim.y) >> 5;
-  a = warp_sum(a);
-  b = warp_sum(b);
-  if (lane == 0) {
-    shared_a[warp] = a;
-    shared_b[warp] = b;
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    v[i] = warp_sum(v[i]);
+    if (lane == 0) partial[i][warp] = v[i];
   }
   __syncthreads();
   if (warp == 0) {
-    a = warp_sum(lane < warps ? shared_a[lane] : T(0));
-    b = warp_sum(lane < warps ? shared_b[lane] : T(0));
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = warp_sum(lane < warps ? partial[i][lane] : T(0));
   }
+}
+
+template <typename T>
+__device__ void block_sum2(T& a, T& b) {
+  T v[2] = {a, b};
+  block_sums(v);
+  a = v[0];
+  b = v[1];
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -248,6 +305,16 @@ __global__ void finalize_stats(const StatsPartial<T>* __restrict__ partial, int6
   }
 }
 
+// The (K, 2C) table as (2C, K) columns, for the NCHW kernels that lerp one channel at many knots.
+template <typename T>
+__global__ void transpose_table(const T* __restrict__ table, int64_t knots, int64_t width, T* __restrict__ columns) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < knots * width;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t column = i / knots, k = i - column * knots;
+    columns[i] = table[k * width + column];
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Forward apply
 // ---------------------------------------------------------------------------------------------------
@@ -263,7 +330,8 @@ struct Params {   // what the apply and reduce kernels share
   const S* __restrict__ h;
   const S* __restrict__ grad_out;     // backward only
   const T* __restrict__ u;            // (B, HW)
-  const T* __restrict__ table;        // NCHW: (2C, K); NHWC: (K, 2C)
+  const T* __restrict__ table;        // (K, 2C) rows
+  const T* __restrict__ columns;      // NCHW: the table transposed, (2C, K) (transpose_table's copy)
   const T* __restrict__ weight;
   const T* __restrict__ bias;
   const T* __restrict__ mean;         // (B, G)
@@ -284,8 +352,8 @@ __global__ void forward_apply_nchw(Params<S> p, int64_t chunks, int64_t chunk_el
   const int64_t end = min64(p.pixels, begin + chunk_elems);
   const int64_t b = plane / p.channels, c = plane % p.channels, g = c / p.per_group;
   const T mu = p.mean[b * p.groups + g], rs = p.rstd[b * p.groups + g], w = p.weight[c], bias = p.bias[c];
-  const T* scale_column = p.table + c * p.knots;
-  const T* shift_column = p.table + (p.channels + c) * p.knots;
+  const T* scale_column = p.columns + c * p.knots;
+  const T* shift_column = p.columns + (p.channels + c) * p.knots;
   const T* u = p.u + b * p.pixels;
   const S* x = p.h + plane * p.pixels;
   S* y = p.result + plane * p.pixels;
@@ -296,7 +364,7 @@ __global__ void forward_apply_nchw(Params<S> p, int64_t chunks, int64_t chunk_el
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const math::Knot<T> knot = math::knot(us.v[j], p.knots);
-      const ScaleShift<T> scale_shift = film_at(scale_column, shift_column, 1, knot);
+      const math::ScaleShift<T> scale_shift = math::film_at(scale_column, shift_column, 1, knot);
       const T n = math::normalize(load(in.v[j]), mu, rs) * w + bias;
       store(out.v[j], math::activate<Silu>(math::film(n, scale_shift.scale, scale_shift.shift)));
     }
@@ -318,7 +386,7 @@ __global__ void forward_apply_nhwc(Params<S> p, int64_t packs) {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const int64_t c = c0 + j, stat = b * p.groups + c / p.per_group;
-      const ScaleShift<T> scale_shift = film_at(p.table + c, p.table + C + c, 2 * C, knot);
+      const math::ScaleShift<T> scale_shift = math::film_at(p.table + c, p.table + C + c, 2 * C, knot);
       const T n = math::normalize(load(in.v[j]), p.mean[stat], p.rstd[stat]) * p.weight[c] + p.bias[c];
       store(out.v[j], math::activate<Silu>(math::film(n, scale_shift.scale, scale_shift.shift)));
     }
@@ -326,93 +394,137 @@ __global__ void forward_apply_nhwc(Params<S> p, int64_t packs) {
   }
 }
 
-// NCHW groups small enough to sit in one block's registers (kGroupElems per thread): one block per
-// (image, group) loads the group once, takes exact two-pass statistics from the registers, then applies
-// and stores. h is read from memory once, in one launch instead of three.
-// Dynamic shared memory: the group's table columns, (cpg, K) scale then (cpg, K) shift (group_resident
-// checks that they fit). The lerp gathers at scattered knots cost bank conflicts there, a few ways for 32
-// random knots, where from L1 they cost one wavefront per distinct cache line a warp touches (an estimate
-// of the difference, not a measurement).
-template <typename S, int VEC, bool Silu>
-__global__ void __launch_bounds__(kGroupThreads) forward_group_nchw(Params<S> p, double eps) {
-  using T = Compute<S>;
-  constexpr int kItems = kGroupElems / VEC;
-  __shared__ T shared_stat;
-  extern __shared__ __align__(16) unsigned char shared_raw[];
-  const int64_t group = blockIdx.x, b = group / p.groups, g = group % p.groups;
-  const int count = int(p.per_group * p.pixels), packs = count / VEC, pixels = int(p.pixels);
-  const S* x = p.h + group * count;   // the group's cpg planes are contiguous
-  S* y = p.result + group * count;
+// ---------------------------------------------------------------------------------------------------
+// One block per (image, group), float compute: the per-element pieces
+// ---------------------------------------------------------------------------------------------------
 
-  Pack<S, VEC> items[kItems];
-#pragma unroll
-  for (int j = 0; j < kItems; ++j) {
-    const int pack = threadIdx.x + j * blockDim.x;
-    if (pack < packs) items[j] = *reinterpret_cast<const Pack<S, VEC>*>(x + pack * VEC);
-  }
-  // Copied while the loads of h are in flight; the barriers of the statistics below publish the copy.
-  T* scale_columns = reinterpret_cast<T*>(shared_raw);
-  T* shift_columns = scale_columns + p.per_group * p.knots;
-  const int column_values = int(p.per_group * p.knots);
-  const T* scale_source = p.table + g * p.per_group * p.knots;
-  const T* shift_source = p.table + (p.channels + g * p.per_group) * p.knots;
-  for (int i = threadIdx.x; i < column_values; i += blockDim.x) {
-    scale_columns[i] = scale_source[i];
-    shift_columns[i] = shift_source[i];
-  }
-  T sum = 0, unused = 0;
-#pragma unroll
-  for (int j = 0; j < kItems; ++j) {
-    if (threadIdx.x + j * blockDim.x < packs) {
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) sum += load(items[j].v[v]);
+// u in knot units -> segment k and frac: u clamped to [0, K-1] (min/max: a NaN u lands on segment 0 instead
+// of an index out of range), k = floor(u), frac = u - k. Unlike math::knot, u = K-1 takes segment K-1
+// (frac 0), which fill_film_segments adds: the last knot's values with zero slopes, the same result as
+// segment K-2 at frac 1 and no min() per pixel.
+__device__ __forceinline__ void knot_of(float u, int knots, int& k, float& frac) {
+  u = fminf(fmaxf(u, 0.0f), float(knots - 1));
+  k = int(u);                          // u >= 0: truncation is floor
+  frac = u - float(k);
+}
+
+// The FiLM of one channel on segment k as one float4, so that an element reads it in one 16-byte access and
+// lerps it with two FMAs: scale = x + frac * y, shift = z + frac * w, with (x, y, z, w) = (1 + scale_k,
+// scale_k+1 - scale_k, shift_k, shift_k+1 - shift_k), and slopes 0 on segment K-1. Written for channels
+// [first, first + count) of the (K, 2C) table, (count, K) segments, by the block's threads.
+__device__ void fill_film_segments(float4* segments, const float* __restrict__ table, int64_t first, int count,
+                                   int64_t channels, int knots) {
+#pragma unroll 1
+  for (int c = 0; c < count; ++c) {
+#pragma unroll 1
+    for (int k = threadIdx.x; k < knots; k += blockDim.x) {
+      const float* low = table + int64_t(k) * 2 * channels + first + c;
+      const float scale = low[0], shift = low[channels];
+      const bool last = k == knots - 1;
+      segments[c * knots + k] = make_float4(1.0f + scale, last ? 0.0f : low[2 * channels] - scale, shift,
+                                            last ? 0.0f : low[3 * channels] - shift);
     }
   }
-  block_sum2(sum, unused);
-  if (threadIdx.x == 0) shared_stat = sum / T(count);
+}
+
+__device__ __forceinline__ float film_pre(float n, float4 segment, float frac) {
+  return n * fmaf(frac, segment.y, segment.x) + fmaf(frac, segment.w, segment.z);
+}
+
+// SiLU and its derivative s (1 + x (1 - s)), s = sigmoid(x), with the GPU's exp and division (MUFU ex2 and
+// rcp under --use_fast_math: a few ulp, well inside the float32 tolerance); identity when not Silu.
+template <bool Silu>
+__device__ __forceinline__ float activate_fast(float x) {
+  return Silu ? __fdividef(x, 1.0f + __expf(-x)) : x;
+}
+
+template <bool Silu>
+__device__ __forceinline__ float activate_grad_fast(float x) {
+  if (!Silu) return 1.0f;
+  const float e = __expf(-x), s = __fdividef(1.0f, 1.0f + e);   // 1 - s = e s
+  return s * fmaf(x, e * s, 1.0f);
+}
+
+// NCHW groups of at most kGroupMaxBytes, with at least as many (image, group) pairs as SMs: one block per
+// (image, group), in one launch. Pass 1 reads the group (its cpg planes are contiguous) for the statistics;
+// pass 2 reads it again, from L2 (the block read it microseconds before; two blocks per SM keep at most
+// 264 groups, 34 MB, in flight), and applies GroupNorm, FiLM and the activation. Pass 2 walks the pixels
+// and, per pixel, the group's channels, so that a knot is found once per pixel, not per element.
+// Grid (groups, images). Dynamic shared memory: the group's FiLM segments (fill_film_segments), then
+// (rstd * weight, bias) per channel.
+template <typename S, int VEC, bool Silu>
+__global__ void __launch_bounds__(kGroupThreads, 2) forward_group_nchw(Params<S> p, double eps) {
+  extern __shared__ __align__(16) unsigned char shared_raw[];
+  __shared__ float2 shared_stat;   // mean, rstd
+  const int per_group = int(p.per_group), pixels = int(p.pixels), segments = p.knots;
+  float4* film = reinterpret_cast<float4*>(shared_raw);
+  float2* channel = reinterpret_cast<float2*>(film + per_group * segments);
+  const int64_t b = blockIdx.y, group = b * p.groups + blockIdx.x, first_channel = int64_t(blockIdx.x) * per_group;
+  const int count = per_group * pixels, packs = count / VEC;
+  const S* x = p.h + group * count;
+  S* y = p.result + group * count;
+  fill_film_segments(film, p.table, first_channel, per_group, p.channels, p.knots);   // published by the barriers below
+
+  // Statistics without cancellation: each thread sums d = x - (its first element) and d^2; the block merges
+  // the threads' means and M2 (M2 = sum of the threads' M2 + n (thread mean - mean)^2, all terms >= 0).
+  const float shift = threadIdx.x < packs ? load(x[threadIdx.x * VEC]) : 0.0f;
+  float sum = 0, sum_sq = 0;
+  int n = 0;
+  const S* in_pack = x + threadIdx.x * VEC;
+#pragma unroll 1
+  for (int pack = threadIdx.x; pack < packs; pack += blockDim.x, in_pack += blockDim.x * VEC) {
+    const Pack<float, VEC> in = load_floats<S, VEC>(in_pack);
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      const float d = in.v[v] - shift;
+      sum += d;
+      sum_sq += d * d;
+    }
+    n += VEC;
+  }
+  float total[1] = {float(n) * shift + sum};
+  block_sums(total);
+  if (threadIdx.x == 0) shared_stat.x = total[0] / float(count);
   __syncthreads();
-  const T mu = shared_stat;
-  T squares = 0;
-#pragma unroll
-  for (int j = 0; j < kItems; ++j) {
-    if (threadIdx.x + j * blockDim.x < packs) {
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) {
-        const T d = load(items[j].v[v]) - mu;
-        squares += d * d;
-      }
-    }
-  }
-  __syncthreads();   // everyone has read shared_stat before block_sum2 and thread 0 reuse shared memory
-  block_sum2(squares, unused);
+  const float mu = shared_stat.x;
+  const float thread_mean = n > 0 ? shift + sum / float(n) : mu;
+  float m2[1] = {n > 0 ? (sum_sq - sum * (thread_mean - shift)) + float(n) * (thread_mean - mu) * (thread_mean - mu)
+                       : 0.0f};
+  block_sums(m2);
   if (threadIdx.x == 0) {
-    shared_stat = T(math::inverse_std(double(squares), double(count), eps));
+    const float rs = math::inverse_std(m2[0], float(count), float(eps));
+    shared_stat.y = rs;
     p.mean_out[group] = mu;
-    p.rstd_out[group] = shared_stat;
+    p.rstd_out[group] = rs;
   }
   __syncthreads();
-  const T rs = shared_stat;
-  const T* u = p.u + b * pixels;
+  const float rs = shared_stat.y;
+  for (int c = threadIdx.x; c < per_group; c += blockDim.x)
+    channel[c] = make_float2(rs * p.weight[first_channel + c], p.bias[first_channel + c]);
+  __syncthreads();
+
+  const float* u = p.u + b * pixels;
+#pragma unroll 1
+  for (int pixel = threadIdx.x * VEC; pixel < pixels; pixel += blockDim.x * VEC) {
+    const Pack<float, VEC> us = load_pack<VEC>(u + pixel);
+    int k[VEC];
+    float frac[VEC];
 #pragma unroll
-  for (int j = 0; j < kItems; ++j) {
-    const int pack = threadIdx.x + j * blockDim.x;
-    if (pack < packs) {
-      const int e = pack * VEC, pixel = e % pixels;   // VEC divides H*W: a pack stays in one plane
-      const int channel_in_group = e / pixels;
-      const int64_t c = g * p.per_group + channel_in_group;
-      const T w = p.weight[c], bias = p.bias[c];
-      const T* scale_column = scale_columns + channel_in_group * p.knots;
-      const T* shift_column = shift_columns + channel_in_group * p.knots;
-      const Pack<T, VEC> us = load_pack<VEC>(u + pixel);
-      Pack<S, VEC> out;
+    for (int v = 0; v < VEC; ++v) knot_of(us.v[v], p.knots, k[v], frac[v]);
+    const Pack<S, VEC>* in = reinterpret_cast<const Pack<S, VEC>*>(x + pixel);
+    Pack<S, VEC>* out = reinterpret_cast<Pack<S, VEC>*>(y + pixel);
+    const float4* segment = film;
+#pragma unroll 1
+    for (int c = 0; c < per_group; ++c, in += pixels / VEC, out += pixels / VEC, segment += segments) {
+      const float2 coef = channel[c];
+      const Pack<float, VEC> h_pack = load_floats<S, VEC>(in->v);
+      Pack<S, VEC> result;
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
-        const math::Knot<T> knot = math::knot(us.v[v], p.knots);
-        const ScaleShift<T> scale_shift = film_at(scale_column, shift_column, 1, knot);
-        const T n = math::normalize(load(items[j].v[v]), mu, rs) * w + bias;
-        store(out.v[v], math::activate<Silu>(math::film(n, scale_shift.scale, scale_shift.shift)));
+        const float normalized = fmaf(h_pack.v[v] - mu, coef.x, coef.y);
+        store(result.v[v], activate_fast<Silu>(film_pre(normalized, segment[k[v]], frac[v])));
       }
-      *reinterpret_cast<Pack<S, VEC>*>(y + e) = out;
+      *out = result;
     }
   }
 }
@@ -458,8 +570,8 @@ __global__ void backward_reduce_nchw(Params<S> p, int64_t chunks, int64_t chunk_
   const int64_t end = min64(p.pixels, begin + chunk_elems);
   const int64_t b = plane / p.channels, c = plane % p.channels, g = c / p.per_group;
   const T mu = p.mean[b * p.groups + g], rs = p.rstd[b * p.groups + g], w = p.weight[c], bias = p.bias[c];
-  const T* scale_column = p.table + c * p.knots;
-  const T* shift_column = p.table + (p.channels + c) * p.knots;
+  const T* scale_column = p.columns + c * p.knots;
+  const T* shift_column = p.columns + (p.channels + c) * p.knots;
   const T* u = p.u + b * p.pixels;
   const S* x = p.h + plane * p.pixels;
   const S* dy = p.grad_out + plane * p.pixels;
@@ -478,7 +590,7 @@ __global__ void backward_reduce_nchw(Params<S> p, int64_t chunks, int64_t chunk_
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const math::Knot<T> knot = math::knot(us.v[j], p.knots);
-      const ScaleShift<T> scale_shift = film_at(scale_column, shift_column, 1, knot);
+      const math::ScaleShift<T> scale_shift = math::film_at(scale_column, shift_column, 1, knot);
       const T xhat = math::normalize(load(xs.v[j]), mu, rs);
       const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(dys.v[j])), xhat, w, bias, scale_shift.scale, scale_shift.shift);
       sum_dn += grad.dn;
@@ -518,7 +630,7 @@ __global__ void backward_reduce_nhwc(Params<S> p, int64_t chunks, GradPartial<Co
     for (int64_t pixel = begin + threadIdx.y; pixel < end; pixel += kRows) {
       const int64_t e = (b * p.pixels + pixel) * C + c;
       const math::Knot<T> knot = math::knot(p.u[b * p.pixels + pixel], p.knots);
-      const ScaleShift<T> scale_shift = film_at(p.table + c, p.table + C + c, 2 * C, knot);
+      const math::ScaleShift<T> scale_shift = math::film_at(p.table + c, p.table + C + c, 2 * C, knot);
       const T xhat = math::normalize(load(p.h[e]), mu, rs);
       const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(p.grad_out[e])), xhat, w, bias, scale_shift.scale, scale_shift.shift);
       sum_dn += grad.dn;
@@ -593,8 +705,8 @@ __global__ void backward_apply_nchw(Params<S> p, int64_t chunks, int64_t chunk_e
   const int64_t b = plane / p.channels, c = plane % p.channels, stat = b * p.groups + c / p.per_group;
   const T mu = p.mean[stat], rs = p.rstd[stat], w = p.weight[c], bias = p.bias[c];
   const T mean_dxhat = p.grad_coef[2 * stat], mean_dxhat_xhat = p.grad_coef[2 * stat + 1];
-  const T* scale_column = p.table + c * p.knots;
-  const T* shift_column = p.table + (p.channels + c) * p.knots;
+  const T* scale_column = p.columns + c * p.knots;
+  const T* shift_column = p.columns + (p.channels + c) * p.knots;
   const T* u = p.u + b * p.pixels;
   const S* x = p.h + plane * p.pixels;
   const S* dy = p.grad_out + plane * p.pixels;
@@ -607,7 +719,7 @@ __global__ void backward_apply_nchw(Params<S> p, int64_t chunks, int64_t chunk_e
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const math::Knot<T> knot = math::knot(us.v[j], p.knots);
-      const ScaleShift<T> scale_shift = film_at(scale_column, shift_column, 1, knot);
+      const math::ScaleShift<T> scale_shift = math::film_at(scale_column, shift_column, 1, knot);
       const T xhat = math::normalize(load(xs.v[j]), mu, rs);
       const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(dys.v[j])), xhat, w, bias, scale_shift.scale, scale_shift.shift);
       store(out.v[j], math::groupnorm_grad_input(grad.dn, w, xhat, rs, mean_dxhat, mean_dxhat_xhat));
@@ -630,7 +742,7 @@ __global__ void backward_apply_nhwc(Params<S> p, int64_t packs) {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const int64_t c = c0 + j, stat = b * p.groups + c / p.per_group;
-      const ScaleShift<T> scale_shift = film_at(p.table + c, p.table + C + c, 2 * C, knot);
+      const math::ScaleShift<T> scale_shift = math::film_at(p.table + c, p.table + C + c, 2 * C, knot);
       const T rs = p.rstd[stat], w = p.weight[c];
       const T xhat = math::normalize(load(xs.v[j]), p.mean[stat], rs);
       const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(dys.v[j])), xhat, w, p.bias[c], scale_shift.scale, scale_shift.shift);
@@ -642,15 +754,447 @@ __global__ void backward_apply_nhwc(Params<S> p, int64_t packs) {
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Backward, one block per (image, group): knot_records, backward_group_nchw, finalize_group_backward
+// ---------------------------------------------------------------------------------------------------
+
+// The knots of an image's pixels, in pixel order and, per chunk of chunk_pixels pixels, sorted by segment.
+struct KnotRecords {
+  int* k;                    // (B, HW) segment of each pixel, times 16 (its byte offset in a channel's segments)
+  float* frac;               // (B, HW)
+  unsigned* sorted_key;      // (B, HW): per chunk, 16 * (pixel in the chunk) | segment << kKeyShift, in segment order
+  float* sorted_frac;        // (B, HW)
+};
+
+// Grid (chunks, images), 32 * warps threads, dynamic shared memory (warps + 1) * K ints. A stable counting
+// sort of the chunk's pixels by segment: each warp counts the segments of its part of the chunk (equal
+// segments in a step of 32 pixels found with __match_any_sync, counted by the lowest such lane: no atomics),
+// a prefix over (segment, warp) gives each warp its first slot per segment, and each warp writes its pixels
+// in order, ranked within a step by lane. Pixels of one segment stay in pixel order: the backward's sums
+// are deterministic.
+__global__ void knot_records(const float* __restrict__ u, int pixels, int chunk_pixels, int knots, KnotRecords out) {
+  extern __shared__ __align__(16) unsigned char shared_raw[];
+  const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  int* slot = reinterpret_cast<int*>(shared_raw);   // (warps, K): counts, then the warp's next slot
+  int* base = slot + warps * knots;                  // (K): first slot of each segment
+  const int chunk_begin = blockIdx.x * chunk_pixels;
+  const int chunk_len = chunk_pixels < pixels - chunk_begin ? chunk_pixels : pixels - chunk_begin;
+  const int64_t offset = int64_t(blockIdx.y) * pixels + chunk_begin;
+  for (int i = threadIdx.x; i < warps * knots; i += blockDim.x) slot[i] = 0;
+  __syncthreads();
+  const int part = (chunk_len + warps - 1) / warps;
+  const int part_begin = warp * part < chunk_len ? warp * part : chunk_len;
+  const int part_end = part_begin + part < chunk_len ? part_begin + part : chunk_len;
+  int* warp_slot = slot + warp * knots;
+  const unsigned lower_lanes = (1u << lane) - 1;
+  // warp-uniform steps of 32 pixels; lanes past the part hold no pixel (segment `knots`, never counted)
+#pragma unroll 1
+  for (int step = part_begin; step < part_end; step += 32) {
+    const int pixel = step + lane;
+    int k = knots;
+    float frac = 0;
+    if (pixel < part_end) {
+      knot_of(u[offset + pixel], knots, k, frac);
+      out.k[offset + pixel] = k * int(sizeof(float4));
+      out.frac[offset + pixel] = frac;
+    }
+    const unsigned peers = __match_any_sync(kFullMask, k);
+    if (k < knots && (peers & lower_lanes) == 0) warp_slot[k] += __popc(peers);
+    __syncwarp();
+  }
+  __syncthreads();
+  // slot[w][k] = pixels of warps before w in segment k; base[k] = pixels of the chunk in segment k
+#pragma unroll 1
+  for (int k = threadIdx.x; k < knots; k += blockDim.x) {
+    int running = 0;
+#pragma unroll 1
+    for (int w = 0; w < warps; ++w) {
+      const int count = slot[w * knots + k];
+      slot[w * knots + k] = running;
+      running += count;
+    }
+    base[k] = running;
+  }
+  __syncthreads();
+  if (warp == 0) {   // base: exclusive prefix sum over the segments, 32 at a time
+    int carry = 0;
+#pragma unroll 1
+    for (int k0 = 0; k0 < knots; k0 += 32) {
+      const int own = k0 + lane < knots ? base[k0 + lane] : 0;
+      int inclusive = own;
+#pragma unroll
+      for (int delta = 1; delta < 32; delta <<= 1) {
+        const int before = __shfl_up_sync(kFullMask, inclusive, delta);
+        if (lane >= delta) inclusive += before;
+      }
+      if (k0 + lane < knots) base[k0 + lane] = carry + inclusive - own;
+      carry += __shfl_sync(kFullMask, inclusive, 31);
+    }
+  }
+  __syncthreads();
+#pragma unroll 1
+  for (int step = part_begin; step < part_end; step += 32) {
+    const int pixel = step + lane;
+    const int k = pixel < part_end ? out.k[offset + pixel] / int(sizeof(float4)) : knots;
+    const unsigned peers = __match_any_sync(kFullMask, k);
+    if (k < knots) {
+      const int position = base[k] + warp_slot[k] + __popc(peers & lower_lanes);
+      out.sorted_key[offset + position] = unsigned(pixel) * unsigned(sizeof(float4)) | unsigned(k) << kKeyShift;
+      out.sorted_frac[offset + position] = out.frac[offset + pixel];
+    }
+    __syncwarp();   // every lane has read warp_slot[k] before its lowest lane advances it
+    if (k < knots && (peers & lower_lanes) == 0) warp_slot[k] += __popc(peers);
+    __syncwarp();
+  }
+}
+
+// Sums of v over the runs of equal keys of a warp, where the keys do not decrease with the lane: after it,
+// the first lane of each run holds the run's total (a segmented suffix scan: in the round with offset o a
+// lane adds the partial o lanes up when that lane has its key, which then covers the lanes between).
+template <int N>
+__device__ __forceinline__ void run_totals(int key, float (&v)[N]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const int other = __shfl_down_sync(kFullMask, key, offset);
+    float add[N];
+#pragma unroll
+    for (int j = 0; j < N; ++j) add[j] = __shfl_down_sync(kFullMask, v[j], offset);
+    if (lane + offset < 32 && other == key) {
+#pragma unroll
+      for (int j = 0; j < N; ++j) v[j] += add[j];
+    }
+  }
+}
+
+// hist[c][key] += v[4c .. 4c + 3] for the slice's channels c < channels.
+template <int CS>
+__device__ __forceinline__ void add_to_cell(float4* hist, int knots, int channels, int key, const float (&v)[4 * CS]) {
+#pragma unroll
+  for (int c = 0; c < CS; ++c) {
+    if (c < channels) {
+      float4 cell = hist[c * knots + key];
+      cell.x += v[4 * c];
+      cell.y += v[4 * c + 1];
+      cell.z += v[4 * c + 2];
+      cell.w += v[4 * c + 3];
+      hist[c * knots + key] = cell;
+    }
+  }
+}
+
+// Adds one sorted position's (d pre, d scale) of two channels, weighted by 1 and frac, to the running sums
+// (d scale, d scale * frac, d pre, d pre * frac) per channel.
+__device__ __forceinline__ void accumulate_pair(float (&total)[8], float4 kept, float frac) {
+  total[0] += kept.y;
+  total[1] = fmaf(kept.y, frac, total[1]);
+  total[2] += kept.x;
+  total[3] = fmaf(kept.x, frac, total[3]);
+  total[4] += kept.w;
+  total[5] = fmaf(kept.w, frac, total[5]);
+  total[6] += kept.z;
+  total[7] = fmaf(kept.z, frac, total[7]);
+}
+
+__device__ __forceinline__ void subtract_pair(float (&total)[8], float4 kept, float frac) {
+  total[0] -= kept.y;
+  total[1] = fmaf(-kept.y, frac, total[1]);
+  total[2] -= kept.x;
+  total[3] = fmaf(-kept.x, frac, total[3]);
+  total[4] -= kept.w;
+  total[5] = fmaf(-kept.w, frac, total[5]);
+  total[6] -= kept.z;
+  total[7] = fmaf(-kept.z, frac, total[7]);
+}
+
+template <int CS>
+struct alignas(16) RunSlot {
+  float v[4 * CS];
+  int key;
+};
+
+// The deferred first runs of the threads' sorted ranges, added to hist without two threads ever writing
+// one cell at once. Keys do not decrease with the thread (no_key, above all, for threads without positions),
+// so equal keys are runs of consecutive threads: each warp totals its runs (run_totals) and the first lane of
+// a run inside the warp adds it; a run that touches lane 0 or lane 31 may continue into the neighbouring
+// warp, so the warp's first and last runs go to slots, which warp 0 totals the same way and adds after a
+// barrier. Why plain read-modify-writes suffice: a thread's own (phase-1) runs have keys above its first key
+// and up to the next thread's first key, so they differ between threads; a run totalled inside a warp has a
+// key strictly between the warp's first and last keys, so no other warp writes it before the barrier, and in
+// this warp only the lane just before the run may have written it, in its phase 1, which the __syncwarp
+// below orders before the total is added.
+template <int CS>
+__device__ void add_first_runs(float4* hist, int knots, int channels, int key, float (&v)[4 * CS],
+                               RunSlot<CS>* slots, int no_key) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncwarp();   // this warp's phase-1 writes are visible to the lanes that add below
+  run_totals(key, v);
+  const int before = __shfl_up_sync(kFullMask, key, 1);
+  const int first_key = __shfl_sync(kFullMask, key, 0), last_key = __shfl_sync(kFullMask, key, 31);
+  const bool head = lane == 0 || before != key;
+  if (head && key != first_key && key != last_key) add_to_cell<CS>(hist, knots, channels, key, v);
+  if (lane == 0) {
+    RunSlot<CS>& slot = slots[2 * warp];
+#pragma unroll
+    for (int j = 0; j < 4 * CS; ++j) slot.v[j] = v[j];
+    slot.key = key;
+  }
+  if (head && key == last_key) {   // lane 0 when the warp is one run: the total is in the first slot already
+    RunSlot<CS>& slot = slots[2 * warp + 1];
+    const bool whole_warp = lane == 0;
+#pragma unroll
+    for (int j = 0; j < 4 * CS; ++j) slot.v[j] = whole_warp ? 0.0f : v[j];
+    slot.key = key;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const bool slot = lane < 2 * int(blockDim.x >> 5);
+    int slot_key = slot ? slots[lane].key : no_key;
+    float total[4 * CS];
+#pragma unroll
+    for (int j = 0; j < 4 * CS; ++j) total[j] = slot ? slots[lane].v[j] : 0.0f;
+    run_totals(slot_key, total);
+    const int slot_before = __shfl_up_sync(kFullMask, slot_key, 1);
+    if ((lane == 0 || slot_before != slot_key) && slot_key != no_key)
+      add_to_cell<CS>(hist, knots, channels, slot_key, total);
+  }
+}
+
+// NCHW backward, one block per (image, group) (grid (groups, images)), as forward_group_nchw: the groups of
+// at most kGroupMaxBytes when there are at least as many (image, group) pairs as SMs. For each slice of
+// kSliceChannels channels and each chunk of the plane (knot_records' chunks):
+//   natural order  read h and grad_out (coalesced), per element the FiLM and activation gradients; write
+//                  grad_h's first term rstd * weight * dn (dn = d GroupNorm output) to grad_h, sum dn and
+//                  dn * (h - mean) per channel, and keep (d pre, d scale) in a shared-memory tile;
+//   sorted order   each thread takes a range of the chunk's pixels sorted by segment and sums the tile's
+//                  values in registers along runs of one segment: the table gradient's histogram (sums of
+//                  g and g * frac per segment, g = d scale, d shift) without atomics; a completed run goes
+//                  to the block's histogram in shared memory (the thread's first run, which the previous
+//                  thread may share, is deferred to add_first_runs).
+// Then the group's means of dxhat and dxhat * xhat, the per-image partials of the weight, bias and table
+// gradients (finalize_group_backward sums them over the images), and a pass over the group that adds the
+// rest of grad_h, rstd * (-mean(dxhat) - xhat mean(dxhat xhat)), reading h and grad_h from L2.
+// Dynamic shared memory: the group's FiLM segments (fill_film_segments) and histogram, (K) float4 per
+// channel each; (rstd * weight, bias) and the channel sums per channel; the tile, one float4 per pixel of the
+// chunk (d pre, d scale of the slice's two channels).
+template <typename S, int VEC, bool Silu>
+__global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S> p, KnotRecords knots_of,
+                                                                     int chunk_pixels, int per_thread,
+                                                                     float* __restrict__ partial) {
+  constexpr int CS = kSliceChannels;
+  static_assert(CS == 2, "the tile holds (d pre, d scale) of two channels per pixel: one float4");
+  extern __shared__ __align__(16) unsigned char shared_raw[];
+  __shared__ RunSlot<CS> slots[2 * (kBackThreads / 32)];
+  __shared__ float2 correction;   // grad_h's second term is correction.x + h * correction.y
+  const int per_group = int(p.per_group), pixels = int(p.pixels), knots = p.knots;
+  float4* film = reinterpret_cast<float4*>(shared_raw);
+  float4* hist = film + per_group * knots;   // per (channel, segment): sums of d pre (h - mean), of that * frac,
+                                             // of d pre and of d pre * frac
+  float2* channel = reinterpret_cast<float2*>(hist + per_group * knots);   // rstd * weight, bias
+  float2* channel_sums = channel + per_group;                              // sum dn, sum dn * (h - mean)
+  float2* tile = channel_sums + per_group;
+  const int64_t b = blockIdx.y, group = b * p.groups + blockIdx.x, first_channel = int64_t(blockIdx.x) * per_group;
+  const int count = per_group * pixels;
+  const S* x = p.h + group * count;
+  const S* dy = p.grad_out + group * count;
+  S* dx = p.result + group * count;
+  const float mu = p.mean[group], rs = p.rstd[group];
+  fill_film_segments(film, p.table, first_channel, per_group, p.channels, knots);
+  for (int i = threadIdx.x; i < per_group * knots; i += blockDim.x) hist[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  for (int c = threadIdx.x; c < per_group; c += blockDim.x)
+    channel[c] = make_float2(rs * p.weight[first_channel + c], p.bias[first_channel + c]);
+  __syncthreads();
+  const int64_t image_offset = b * pixels;
+  const int* image_k = knots_of.k + image_offset;
+  const float* image_frac = knots_of.frac + image_offset;
+
+#pragma unroll 1
+  for (int c0 = 0; c0 < per_group; c0 += CS) {
+    const int channels = per_group - c0 < CS ? per_group - c0 : CS;
+    // the slice's planes (a missing second channel repeats the first: same values, written twice)
+    const int64_t plane = int64_t(c0) * pixels, next = channels > 1 ? pixels : 0;
+    const S* slice_x[CS] = {x + plane, x + plane + next};
+    const S* slice_dy[CS] = {dy + plane, dy + plane + next};
+    S* slice_dx[CS] = {dx + plane, dx + plane + next};
+    const char* slice_film[CS] = {reinterpret_cast<const char*>(film + c0 * knots),
+                                  reinterpret_cast<const char*>(film + (c0 + (channels > 1)) * knots)};
+    const float2 coef[CS] = {channel[c0], channel[c0 + (channels > 1)]};
+#pragma unroll 1
+    for (unsigned chunk_begin = 0; chunk_begin < unsigned(pixels); chunk_begin += chunk_pixels) {
+      const unsigned chunk_len = min(unsigned(chunk_pixels), unsigned(pixels) - chunk_begin);
+#pragma unroll 1
+      for (unsigned pixel = threadIdx.x * VEC; pixel < chunk_len; pixel += blockDim.x * VEC) {
+        const unsigned at = chunk_begin + pixel;
+        const Pack<int, VEC> ks = load_pack<VEC>(image_k + at);
+        const Pack<float, VEC> fracs = load_pack<VEC>(image_frac + at);
+        float4 kept[VEC];   // per pixel (d pre, d pre * (h - mean)) of the slice's channels
+#pragma unroll
+        for (int cc = 0; cc < CS; ++cc) {
+          const Pack<float, VEC> xs = load_floats<S, VEC>(slice_x[cc] + at);
+          const Pack<float, VEC> dys = load_floats<S, VEC>(slice_dy[cc] + at);
+          Pack<S, VEC> first_term;
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) {
+            const float4 s = *reinterpret_cast<const float4*>(slice_film[cc] + ks.v[v]);
+            const float frac = fracs.v[v];
+            const float scale = fmaf(frac, s.y, s.x), shift = fmaf(frac, s.w, s.z);
+            const float d = xs.v[v] - mu;
+            const float normalized = fmaf(d, coef[cc].x, coef[cc].y);
+            const float dpre = dys.v[v] * activate_grad_fast<Silu>(fmaf(normalized, scale, shift));
+            const float dn = dpre * scale;
+            store(first_term.v[v], dn * coef[cc].x);
+            (cc == 0 ? kept[v].x : kept[v].z) = dpre;
+            (cc == 0 ? kept[v].y : kept[v].w) = dpre * d;
+          }
+          store_pack(slice_dx[cc] + at, first_term);   // a missing channel rewrites the first
+        }
+        float4* tile_at = reinterpret_cast<float4*>(tile) + pixel;
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) tile_at[v] = kept[v];
+      }
+      __syncthreads();
+
+      // sorted order: this thread's positions [begin, end), per_thread (a multiple of 4) from a multiple of 4
+      const unsigned begin = min(threadIdx.x * unsigned(per_thread), chunk_len);
+      const unsigned end = min(begin + unsigned(per_thread), chunk_len);
+      const unsigned* keys = knots_of.sorted_key + image_offset + chunk_begin;
+      const float* key_fracs = knots_of.sorted_frac + image_offset + chunk_begin;
+      // Running sums over the thread's positions; a run's sums are their difference from the sums at its
+      // start (no accumulators reset in the loop, which would cost register moves on every position).
+      float total[4 * CS] = {}, start[4 * CS] = {}, first[4 * CS] = {};
+      int run_k = begin < end ? int(keys[begin] >> kKeyShift) : knots, first_k = knots;   // knots: no key
+      // Ends the current run at the running sums `at`: the thread's first run is deferred (add_first_runs), the
+      // others are this thread's alone.
+      auto end_run = [&](const float (&at)[4 * CS]) {
+        float run[4 * CS];
+#pragma unroll
+        for (int q = 0; q < 4 * CS; ++q) {
+          run[q] = at[q] - start[q];
+          start[q] = at[q];
+        }
+        if (first_k == knots) {
+#pragma unroll
+          for (int q = 0; q < 4 * CS; ++q) first[q] = run[q];
+          first_k = run_k;
+        } else {
+          add_to_cell<CS>(hist + c0 * knots, knots, channels, run_k, run);
+        }
+      };
+#pragma unroll 1
+      for (unsigned i = begin; i < end; i += 4) {
+        const uint4 four = *reinterpret_cast<const uint4*>(keys + i);   // (keys and fracs indexed alike)
+        const float4 four_fracs = *reinterpret_cast<const float4*>(key_fracs + i);
+        const unsigned key[4] = {four.x, four.y, four.z, four.w};
+        const float frac[4] = {four_fracs.x, four_fracs.y, four_fracs.z, four_fracs.w};
+        float4 kept[4];   // (d pre, d scale) of the slice's two channels at each position
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          kept[j] = *reinterpret_cast<const float4*>(reinterpret_cast<const char*>(tile) + (key[j] & kTileByteMask));
+#pragma unroll
+        for (int j = 0; j < 4; ++j) accumulate_pair(total, kept[j], frac[j]);
+        if (int(four.x >> kKeyShift) != run_k || int(four.w >> kKeyShift) != run_k) {   // a run ends in these four
+          float before[4 * CS];   // the sums before this group: total less its four positions
+#pragma unroll
+          for (int q = 0; q < 4 * CS; ++q) before[q] = total[q];
+#pragma unroll
+          for (int j = 0; j < 4; ++j) subtract_pair(before, kept[j], frac[j]);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const int k = int(key[j] >> kKeyShift);
+            if (k != run_k) {
+              end_run(before);
+              run_k = k;
+            }
+            accumulate_pair(before, kept[j], frac[j]);
+          }
+        }
+      }
+      if (begin < end) end_run(total);
+      add_first_runs<CS>(hist + c0 * knots, knots, channels, first_k, first, slots, knots);
+      __syncthreads();   // the histogram's cells are added before the next chunk's; the tile is free again
+    }
+  }
+
+  // The channel sums from the histogram: dn = d pre (1 + scale) and 1 + scale = x + frac y on segment k, so sum dn
+  // = sum over k of x_k A_k + y_k B_k, A and B the sums of d pre and d pre * frac; likewise sum dn (h - mean)
+  // from the sums of d pre (h - mean).
+  if (threadIdx.x < 32) {
+#pragma unroll 1
+    for (int c = 0; c < per_group; ++c) {
+      float dn = 0, dn_d = 0;
+      for (int k = threadIdx.x; k < knots; k += 32) {
+        const float4 segment = film[c * knots + k], cell = hist[c * knots + k];
+        dn = fmaf(segment.x, cell.z, fmaf(segment.y, cell.w, dn));
+        dn_d = fmaf(segment.x, cell.x, fmaf(segment.y, cell.y, dn_d));
+      }
+      dn = warp_sum(dn);
+      dn_d = warp_sum(dn_d);
+      if (threadIdx.x == 0) channel_sums[c] = make_float2(dn, dn_d);
+    }
+  }
+  if (threadIdx.x == 0) {   // means over the group of dxhat = dn * weight and dxhat * xhat
+    float mean_dxhat = 0, mean_dxhat_d = 0;
+    for (int c = 0; c < per_group; ++c) {
+      const float w = p.weight[first_channel + c];
+      mean_dxhat = fmaf(w, channel_sums[c].x, mean_dxhat);
+      mean_dxhat_d = fmaf(w, channel_sums[c].y, mean_dxhat_d);
+    }
+    const float slope = -rs * rs * rs * mean_dxhat_d / float(count);   // per unit of h
+    correction = make_float2(-rs * mean_dxhat / float(count) - slope * mu, slope);
+  }
+  // the image's partials: the table gradient (K, 2C), then the bias and weight gradients (C each)
+  const int64_t width = 2 * p.channels;
+  float* image_partial = partial + b * (knots + 1) * width;
+  // table gradient of segment k's knots: row k gets g (1 - frac) = A_k - B_k, row k + 1 gets g frac = B_k
+#pragma unroll 1
+  for (int c = 0; c < per_group; ++c) {
+    const float4* cells = hist + c * knots;
+#pragma unroll 1
+    for (int k = threadIdx.x; k < knots; k += blockDim.x) {
+      const float4 cell = cells[k];
+      const float4 below = k > 0 ? cells[k - 1] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      float* row = image_partial + k * width + first_channel + c;
+      const float2 coef = channel[c];   // d scale = d pre * normalized, normalized = coef.x (h - mean) + coef.y
+      row[0] = fmaf(coef.x, cell.x - cell.y + below.y, coef.y * (cell.z - cell.w + below.w));
+      row[p.channels] = cell.z - cell.w + below.w;
+    }
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < per_group; c += blockDim.x) {
+    image_partial[knots * width + first_channel + c] = channel_sums[c].x;
+    image_partial[knots * width + p.channels + first_channel + c] = rs * channel_sums[c].y;
+  }
+  const float2 rest = correction;
+#pragma unroll 1
+  for (unsigned pack = threadIdx.x; pack < unsigned(count / VEC); pack += blockDim.x) {
+    const Pack<float, VEC> hs = load_floats<S, VEC>(x + pack * VEC), first_term = load_floats<S, VEC>(dx + pack * VEC);
+    Pack<S, VEC> grad;
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) store(grad.v[v], first_term.v[v] + fmaf(hs.v[v], rest.y, rest.x));
+    *reinterpret_cast<Pack<S, VEC>*>(dx + pack * VEC) = grad;
+  }
+}
+
+// grad_table, grad_bias and grad_weight: the images' partials (rows of K * 2C + 2C values) summed in a fixed
+// order, one thread per value.
+__global__ void finalize_group_backward(const float* __restrict__ partial, int batch, int64_t table_size,
+                                        int64_t channels, float* __restrict__ grad_table,
+                                        float* __restrict__ grad_weight, float* __restrict__ grad_bias) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, row = table_size + 2 * channels;
+  if (i >= row) return;
+  float sum = 0;
+  const float* value = partial + i;
+#pragma unroll 1
+  for (int b = 0; b < batch; ++b, value += row) sum += *value;
+  float* out = i < table_size ? grad_table + i
+               : i < table_size + channels ? grad_bias + (i - table_size) : grad_weight + (i - table_size - channels);
+  *out = sum;
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------------
 
-bool aligned16(std::uintptr_t address) { return address % 16 == 0; }
-
-template <typename Fn>
-void dispatch(int dtype, bool silu, Fn&& fn) {
-  dispatch_storage<__nv_bfloat16, __half>(dtype, silu, std::forward<Fn>(fn));
-}
+bool aligned16(const void* address) { return reinterpret_cast<std::uintptr_t>(address) % 16 == 0; }
 
 // Calls fn(std::integral_constant<int, VEC>) with VEC = 16 bytes of S when `vectorise`, else 1.
 template <typename S, typename Fn>
@@ -662,33 +1206,53 @@ void with_vec(bool vectorise, Fn&& fn) {
     fn(std::integral_constant<int, 1>{});
 }
 
-// Sizes of the workspace parts, in bytes, each rounded to 256.
+// Byte offsets of the workspace parts, each rounded to 256: the transposed table (NCHW), then the statistics
+// partials (forward) or the gradient partials and group coefficients (backward) of the chunked path; then,
+// where the shape can take the one-block-per-group backward, its knot records and per-image partials.
 struct Workspace {
-  int64_t stats, grads, coef;
+  int64_t stats, grads, coef, knot_k, knot_frac, sorted_key, sorted_frac, partial, end;
 };
 
 int64_t round256(int64_t bytes) { return ceil_div(bytes, 256) * 256; }
 
+bool group_backward_shape(const GroupNormFilmArgs& args);
+
 template <typename T>
-Workspace workspace_parts(const GroupNormFilmShape& shape) {
-  const int64_t partials = shape.batch * shape.channels * geometry(shape).chunks;
-  return {round256(partials * int64_t(sizeof(StatsPartial<T>))),
-          round256(partials * int64_t(sizeof(GradPartial<T>))),
-          round256(shape.batch * shape.groups * 2 * int64_t(sizeof(T)))};
+Workspace workspace_parts(const GroupNormFilmArgs& args) {
+  const int64_t partials = args.batch * args.channels * geometry(args).chunks;
+  const int64_t columns = args.channels_last ? 0 : round256(2 * args.channels * args.knots * int64_t(sizeof(T)));
+  const int64_t stats = round256(partials * int64_t(sizeof(StatsPartial<T>)));
+  const int64_t grads = round256(partials * int64_t(sizeof(GradPartial<T>)));
+  const int64_t coef = round256(args.batch * args.groups * 2 * int64_t(sizeof(T)));
+  Workspace w{};
+  w.stats = w.grads = columns;
+  w.coef = columns + grads;
+  int64_t end = columns + std::max(stats, grads + coef);
+  if (group_backward_shape(args)) {
+    const int64_t per_pixel = round256(args.batch * args.pixels * 4);
+    w.knot_k = end;
+    w.knot_frac = w.knot_k + per_pixel;
+    w.sorted_key = w.knot_frac + per_pixel;
+    w.sorted_frac = w.sorted_key + per_pixel;
+    w.partial = w.sorted_frac + per_pixel;
+    end = w.partial + round256(args.batch * (args.knots + 1) * 2 * args.channels * 4);
+  }
+  w.end = end;
+  return w;
 }
 
-Workspace workspace_of(const GroupNormFilmShape& shape) {
-  return shape.dtype == kFloat64 ? workspace_parts<double>(shape) : workspace_parts<float>(shape);
+Workspace workspace_of(const GroupNormFilmArgs& args) {
+  return args.dtype == kFloat64 ? workspace_parts<double>(args) : workspace_parts<float>(args);
 }
 
-void check_cuda_shape(const GroupNormFilmShape& shape) {
-  check_groupnorm_film_shape(shape);
-  const Geometry geo = geometry(shape);
-  if (shape.channels_last) {
-    if (shape.batch > 65535)
+void check_cuda_shape(const GroupNormFilmArgs& args) {
+  check_groupnorm_film_shape(args);
+  const Geometry geo = geometry(args);
+  if (args.channels_last) {
+    if (args.batch > 65535)
       throw std::invalid_argument("groupnorm_film (CUDA): channels_last h supports at most 65535 images");
     if (geo.chunks > 0x7FFFFFFF) throw std::invalid_argument("groupnorm_film (CUDA): too many pixels");
-  } else if (shape.batch * shape.channels * geo.chunks > 0x7FFFFFFF) {
+  } else if (args.batch * args.channels * geo.chunks > 0x7FFFFFFF) {
     throw std::invalid_argument("groupnorm_film (CUDA): too many (image, channel) planes for one launch");
   }
 }
@@ -700,177 +1264,278 @@ int nchw_threads(int64_t chunk_elems, int vec) {
 
 int flat_blocks(int64_t packs) { return int(std::min<int64_t>(ceil_div(packs, kThreads), int64_t(1) << 20)); }
 
-// Shared memory of forward_group_nchw (float compute): the scale and shift columns of a group's channels.
-int64_t group_column_bytes(const GroupNormFilmShape& shape) {
-  return 2 * (shape.channels / shape.groups) * shape.knots * int64_t(sizeof(float));
+int round32(int64_t n) { return int(ceil_div(n, 32) * 32); }
+
+// Whether the shape suits the one-block-per-(image, group) kernels: NCHW, float compute (float64 would need
+// twice the registers and shared memory), planes of whole 16-byte packs, and groups small enough that the
+// second pass over them finds them in L2.
+bool group_shape(const GroupNormFilmArgs& args) {
+  if (args.channels_last || args.dtype == kFloat64 || args.batch > 65535) return false;   // grid (groups, images)
+  const int64_t item = args.dtype == kFloat32 ? 4 : 2;
+  return args.pixels % (16 / item) == 0 && (args.channels / args.groups) * args.pixels * item <= kGroupMaxBytes;
 }
 
-// Whether the forward can take the one-launch, one-read path: NCHW, the group fits in a block's registers,
-// its table columns in shared memory without an opt-in, and there are enough (image, group) blocks to fill
-// the GPU; otherwise the three-launch path, which splits planes into chunks, has more parallelism. (It also
-// needs 16-byte packs: scalar loads of 32 elements per thread would spill.)
-bool group_resident(const GroupNormFilmShape& shape, int device) {
-  if (shape.channels_last) return false;
-  if ((shape.channels / shape.groups) * shape.pixels > int64_t(kGroupThreads) * kGroupElems) return false;
-  if (group_column_bytes(shape) > kGroupColumnBytes) return false;
+// ... and whether there are enough (image, group) blocks to fill the GPU (else the chunked path, which splits
+// planes, has more parallelism) and the tensors allow 16-byte packs.
+bool group_launch(const GroupNormFilmArgs& args, bool aligned, int device) {
+  if (!aligned) return false;
   int multiprocessors = 0;
   check(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-  return shape.batch * shape.groups >= multiprocessors;
+  return args.batch * args.groups >= multiprocessors;
+}
+
+// forward_group_nchw's dynamic shared memory: the group's FiLM segments, then (rstd * weight, bias) per channel.
+int64_t forward_group_shared_bytes(const GroupNormFilmArgs& args) {
+  const int64_t per_group = args.channels / args.groups;
+  return per_group * args.knots * int64_t(sizeof(float4)) + per_group * int64_t(sizeof(float2));
+}
+
+bool group_forward_shape(const GroupNormFilmArgs& args) {
+  return group_shape(args) && forward_group_shared_bytes(args) <= kGroupFilmBytes;
+}
+
+// The backward group path's pixels per sorted chunk, threads per block (positions per thread >= kMinRun
+// where the chunk allows, at least 4 warps) and dynamic shared memory (see backward_group_nchw).
+int backward_chunk(const GroupNormFilmArgs& args) { return int(std::min<int64_t>(kBackChunk, args.pixels)); }
+
+int backward_threads(const GroupNormFilmArgs& args) {
+  return std::max(128, std::min(kBackThreads, round32(backward_chunk(args) / kMinRun)));
+}
+
+int64_t backward_group_shared_bytes(const GroupNormFilmArgs& args) {
+  const int64_t per_group = args.channels / args.groups;
+  return 2 * per_group * args.knots * int64_t(sizeof(float4)) + 2 * per_group * int64_t(sizeof(float2)) +
+         kSliceChannels * int64_t(backward_chunk(args)) * int64_t(sizeof(float2));
+}
+
+// knot_records: as many warps (up to 32) as leave (warps + 1) * K counts within 48 KB.
+int sort_warps(const GroupNormFilmArgs& args) {
+  return int(std::min<int64_t>(kSortThreads / 32, 48 * 1024 / (4 * args.knots) - 1));
+}
+
+bool group_backward_shape(const GroupNormFilmArgs& args) {
+  return group_shape(args) && args.knots <= (1 << (32 - kKeyShift)) && sort_warps(args) >= 1;   // segment keys fit
 }
 
 template <typename S>
-Params<S> params(const GroupNormFilmShape& shape, std::uintptr_t h, std::uintptr_t grad_out, std::uintptr_t u,
-                 std::uintptr_t table, std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t mean,
-                 std::uintptr_t rstd, std::uintptr_t grad_coef, std::uintptr_t result) {
+Params<S> params(Pass pass, const GroupNormFilmArgs& a, unsigned char* workspace) {
   using T = Compute<S>;
-  return Params<S>{as<const S>(h),         as<const S>(grad_out), as<const T>(u),    as<const T>(table),
-                   as<const T>(weight),    as<const T>(bias),     as<const T>(mean), as<const T>(rstd),
-                   as<const T>(grad_coef), as<S>(result),         as<T>(mean),       as<T>(rstd),
-                   shape.channels,         shape.pixels,          shape.groups,      shape.channels / shape.groups,
-                   int(shape.knots)};
+  const Workspace parts = workspace_of(a);
+  const bool forward = pass == Pass::kForward;
+  return Params<S>{static_cast<const S*>(a.h),
+                   static_cast<const S*>(a.grad_out),
+                   static_cast<const T*>(a.u),
+                   static_cast<const T*>(a.table),
+                   reinterpret_cast<const T*>(workspace),
+                   static_cast<const T*>(a.weight),
+                   static_cast<const T*>(a.bias),
+                   static_cast<const T*>(a.mean),
+                   static_cast<const T*>(a.rstd),
+                   reinterpret_cast<const T*>(workspace + parts.coef),
+                   static_cast<S*>(forward ? a.out : a.grad_h),
+                   static_cast<T*>(a.mean),
+                   static_cast<T*>(a.rstd),
+                   a.channels,
+                   a.pixels,
+                   a.groups,
+                   a.channels / a.groups,
+                   int(a.knots)};
+}
+
+// The NCHW kernels but the one-launch forward (which transposes its group's part of the table into shared
+// memory itself) read the table as columns: its transpose, written to the start of the workspace.
+template <typename T>
+void transpose_into_workspace(const GroupNormFilmArgs& args, const T* table, unsigned char* workspace,
+                              cudaStream_t stream) {
+  const int64_t values = 2 * args.channels * args.knots;
+  transpose_table<T><<<unsigned(std::min<int64_t>(ceil_div(values, kThreads), 1024)), kThreads, 0, stream>>>(
+      table, args.knots, 2 * args.channels, reinterpret_cast<T*>(workspace));
+  check_launch("transpose_table");
+}
+
+template <typename S, bool Silu>
+void forward(const GroupNormFilmArgs& args, const Params<S>& p, unsigned char* workspace, int device,
+             cudaStream_t stream) {
+  using T = Compute<S>;
+  constexpr int kVec = int(16 / sizeof(S));
+  const Geometry geo = geometry(args);
+  auto* partial = reinterpret_cast<StatsPartial<T>*>(workspace + workspace_of(args).stats);
+  const bool aligned = aligned16(args.h) && aligned16(args.out);
+  const int64_t B = args.batch, C = args.channels;
+  const bool vectorise_nchw = aligned && aligned16(args.u) && args.pixels % kVec == 0;
+
+  if constexpr (!std::is_same_v<S, double>) {
+    if (group_forward_shape(args) && group_launch(args, vectorise_nchw, device)) {
+      forward_group_nchw<S, kVec, Silu><<<dim3(unsigned(args.groups), unsigned(B)),
+                                          std::min(kGroupThreads, round32(args.pixels / kVec)),
+                                          size_t(forward_group_shared_bytes(args)), stream>>>(p, args.eps);
+      check_launch("forward_group_nchw");
+      return;
+    }
+  }
+  if (args.channels_last) {
+    stats_nhwc<S><<<dim3(unsigned(geo.chunks), unsigned(ceil_div(C, 32)), unsigned(B)), dim3(32, kRows), 0,
+                    stream>>>(p.h, C, args.pixels, geo.chunks, partial);
+    check_launch("stats_nhwc");
+  } else {
+    transpose_into_workspace(args, p.table, workspace, stream);
+    with_vec<S>(vectorise_nchw, [&](auto vec) {
+      constexpr int VEC = decltype(vec)::value;
+      stats_nchw<S, VEC><<<unsigned(B * C * geo.chunks), nchw_threads(geo.chunk_elems, VEC), 0, stream>>>(
+          p.h, args.pixels, geo.chunks, geo.chunk_elems, partial);
+      check_launch("stats_nchw");
+    });
+  }
+  const int64_t groups_total = B * args.groups;
+  finalize_stats<T><<<unsigned(ceil_div(groups_total * 32, kThreads)), kThreads, 0, stream>>>(
+      partial, groups_total, (C / args.groups) * geo.chunks, args.eps, p.mean_out, p.rstd_out);
+  check_launch("finalize_stats");
+
+  if (args.channels_last) {
+    with_vec<S>(aligned && C % kVec == 0, [&](auto vec) {
+      constexpr int VEC = decltype(vec)::value;
+      const int64_t packs = B * args.pixels * C / VEC;
+      forward_apply_nhwc<S, VEC, Silu><<<flat_blocks(packs), kThreads, 0, stream>>>(p, packs);
+      check_launch("forward_apply_nhwc");
+    });
+  } else {
+    with_vec<S>(vectorise_nchw, [&](auto vec) {
+      constexpr int VEC = decltype(vec)::value;
+      forward_apply_nchw<S, VEC, Silu><<<unsigned(B * C * geo.chunks), nchw_threads(geo.chunk_elems, VEC), 0,
+                                         stream>>>(p, geo.chunks, geo.chunk_elems);
+      check_launch("forward_apply_nchw");
+    });
+  }
+}
+
+// Shared memory a block may opt in to on `device`.
+int shared_optin_limit(int device) {
+  int limit = 0;
+  check(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "cudaDeviceGetAttribute");
+  return limit;
+}
+
+// The one-block-per-group backward (knot_records, backward_group_nchw, finalize_group_backward); false, with
+// nothing launched, when its shared memory exceeds what the GPU grants a block.
+template <typename S, bool Silu>
+bool backward_group(const GroupNormFilmArgs& args, const Params<S>& p, unsigned char* workspace, int device,
+                    cudaStream_t stream) {
+  constexpr int kVec = int(16 / sizeof(S));
+  const int64_t shared = backward_group_shared_bytes(args);
+  const int64_t static_shared = 4 * 1024;   // backward_group_nchw's own: run slots, block sums, a float2
+  if (shared + static_shared > shared_optin_limit(device)) return false;
+  const Workspace parts = workspace_of(args);
+  const KnotRecords knots{reinterpret_cast<int*>(workspace + parts.knot_k),
+                          reinterpret_cast<float*>(workspace + parts.knot_frac),
+                          reinterpret_cast<unsigned*>(workspace + parts.sorted_key),
+                          reinterpret_cast<float*>(workspace + parts.sorted_frac)};
+  auto* partial = reinterpret_cast<float*>(workspace + parts.partial);
+  const int chunk = backward_chunk(args), warps = sort_warps(args);
+  knot_records<<<dim3(unsigned(ceil_div(args.pixels, chunk)), unsigned(args.batch)), 32 * warps,
+                 size_t((warps + 1) * args.knots * 4), stream>>>(static_cast<const float*>(args.u), int(args.pixels),
+                                                                  chunk, int(args.knots), knots);
+  check_launch("knot_records");
+  auto kernel = backward_group_nchw<S, kVec, Silu>;
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared)), "cudaFuncSetAttribute");
+  const int threads = backward_threads(args), per_thread = int(ceil_div(chunk, 4 * threads) * 4);
+  kernel<<<dim3(unsigned(args.groups), unsigned(args.batch)), threads, size_t(shared), stream>>>(
+      p, knots, chunk, per_thread, partial);
+  check_launch("backward_group_nchw");
+  const int64_t table_size = args.knots * 2 * args.channels;
+  finalize_group_backward<<<unsigned(ceil_div(table_size + 2 * args.channels, kThreads)), kThreads, 0, stream>>>(
+      partial, int(args.batch), table_size, args.channels, static_cast<float*>(args.grad_table),
+      static_cast<float*>(args.grad_weight), static_cast<float*>(args.grad_bias));
+  check_launch("finalize_group_backward");
+  return true;
+}
+
+template <typename S, bool Silu>
+void backward(const GroupNormFilmArgs& args, const Params<S>& p, unsigned char* workspace, int device,
+              cudaStream_t stream) {
+  using T = Compute<S>;
+  constexpr int kVec = int(16 / sizeof(S));
+  const Geometry geo = geometry(args);
+  auto* partial = reinterpret_cast<GradPartial<T>*>(workspace + workspace_of(args).grads);
+  auto* grad_table = static_cast<T*>(args.grad_table);
+  const bool aligned = aligned16(args.h) && aligned16(args.grad_out) && aligned16(args.grad_h);
+  const int64_t B = args.batch, C = args.channels;
+  const bool vectorise_nchw = aligned && aligned16(args.u) && args.pixels % kVec == 0;
+
+  if constexpr (!std::is_same_v<S, double>) {
+    if (group_backward_shape(args) && group_launch(args, vectorise_nchw, device) &&
+        backward_group<S, Silu>(args, p, workspace, device, stream))
+      return;
+  }
+  if (args.channels_last) {
+    backward_reduce_nhwc<S, Silu><<<dim3(unsigned(geo.chunks), unsigned(ceil_div(C, 32)), unsigned(B)),
+                                    dim3(32, kRows), 0, stream>>>(p, geo.chunks, partial, grad_table);
+    check_launch("backward_reduce_nhwc");
+  } else {
+    transpose_into_workspace(args, p.table, workspace, stream);
+    const int64_t shared_bytes = 2 * args.knots * int64_t(sizeof(T));
+    with_vec<S>(vectorise_nchw, [&](auto vec) {
+      constexpr int VEC = decltype(vec)::value;
+      auto kernel = backward_reduce_nchw<S, VEC, Silu>;
+      if (shared_bytes > 48 * 1024) {
+        const int limit = shared_optin_limit(device);
+        if (shared_bytes > limit)
+          throw std::invalid_argument("groupnorm_film (CUDA): the table has " + std::to_string(args.knots) +
+                                      " rows; the NCHW backward holds 2 * rows values per block in shared "
+                                      "memory, at most " + std::to_string(limit) + " bytes on this GPU");
+        check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_bytes)),
+              "cudaFuncSetAttribute");
+      }
+      kernel<<<unsigned(B * C * geo.chunks), nchw_threads(geo.chunk_elems, VEC), size_t(shared_bytes), stream>>>(
+          p, geo.chunks, geo.chunk_elems, partial, grad_table);
+      check_launch("backward_reduce_nchw");
+    });
+  }
+  const int64_t warps = B * args.groups + C;
+  finalize_backward<T><<<unsigned(ceil_div(warps * 32, kThreads)), kThreads, 0, stream>>>(
+      partial, p.weight, B, C, args.groups, C / args.groups, geo.chunks, args.pixels,
+      reinterpret_cast<T*>(workspace + workspace_of(args).coef), static_cast<T*>(args.grad_weight),
+      static_cast<T*>(args.grad_bias));
+  check_launch("finalize_backward");
+
+  if (args.channels_last) {
+    with_vec<S>(aligned && C % kVec == 0, [&](auto vec) {
+      constexpr int VEC = decltype(vec)::value;
+      const int64_t packs = B * args.pixels * C / VEC;
+      backward_apply_nhwc<S, VEC, Silu><<<flat_blocks(packs), kThreads, 0, stream>>>(p, packs);
+      check_launch("backward_apply_nhwc");
+    });
+  } else {
+    with_vec<S>(vectorise_nchw, [&](auto vec) {
+      constexpr int VEC = decltype(vec)::value;
+      backward_apply_nchw<S, VEC, Silu><<<unsigned(B * C * geo.chunks), nchw_threads(geo.chunk_elems, VEC), 0,
+                                          stream>>>(p, geo.chunks, geo.chunk_elems);
+      check_launch("backward_apply_nchw");
+    });
+  }
 }
 
 }  // namespace
 
-std::int64_t groupnorm_film_cuda_workspace_bytes(const GroupNormFilmShape& shape) {
-  check_cuda_shape(shape);
-  const Workspace parts = workspace_of(shape);
-  return std::max(parts.stats, parts.grads + parts.coef);
+std::int64_t groupnorm_film_cuda_workspace_bytes(const GroupNormFilmArgs& args) {
+  check_cuda_shape(args);
+  return workspace_of(args).end;
 }
 
-void groupnorm_film_forward_cuda(const GroupNormFilmShape& shape, std::uintptr_t h, std::uintptr_t u,
-                                 std::uintptr_t table, std::uintptr_t weight, std::uintptr_t bias,
-                                 std::uintptr_t out, std::uintptr_t mean, std::uintptr_t rstd, double eps,
-                                 bool silu, std::uintptr_t workspace, int device, std::uintptr_t stream_handle) {
-  check_cuda_shape(shape);
-  check(cudaSetDevice(device), "cudaSetDevice");
-  const cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  const Geometry geo = geometry(shape);
-  dispatch(shape.dtype, silu, [&](auto storage, auto act) {
+void groupnorm_film_cuda(Pass pass, const GroupNormFilmArgs& args, const CudaLaunch& launch) {
+  check_cuda_shape(args);
+  check(cudaSetDevice(launch.device), "cudaSetDevice");
+  const auto stream = static_cast<cudaStream_t>(launch.stream);
+  auto* workspace = static_cast<unsigned char*>(launch.workspace);
+  dispatch_dtype<__nv_bfloat16, __half>(args.dtype, "groupnorm_film", [&](auto storage) {
     using S = decltype(storage);
-    using T = Compute<S>;
-    constexpr bool Silu = decltype(act)::value;
-    constexpr int kVec = int(16 / sizeof(S));
-    auto* partial = as<StatsPartial<T>>(workspace);
-    const Params<S> p = params<S>(shape, h, 0, u, table, weight, bias, mean, rstd, 0, out);
-    const bool aligned = aligned16(h) && aligned16(out);
-    const int64_t B = shape.batch, C = shape.channels;
-    const bool vectorise_nchw = aligned && aligned16(u) && shape.pixels % kVec == 0;
-
-    if constexpr (!std::is_same_v<S, double>) {   // float64 would need twice the registers
-      if (vectorise_nchw && group_resident(shape, device)) {
-        const int64_t packs = (C / shape.groups) * shape.pixels / kVec;
-        const int threads = int(ceil_div(ceil_div(packs, kGroupElems / kVec), 32) * 32);
-        forward_group_nchw<S, kVec, Silu><<<unsigned(B * shape.groups), threads, size_t(group_column_bytes(shape)),
-                                            stream>>>(p, eps);
-        check_launch("forward_group_nchw");
-        return;
-      }
-    }
-    if (shape.channels_last) {
-      stats_nhwc<S><<<dim3(unsigned(geo.chunks), unsigned(ceil_div(C, 32)), unsigned(B)), dim3(32, kRows), 0,
-                      stream>>>(as<const S>(h), C, shape.pixels, geo.chunks, partial);
-      check_launch("stats_nhwc");
-    } else {
-      with_vec<S>(vectorise_nchw, [&](auto vec) {
-        constexpr int VEC = decltype(vec)::value;
-        stats_nchw<S, VEC><<<unsigned(B * C * geo.chunks), nchw_threads(geo.chunk_elems, VEC), 0, stream>>>(
-            as<const S>(h), shape.pixels, geo.chunks, geo.chunk_elems, partial);
-        check_launch("stats_nchw");
-      });
-    }
-    const int64_t groups_total = B * shape.groups;
-    finalize_stats<T><<<unsigned(ceil_div(groups_total * 32, kThreads)), kThreads, 0, stream>>>(
-        partial, groups_total, (C / shape.groups) * geo.chunks, eps, as<T>(mean), as<T>(rstd));
-    check_launch("finalize_stats");
-
-    if (shape.channels_last) {
-      with_vec<S>(aligned && C % kVec == 0, [&](auto vec) {
-        constexpr int VEC = decltype(vec)::value;
-        const int64_t packs = B * shape.pixels * C / VEC;
-        forward_apply_nhwc<S, VEC, Silu><<<flat_blocks(packs), kThreads, 0, stream>>>(p, packs);
-        check_launch("forward_apply_nhwc");
-      });
-    } else {
-      with_vec<S>(vectorise_nchw, [&](auto vec) {
-        constexpr int VEC = decltype(vec)::value;
-        forward_apply_nchw<S, VEC, Silu><<<unsigned(B * C * geo.chunks), nchw_threads(geo.chunk_elems, VEC), 0,
-                                           stream>>>(p, geo.chunks, geo.chunk_elems);
-        check_launch("forward_apply_nchw");
-      });
-    }
-  });
-}
-
-void groupnorm_film_backward_cuda(const GroupNormFilmShape& shape, std::uintptr_t grad_out, std::uintptr_t h,
-                                  std::uintptr_t u, std::uintptr_t table, std::uintptr_t weight,
-                                  std::uintptr_t bias, std::uintptr_t mean, std::uintptr_t rstd,
-                                  std::uintptr_t grad_h, std::uintptr_t grad_table, std::uintptr_t grad_weight,
-                                  std::uintptr_t grad_bias, bool silu, std::uintptr_t workspace, int device,
-                                  std::uintptr_t stream_handle) {
-  check_cuda_shape(shape);
-  check(cudaSetDevice(device), "cudaSetDevice");
-  const cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  const Geometry geo = geometry(shape);
-  const Workspace parts = workspace_of(shape);
-  dispatch(shape.dtype, silu, [&](auto storage, auto act) {
-    using S = decltype(storage);
-    using T = Compute<S>;
-    constexpr bool Silu = decltype(act)::value;
-    constexpr int kVec = int(16 / sizeof(S));
-    auto* partial = as<GradPartial<T>>(workspace);
-    const std::uintptr_t grad_coef = workspace + std::uintptr_t(parts.grads);
-    const Params<S> p = params<S>(shape, h, grad_out, u, table, weight, bias, mean, rstd, grad_coef, grad_h);
-    const bool aligned = aligned16(h) && aligned16(grad_out) && aligned16(grad_h);
-    const int64_t B = shape.batch, C = shape.channels;
-    const bool vectorise_nchw = aligned && aligned16(u) && shape.pixels % kVec == 0;
-
-    if (shape.channels_last) {
-      backward_reduce_nhwc<S, Silu><<<dim3(unsigned(geo.chunks), unsigned(ceil_div(C, 32)), unsigned(B)),
-                                      dim3(32, kRows), 0, stream>>>(p, geo.chunks, partial, as<T>(grad_table));
-      check_launch("backward_reduce_nhwc");
-    } else {
-      const int64_t shared_bytes = 2 * shape.knots * int64_t(sizeof(T));
-      with_vec<S>(vectorise_nchw, [&](auto vec) {
-        constexpr int VEC = decltype(vec)::value;
-        auto kernel = backward_reduce_nchw<S, VEC, Silu>;
-        if (shared_bytes > 48 * 1024) {
-          int limit = 0;
-          check(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-                "cudaDeviceGetAttribute");
-          if (shared_bytes > limit)
-            throw std::invalid_argument("groupnorm_film (CUDA): the table has " + std::to_string(shape.knots) +
-                                        " rows; the NCHW backward holds 2 * rows values per block in shared "
-                                        "memory, at most " + std::to_string(limit) + " bytes on this GPU");
-          check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_bytes)),
-                "cudaFuncSetAttribute");
-        }
-        kernel<<<unsigned(B * C * geo.chunks), nchw_threads(geo.chunk_elems, VEC), size_t(shared_bytes),
-                 stream>>>(p, geo.chunks, geo.chunk_elems, partial, as<T>(grad_table));
-        check_launch("backward_reduce_nchw");
-      });
-    }
-    const int64_t warps = B * shape.groups + C;
-    finalize_backward<T><<<unsigned(ceil_div(warps * 32, kThreads)), kThreads, 0, stream>>>(
-        partial, as<const T>(weight), B, C, shape.groups, C / shape.groups, geo.chunks, shape.pixels,
-        as<T>(grad_coef), as<T>(grad_weight), as<T>(grad_bias));
-    check_launch("finalize_backward");
-
-    if (shape.channels_last) {
-      with_vec<S>(aligned && C % kVec == 0, [&](auto vec) {
-        constexpr int VEC = decltype(vec)::value;
-        const int64_t packs = B * shape.pixels * C / VEC;
-        backward_apply_nhwc<S, VEC, Silu><<<flat_blocks(packs), kThreads, 0, stream>>>(p, packs);
-        check_launch("backward_apply_nhwc");
-      });
-    } else {
-      with_vec<S>(vectorise_nchw, [&](auto vec) {
-        constexpr int VEC = decltype(vec)::value;
-        backward_apply_nchw<S, VEC, Silu><<<unsigned(B * C * geo.chunks), nchw_threads(geo.chunk_elems, VEC), 0,
-                                            stream>>>(p, geo.chunks, geo.chunk_elems);
-        check_launch("backward_apply_nchw");
-      });
-    }
+    const Params<S> p = params<S>(pass, args, workspace);
+    dispatch_act(args.silu, [&](auto act) {
+      constexpr bool Silu = decltype(act)::value;
+      if (pass == Pass::kForward)
+        forward<S, Silu>(args, p, workspace, launch.device, stream);
+      else
+        backward<S, Silu>(args, p, workspace, launch.device, stream);
+    });
   });
 }
 

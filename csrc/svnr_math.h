@@ -1,12 +1,14 @@
-// Per-element math of the fused GroupNorm + spatial FiLM op (DESIGN.md §1.6), shared by the C++ (CPU)
-// and CUDA kernels so that both compute the same function as svnr_fast.reference, written once.
+// Per-element math shared by the C++ (CPU) and CUDA kernels, so that both compute the same functions as
+// svnr_fast.reference, written once: the schedule lookups (DESIGN.md §1.2), the in-kernel normals
+// (Philox-4x32-10 + Box-Muller, the scheme of the Triton kernels) and GroupNorm + spatial FiLM (§1.6).
 //
-// Everything here is branch-free scalar code on purpose: the CPU driver calls it inside loops that the
+// Everything here is branch-free scalar code on purpose: the CPU kernels call it inside loops that the
 // compiler vectorises (no libm calls in float, whose vector versions need -ffast-math), and the CUDA
 // kernels call it per element. Floating-point choices go through `select`, a bit-mask blend on the host:
 // GCC will not if-convert `c ? a : b` on floats under its default -ftrapping-math, which would leave every
-// loop that clamps or converts 16-bit floats scalar. T is the compute type: float for float32/bfloat16/float16 storage,
-// double for float64.
+// loop that clamps or converts 16-bit floats scalar. T is the compute type: float for float32/bfloat16/float16
+// storage, double for float64. On the host every function has internal linkage (static): the CPU kernels
+// are compiled once per instruction set, and no out-of-line copy built for one may stand in for another's.
 #pragma once
 
 #include <cmath>
@@ -16,7 +18,7 @@
 #if defined(__CUDACC__)
 #define SVNR_HD __host__ __device__ __forceinline__
 #else
-#define SVNR_HD inline
+#define SVNR_HD static inline
 #endif
 
 namespace svnr {
@@ -202,6 +204,19 @@ SVNR_HD Knot<T> knot(T u, int K) {
 template <typename T>
 SVNR_HD T lerp(T lo, T hi, T frac) { return lo + frac * (hi - lo); }
 
+template <typename T>
+struct ScaleShift {
+  T scale, shift;
+};
+
+// One channel's scale and shift lerped at `knot`; knot row k of the channel sits at scale[k * stride] and
+// shift[k * stride]: stride 1 in a channel's column of the transposed table, 2C in the (K, 2C) rows.
+template <typename T>
+SVNR_HD ScaleShift<T> film_at(const T* scale, const T* shift, std::int64_t stride, Knot<T> knot) {
+  const std::int64_t low = knot.k * stride, high = low + stride;
+  return {lerp(scale[low], scale[high], knot.frac), lerp(shift[low], shift[high], knot.frac)};
+}
+
 // ---------------------------------------------------------------------------------------------------
 // GroupNorm + FiLM, forward and backward per element
 // ---------------------------------------------------------------------------------------------------
@@ -291,6 +306,150 @@ SVNR_HD T inverse_std(T m2, T count, T eps) {
 #else
   return T(1) / std::sqrt(var + eps);
 #endif
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Schedule lookups (DESIGN.md §1.2) on a variance table of last + 1 entries, in the compute type
+// ---------------------------------------------------------------------------------------------------
+
+// gamma(tau) as reference._gamma: tau clamped to [0, last], segment k = min(floor(tau), last - 1).
+template <typename T>
+SVNR_HD T gamma_at(T tau, const T* table, int last) {
+  tau = clamp(tau, T(0), T(last));
+  int k = int(tau);                    // tau >= 0: truncation is floor
+  k = k < last - 1 ? k : last - 1;
+  return lerp(table[k], table[k + 1], tau - T(k));
+}
+
+// One step of the branch-free binary search for the last k in [0, last - 1] with table[k] <= v (0 when
+// none is): k = min(k + step, last - 1) where that entry is <= v. Steps top, top / 2, ..., 1 with top the
+// largest power of two <= last - 1 (search_top) find it from k = 0.
+template <typename T>
+SVNR_HD int search_step(int k, int step, T v, const T* table, int last) {
+  int candidate = k + step;
+  candidate = candidate < last - 1 ? candidate : last - 1;
+  return table[candidate] <= v ? candidate : k;
+}
+
+SVNR_HD int search_top(int last) {
+  int top = 1;
+  while (2 * top <= last - 1) top *= 2;
+  return last > 1 ? top : 0;
+}
+
+// tau(v) on segment k as reference._time_from_variance: k + (v - g_k) / (g_k+1 - g_k), clamped to [0, last].
+template <typename T>
+SVNR_HD T time_on_segment(T v, int k, const T* table, int last) {
+  const T lo = table[k], hi = table[k + 1];
+  return clamp(T(k) + (v - lo) / (hi - lo), T(0), T(last));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Counter-based normals: Philox-4x32-10 and Box-Muller, as kernels/_triton_common.py `normals`
+// ---------------------------------------------------------------------------------------------------
+
+struct Philox {
+  std::uint32_t x0, x1, x2, x3;
+};
+
+// Philox-4x32-10 (Salmon et al., Random123) of counter (c0, c1, c2, c3) under key (k0, k1).
+SVNR_HD Philox philox4x32_10(std::uint32_t c0, std::uint32_t c1, std::uint32_t c2, std::uint32_t c3,
+                             std::uint32_t k0, std::uint32_t k1) {
+  // unrolled, so that a loop over counters around this call is the innermost loop, which GCC vectorises
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#elif defined(__GNUC__) && !defined(__clang__)
+#pragma GCC unroll 10
+#elif defined(__clang__)
+#pragma unroll
+#endif
+  for (int round = 0; round < 10; ++round) {
+    const std::uint64_t p0 = std::uint64_t(0xD2511F53u) * c0, p1 = std::uint64_t(0xCD9E8D57u) * c2;
+    const std::uint32_t hi0 = std::uint32_t(p0 >> 32), lo0 = std::uint32_t(p0);
+    const std::uint32_t hi1 = std::uint32_t(p1 >> 32), lo1 = std::uint32_t(p1);
+    c0 = hi1 ^ c1 ^ k0;
+    c1 = lo1;
+    c2 = hi0 ^ c3 ^ k1;
+    c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return {c0, c1, c2, c3};
+}
+
+// A uint32 as a float in [0, 1), as Triton's uint_to_uniform_float.
+SVNR_HD float uniform(std::uint32_t bits) {
+  const std::int32_t x = std::int32_t(bits);
+  return float(x ^ (x >> 31)) * 4.6566127342e-10f;   // x < 0 -> -x - 1
+}
+
+// ln(x) for normal float x > 0 within 2 ulp: Cephes' logf (x = m 2^e, m in [sqrt(1/2), sqrt(2)), degree-9
+// polynomial), without a libm call.
+SVNR_HD float log_float(float x) {
+  const std::uint32_t bits = float_bits(x);
+  float m = bits_float((bits & 0x007FFFFFu) | 0x3F000000u);   // in [0.5, 1)
+  const bool low = m < 0.70710678118654752f;
+  const float e = float(int(bits >> 23) - 126 - int(low));
+  m = select(low, m + m, m) - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z + e * -2.12194440e-4f - 0.5f * z;
+  return (m + y) + e * 0.693359375f;
+}
+
+// (sin 2 pi u, cos 2 pi u) for u in [0, 1]: reduction to [-pi/4, pi/4] and Cephes' sinf/cosf polynomials,
+// as the Triton kernels' sincos_2pi.
+struct SinCos {
+  float sin, cos;
+};
+
+SVNR_HD SinCos sincos_2pi(float u) {
+  const float q = float(int(u * 4.0f + 0.5f));   // u >= 0: truncation is floor
+  const float x = (u - q * 0.25f) * 6.283185307179586f;
+  const float x2 = x * x;
+  const float sin = x + x * x2 * ((-1.9515295891e-4f * x2 + 8.3321608736e-3f) * x2 - 1.6666654611e-1f);
+  const float cos = 1.0f - 0.5f * x2 +
+                    x2 * x2 * ((2.443315711809948e-5f * x2 - 1.388731625493765e-3f) * x2 + 4.166664568298827e-2f);
+  const int quadrant = int(q) & 3;   // 2 pi u = quadrant * pi / 2 + x
+  const bool swap = quadrant & 1;
+  const float s = select(swap, cos, sin), c = select(swap, sin, cos);
+  return {select(quadrant >= 2, -s, s), select(quadrant == 1 || quadrant == 2, -c, c)};
+}
+
+SVNR_HD float sqrt_of(float x) {
+#if defined(__CUDA_ARCH__)
+  return __fsqrt_rn(x);
+#else
+  return std::sqrt(x);
+#endif
+}
+
+SVNR_HD double sqrt_of(double x) {
+#if defined(__CUDA_ARCH__)
+  return __dsqrt_rn(x);
+#else
+  return std::sqrt(x);
+#endif
+}
+
+// Two independent N(0, 1) draws from two random uint32 (|z| < 5.7: u is kept >= 1e-7 as in tl.randn).
+struct NormalPair {
+  float a, b;
+};
+
+SVNR_HD NormalPair box_muller(std::uint32_t bits_a, std::uint32_t bits_b) {
+  const float u = uniform(bits_a);
+  const float radius = sqrt_of(-2.0f * log_float(select(u < 1.0e-7f, 1.0e-7f, u)));
+  const SinCos sc = sincos_2pi(uniform(bits_b));
+  return {radius * sc.cos, radius * sc.sin};
 }
 
 }  // namespace math

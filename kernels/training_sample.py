@@ -1,57 +1,72 @@
-"""Triton kernel of the SVNR training sample (DESIGN.md §1.4).
+"""Triton kernel of the SVNR training sample (DESIGN.md §1.4), with other codebases' conventions.
 
-Same signature and results as svnr_fast.reference._training_sample. x_t needs t0 = u * max_p tau*(b, p),
-a per-image maximum, before any pixel can be finished, so each tile of pixels is visited twice:
+Same signature and results as svnr_fast.reference._training_sample. x_t needs t0 = u * max_p tau*(b, p), a
+per-image maximum, before any pixel can be finished, so every tile of pixels is visited twice:
 
-- max phase: read x0, reduce max(x0) over the tile and atomic_max it into the image's slot. Because
-  V = sigma_r^2 + sigma_s^2 * max(x0, 0) and tau(V) are non-decreasing (in floating point too),
-  max_p tau*(b, p) = tau(sigma_r^2 + sigma_s^2 * max(max x0, 0)): no time map has to be stored.
-- sample phase: read x0 again, per pixel tau* = tau(max_c V), tau, gamma(tau*), gamma(tau) and the
-  bridge coefficients, then per channel y', x_t and the target; noise from the tensors given or drawn
-  in the kernel, one Philox call per four pixels for each of eps_T and eps'.
+- max programs: one reduces max(x0, 0) over MAX_TILES tiles and atomic_maxes it into the image's slot;
+  the image's last max program (an acq_rel ticket counts them) turns the image's maximum into
+  tau*max = tau(max(sigma_r^2 + sigma_s^2 * max x0, min_std^2)), once per image (V and tau are
+  non-decreasing, in floating point too, so no time map is stored), and into the batch's slot when t0
+  is one per batch.
+- sample programs (SAMPLE_TILES tiles each): t0 = u * tau*max (one load), then per pixel (per element
+  with per-channel time maps) tau* = tau(V), tau, gamma(tau*), gamma(tau), the bridge coefficients and
+  1 / sqrt(gamma(tau)) (no division per element), then per element y', x_t and the target; noise from
+  the tensors given or drawn in the kernel, one Philox call per four pixels for each of eps_T and eps'.
 
-Two-pass launch (the default): the two phases as two launches, each reading all of x0. On an H200
-(2026-11-27, benchmarks/results/nvidia-h200.csv) it took 0.165 ms at 16x3x512x512 float32 against 0.181 ms
-for the ordered launch below, which is kept behind `launch(..., ordered=True)` for the GPU suite.
+The batch goes in chunks of images whose x0 fits in half the L2 cache, two launches each (one constexpr
+phase each, so neither carries the other's code): the max phase reads x0 from DRAM (asking L2 to keep
+it), the sample phase right after reads it again from L2 (asking L2 to drop it and its outputs first).
+One t0 per batch needs every maximum before any sample: one chunk, the whole batch, x0 read twice from
+DRAM.
 
-Ordered launch: one launch whose programs take tickets from an atomic counter; the ticket
-names the phase, image and tile in the order max(0), max(1), sample(0), max(2), sample(1), ...,
-sample(B-1). A sample tile waits (spins) until every max tile of its image is done; those hold
-smaller tickets, so they are already running and never wait themselves: no deadlock whatever order
-the GPU starts programs in. An image's x0 is re-read about one image of traffic after the max phase
-read it, so the second read can come from L2 rather than DRAM; the spin-waits and the ticket counter
-cost more than that saved on the H200.
+Bytes per element (x0 read, y', x_t, target written in the data dtype, tau written in float32 per pixel,
+or per element with per-channel maps; +2 x itemsize with eps_T and eps' given; the second read of x0
+comes from L2) and the static roofline at 16x3x512x512, correlated, both phases (`python
+benchmarks/roofline.py`: sm_90 SASS, instructions executed per thread per element; H200 model, 132 SMs x
+4 schedulers x 1.98 GHz issue, 4,248 GB/s):
 
-Bytes per element, float32, C = 3, noise drawn in the kernel: x0 4 read; y', x_t, target 12 + tau 4/3
-written = 17.33 B (bfloat16 data: 9.33 B; +2 x itemsize with explicit eps_T, eps' tensors). The
-two-pass launch moves 4 B more (x0 read twice from DRAM): 21.33 B.
-Roofline at 16x3x512x512 (12.6 M elements), float32: 218.1 MB -> 72.7 us on an H100 (~3.0 TB/s
-measured copy bandwidth), 50.7 us on an H200 (~4.3 TB/s); bfloat16: 117.4 MB -> 39.1 us / 27.3 us.
-Two-pass float32: 268.4 MB of DRAM traffic -> 89.5 us / 62.4 us, at most 81% of copy bandwidth when
-counted against the 218.1 MB minimum.
+    variant                dtype   B/elem  instr/elem  issue us  DRAM us  issue/DRAM  regs  spills
+    noise drawn            fp32    17.33   68.9        25.9      51.3     0.50        56    0
+                           bf16     9.33   71.4        26.8      27.7     0.97        64    0
+    noise given            fp32    25.33   43.1        16.2      75.0     0.22        72    0
+                           bf16    13.33   48.6        18.3      39.5     0.46        70    0
+    uncorrelated, drawn    fp32    17.33   62.0        23.3      51.3     0.45        56    0
+                           bf16     9.33   64.5        24.3      27.7     0.88        62    0
+    per-channel, drawn     fp32    20.00  120.8        45.4      59.2     0.77        56    0
+                           bf16    12.00  123.5        46.4      35.5     1.31        56    0
+The max phase is 3.4 of the 68.9 (fp32) instructions per element, with 32 registers.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (BLOCK, TL_DTYPE, channel_max, compute_dtype, dense_plane, div_rn, gamma_lookup,
-                             image_strides, load_channel, normals, plane_offsets, run, split_offset, sqrt_rn, store,
-                             table_args, tiles, time_lookup)
+from ._triton_common import (BLOCK, TL_DTYPE, compute_dtype, div_rn, gamma_lookup, grid, like_strides, load, normals,
+                             plane_layout, plane_offsets, prepared_schedule, rsqrt_, run, split_offset, sqrt_, store,
+                             time_lookup, wide_offsets)
 
-ORDERED, MAX_PHASE, SAMPLE_PHASE = 0, 1, 2   # values of the kernel's PHASE
+L2_SHARE = 0.5   # of the L2 cache, for one chunk of x0
+# Tiles of BLOCK pixels a program samples, and a max program reduces: their fixed costs (program ids,
+# per-image loads, Philox keys; the reduction and atomics) shared by more pixels
+SAMPLE_TILES = 2
+MAX_TILES = 8     # a multiple of SAMPLE_TILES
+_SAMPLE_TILES = tl.constexpr(SAMPLE_TILES)
+_MAX_TILES = tl.constexpr(MAX_TILES)
+_L2_BYTES: dict = {}
 
 
 @triton.jit
-def _float_bits(value, COMPUTE: tl.constexpr):
+def _bits(value):
     """A non-negative float as an int64 whose integer order is the float order."""
-    if COMPUTE == tl.float64:
+    if value.dtype == tl.float64:
         return value.to(tl.int64, bitcast=True)
     else:
         return value.to(tl.int32, bitcast=True).to(tl.int64)
 
 
 @triton.jit
-def _bits_float(bits, COMPUTE: tl.constexpr):
+def _float(bits, COMPUTE: tl.constexpr):
     if COMPUTE == tl.float64:
         return bits.to(tl.float64, bitcast=True)
     else:
@@ -59,176 +74,223 @@ def _bits_float(bits, COMPUTE: tl.constexpr):
 
 
 @triton.jit
-def _load_channel(c, x0_ptr, eps_t_ptr, eps_p_ptr, b, mask, C, x_plane, a_plane, p_plane, x_sb, x_sc, a_sb, a_sc,
-                  p_sb, p_sc, COMPUTE: tl.constexpr, EPS_T_TENSOR: tl.constexpr, EPS_PRIME_TENSOR: tl.constexpr):
-    """x0 of channel c of one tile, and its eps_T and eps' where they are given."""
-    x = load_channel(x0_ptr, b * x_sb, x_sc, x_plane, mask, c, C, 0, COMPUTE)
-    eps_t = x   # placeholders, replaced by the drawn noise
-    eps_p = x
-    if EPS_T_TENSOR:
-        eps_t = load_channel(eps_t_ptr, b * a_sb, a_sc, a_plane, mask, c, C, 0, COMPUTE)
-    if EPS_PRIME_TENSOR:
-        eps_p = load_channel(eps_p_ptr, b * p_sb, p_sc, p_plane, mask, c, C, 0, COMPUTE)
-    return x, eps_t, eps_p
+def _variance(x, sigma_r2, sigma_s2, min_var, MIN_VAR: tl.constexpr):
+    """V = max(sigma_r^2 + sigma_s^2 * max(x, 0), min_std^2), as the reference rounds it."""
+    v = sigma_r2 + sigma_s2 * tl.maximum(x, 0.0)
+    if MIN_VAR:
+        v = tl.maximum(v, min_var)
+    return v
 
 
 @triton.jit
-def _sample_channel(c, x, eps_t, eps_p, y_ptr, x_t_ptr, target_ptr, b, tile_start, hw, mask, C, HW, y_scale, r,
-                    noise_scale, has_target, target_scale, seed, offset_lo, offset_hi, COMPUTE: tl.constexpr,
-                    EPS_T_TENSOR: tl.constexpr, EPS_PRIME_TENSOR: tl.constexpr, CORRELATED: tl.constexpr,
-                    BLOCK: tl.constexpr):
-    """y', x_t and the target of channel c of one tile; eps_T and eps' are drawn here unless given."""
-    if c < C:
-        channel = tl.cast(c, tl.int64)
-        stream = 2 * (b * C + channel)   # eps_T, eps' of channel c: streams 2 (b C + c) and 2 (b C + c) + 1
-        if not EPS_T_TENSOR:
-            eps_t = normals(seed, tile_start, stream, offset_lo, offset_hi, BLOCK).to(COMPUTE)
-        if not EPS_PRIME_TENSOR:
-            eps_p = normals(seed, tile_start, stream + 1, offset_lo, offset_hi, BLOCK).to(COMPUTE)
-        y = x + y_scale * eps_t
-        if CORRELATED:
-            x_t = x + r * (y - x) + noise_scale * eps_p
+def _bridge(v, t0, sched_ptr, T: tl.constexpr, CORRELATED: tl.constexpr):
+    """Steps 1-3 at variance v: (tau, y' noise scale, x_t's eps_T and eps' scales, the target's factor
+    1 / sqrt(gamma(tau)) or 0).
+
+    tau*, the gammas and r = g / g* are the reference's bit for bit: the first decide which pixels land on 0,
+    and sqrt(g (1 - r)) depends on the rounding of r without bound where r nears 1. x_t = x0 + r (y' - x0)
+    + ... of the reference is x0 + (r sqrt(g*)) eps_T + ..., equal up to the rounding of y', which the
+    factor r makes negligible."""
+    tau_star, _ = time_lookup(v, sched_ptr, T)
+    g_star = gamma_lookup(tau_star, sched_ptr, T, IN_RANGE=True)
+    tau = tl.maximum(tau_star - t0, 0.0)
+    g = gamma_lookup(tau, sched_ptr, T, IN_RANGE=True)
+    y_scale = sqrt_(g_star)
+    if CORRELATED:
+        r = tl.where(g_star > 0, div_rn(g, tl.where(g_star > 0, g_star, 1.0)), 0.0)
+        eps_t_scale = r * y_scale
+        eps_p_scale = sqrt_(tl.maximum(g * (1 - r), 0.0))
+    else:
+        eps_t_scale = y_scale   # unused
+        eps_p_scale = sqrt_(g)
+    has_target = g > 0
+    # the target is 0 (and carries no loss) where g = 0: a zero factor
+    return tau, y_scale, eps_t_scale, eps_p_scale, tl.where(has_target, rsqrt_(tl.where(has_target, g, 1.0)), 0.0)
+
+
+@triton.jit
+def _sigmas2(sigma_r_ptr, sigma_s_ptr, b, COMPUTE: tl.constexpr):
+    sigma_r = tl.load(sigma_r_ptr + b).to(COMPUTE)
+    sigma_s = tl.load(sigma_s_ptr + b).to(COMPUTE)
+    return sigma_r * sigma_r, sigma_s * sigma_s
+
+
+@triton.jit
+def _small_div(a, b):
+    """a // b for 0 <= a < 2**21 and b > 0, through float32: (a + 1/2) / b lies at least 1 / (2 b) from an
+    integer, far more than the rounding of a division (a few instructions; integer division takes 25)."""
+    return ((a.to(tl.float32) + 0.5) / b.to(tl.float32)).to(tl.int32)
+
+
+@triton.jit
+def _max_tiles(x0_ptr, sigma_r_ptr, sigma_s_ptr, sched_ptr, sync_ptr, row, first_image, end_image, HW, W, sb, sc, sh,
+               sw, min_var, C: tl.constexpr, T: tl.constexpr, COMPUTE: tl.constexpr, LAYOUT: tl.constexpr,
+               WIDE: tl.constexpr, EVEN: tl.constexpr, BATCH_T0: tl.constexpr, MIN_VAR: tl.constexpr,
+               BLOCK: tl.constexpr):
+    """Max programs: a program reduces max(x0, 0) over MAX_TILES consecutive tiles of one image into the
+    image's slot, and the image's last max program turns the image's maximum into tau*max. A row of the
+    grid (one program per SAMPLE_TILES tiles) serves several images: `groups` programs each, as many
+    images as fit."""
+    groups = tl.cdiv(tl.num_programs(0), _MAX_TILES // _SAMPLE_TILES)
+    per_row = _small_div(tl.num_programs(0), groups)
+    in_row = _small_div(tl.program_id(0), groups)
+    b = first_image + row * per_row + in_row
+    if (in_row < per_row) & (b < end_image):
+        if WIDE:
+            b = b.to(tl.int64)
+        image_sync = sync_ptr + 1 + 3 * b
+        first = (tl.program_id(0) - in_row * groups) * (_MAX_TILES * BLOCK)
+        x_max = tl.zeros([BLOCK], COMPUTE)
+        for t in tl.static_range(_MAX_TILES):
+            pixels = first + t * BLOCK + tl.arange(0, BLOCK)
+            here = b * sb + plane_offsets(pixels, W, sh, sw, LAYOUT)
+            for c in tl.static_range(C):
+                x_max = tl.maximum(x_max, load(x0_ptr + here + c * sc, None if EVEN else pixels < HW, COMPUTE,
+                                               "evict_last"))
+        tl.atomic_max(image_sync, _bits(tl.max(x_max, axis=0)), sem="relaxed")
+        if tl.atomic_add(image_sync + 1, 1, sem="acq_rel") == groups - 1:
+            # read the maximum through L2, where the atomics went
+            image_max = _float(tl.atomic_max(image_sync, 0, sem="relaxed"), COMPUTE)
+            sigma_r2, sigma_s2 = _sigmas2(sigma_r_ptr, sigma_s_ptr, b, COMPUTE)
+            tau_star_max = time_lookup(_variance(image_max, sigma_r2, sigma_s2, min_var, MIN_VAR), sched_ptr, T)[0]
+            tl.store(image_sync + 2, _bits(tau_star_max))
+            if BATCH_T0:
+                tl.atomic_max(sync_ptr, _bits(tau_star_max), sem="relaxed")
+
+
+@triton.jit
+def _sample_tile(start, b, sigma_r2, sigma_s2, min_var, t0, x0_ptr, eps_t_ptr, eps_p_ptr, sched_ptr, y_ptr, x_t_ptr,
+                 tau_ptr, target_ptr, HW, W, sb, sc, sh, sw, seed, offset_lo, offset_hi, C: tl.constexpr,
+                 T: tl.constexpr, COMPUTE: tl.constexpr, LAYOUT: tl.constexpr, EVEN: tl.constexpr,
+                 EPS_T_TENSOR: tl.constexpr, EPS_PRIME_TENSOR: tl.constexpr, CORRELATED: tl.constexpr,
+                 PER_CHANNEL: tl.constexpr, MIN_VAR: tl.constexpr, BLOCK: tl.constexpr):
+    """y', x_t, tau and the target of the pixels start ... start + BLOCK - 1 of image b."""
+    hw = start + tl.arange(0, BLOCK)
+    mask = None if EVEN else hw < HW
+    image = b * sb + plane_offsets(hw, W, sh, sw, LAYOUT)
+    # x0 (from L2: this image's max tiles read it one launch ago) and the noise given
+    xs = ()
+    eps_ts = ()
+    eps_ps = ()
+    for c in tl.static_range(C):
+        xs = xs + (load(x0_ptr + image + c * sc, mask, COMPUTE, "evict_first"),)
+        if EPS_T_TENSOR:
+            eps_ts = eps_ts + (load(eps_t_ptr + image + c * sc, mask, COMPUTE, "evict_first"),)
+        if EPS_PRIME_TENSOR:
+            eps_ps = eps_ps + (load(eps_p_ptr + image + c * sc, mask, COMPUTE, "evict_first"),)
+    out = b * C * HW + hw
+    if not PER_CHANNEL:
+        x_max = xs[0]
+        for c in tl.static_range(1, C):
+            x_max = tl.maximum(x_max, xs[c])
+        coefficients = _bridge(_variance(x_max, sigma_r2, sigma_s2, min_var, MIN_VAR), t0, sched_ptr, T,
+                               CORRELATED)
+        tl.store(tau_ptr + b * HW + hw, coefficients[0], mask=mask, eviction_policy="evict_first")
+    for c in tl.static_range(C):
+        x = xs[c]
+        if PER_CHANNEL:
+            coefficients = _bridge(_variance(x, sigma_r2, sigma_s2, min_var, MIN_VAR), t0, sched_ptr, T,
+                                   CORRELATED)
+            tl.store(tau_ptr + out + c * HW, coefficients[0], mask=mask, eviction_policy="evict_first")
+        tau, y_scale, eps_t_scale, eps_p_scale, inv_sqrt_g = coefficients
+        # eps_T, eps' of channel c: streams 2 (b C + c) and 2 (b C + c) + 1
+        if EPS_T_TENSOR:
+            eps_t = eps_ts[c]
         else:
-            x_t = x + noise_scale * eps_p
-        target = tl.where(has_target, div_rn(x_t - x, target_scale), 0.0)
-        out = (b * C + channel) * HW + hw
-        store(y_ptr + out, y, mask)
-        store(x_t_ptr + out, x_t, mask)
-        store(target_ptr + out, target, mask)
+            eps_t = normals(seed, start, 2 * (b * C + c), offset_lo, offset_hi, BLOCK).to(COMPUTE)
+        if EPS_PRIME_TENSOR:
+            eps_p = eps_ps[c]
+        else:
+            eps_p = normals(seed, start, 2 * (b * C + c) + 1, offset_lo, offset_hi, BLOCK).to(COMPUTE)
+        y = tl.fma(y_scale, eps_t, x)
+        if CORRELATED:
+            x_t = tl.fma(eps_p_scale, eps_p, tl.fma(eps_t_scale, eps_t, x))
+        else:
+            x_t = tl.fma(eps_p_scale, eps_p, x)
+        store(y_ptr + out + c * HW, y, mask, "evict_first")
+        store(x_t_ptr + out + c * HW, x_t, mask, "evict_first")
+        store(target_ptr + out + c * HW, (x_t - x) * inv_sqrt_g, mask, "evict_first")
 
 
 @triton.jit(do_not_specialize=["seed", "offset_lo", "offset_hi"])
-def _training_sample_kernel(x0_ptr, eps_t_ptr, eps_p_ptr, sigma_r_ptr, sigma_s_ptr, u_ptr, table_ptr,
-                            y_ptr, x_t_ptr, tau_ptr, target_ptr, sync_ptr,
-                            B, C, HW, W, n_tiles, T, search_top, n_search,
-                            x_sb, x_sc, x_sh, x_sw, a_sb, a_sc, a_sh, a_sw, p_sb, p_sc, p_sh, p_sw,
-                            seed, offset_lo, offset_hi,
-                            COMPUTE: tl.constexpr, DENSE_PLANE: tl.constexpr, EPS_T_TENSOR: tl.constexpr,
-                            EPS_PRIME_TENSOR: tl.constexpr, CORRELATED: tl.constexpr, PHASE: tl.constexpr,
+def _training_sample_kernel(x0_ptr, eps_t_ptr, eps_p_ptr, sigma_r_ptr, sigma_s_ptr, u_ptr, sched_ptr, y_ptr, x_t_ptr,
+                            tau_ptr, target_ptr, sync_ptr, HW, W, sb, sc, sh, sw, first_image, end_image,
+                            min_var: tl.float64, seed, offset_lo, offset_hi,
+                            C: tl.constexpr, T: tl.constexpr, COMPUTE: tl.constexpr, LAYOUT: tl.constexpr,
+                            WIDE: tl.constexpr, EVEN: tl.constexpr, EPS_T_TENSOR: tl.constexpr,
+                            EPS_PRIME_TENSOR: tl.constexpr, CORRELATED: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                            BATCH_T0: tl.constexpr, MIN_VAR: tl.constexpr, MAX_PHASE: tl.constexpr,
                             BLOCK: tl.constexpr):
-    # sync_ptr (int64): [ticket counter | per-image max(x0) as float bits (B) | finished max tiles (B)]
-    image_max_ptr = sync_ptr + 1
-    max_done_ptr = sync_ptr + 1 + B
-    if PHASE == 0:
-        ticket = tl.atomic_add(sync_ptr, 1)
-        group = ticket // n_tiles
-        tile = ticket % n_tiles
-        last = group == 2 * B - 1
-        odd = group % 2 == 1
-        max_phase = (group == 0) | (odd & (group < 2 * B - 1))
-        b = tl.where(group == 0, 0, tl.where(last, B - 1, tl.where(odd, (group + 1) // 2, group // 2 - 1)))
+    # images first_image ... end_image - 1; grid (tiles / SAMPLE_TILES, rows): the sample phase one image per
+    # row, the max phase as many as fit (_max_tiles). sync (int64): [batch tau*max | per image: max x0,
+    # finished max programs, tau*max], floats as _bits. EVEN: MAX_TILES * BLOCK divides H * W.
+    min_var = tl.full([], min_var, COMPUTE)
+    if MAX_PHASE:
+        _max_tiles(x0_ptr, sigma_r_ptr, sigma_s_ptr, sched_ptr, sync_ptr, tl.program_id(1), first_image, end_image,
+                   HW, W, sb, sc, sh, sw, min_var, C, T, COMPUTE, LAYOUT, WIDE, EVEN, BATCH_T0, MIN_VAR, BLOCK)
     else:
-        pid = tl.program_id(0)
-        max_phase = PHASE == 1
-        b = pid // n_tiles
-        tile = pid % n_tiles
-    b = tl.cast(b, tl.int64)
-    tile_start = (tile * BLOCK).to(tl.int32)
-    hw = tile_start + tl.arange(0, BLOCK)
-    mask = hw < HW
-    x_plane = plane_offsets(hw, W, x_sh, x_sw, DENSE_PLANE)
-    # max over channels, clamped at 0: V = sigma_r^2 + sigma_s^2 * max(x0, 0) is largest there
-    x_max = tl.maximum(channel_max(x0_ptr, b * x_sb, x_sc, x_plane, mask, C, COMPUTE), 0.0)
-
-    if max_phase:
-        tl.atomic_max(image_max_ptr + b, _float_bits(tl.max(x_max, axis=0), COMPUTE))
-        if PHASE == 0:
-            tl.atomic_add(max_done_ptr + b, 1, sem="release")
-    else:
-        # per pixel: 1. the time map (before waiting: it needs no other tile)
-        sigma_r = tl.load(sigma_r_ptr + b).to(COMPUTE)
-        sigma_s = tl.load(sigma_s_ptr + b).to(COMPUTE)
-        sigma_r2 = sigma_r * sigma_r
-        sigma_s2 = sigma_s * sigma_s
-        tau_star = time_lookup(sigma_r2 + sigma_s2 * x_max, table_ptr, T, search_top, n_search)
-        g_star = gamma_lookup(tau_star, table_ptr, T)
-        if PHASE == 0:
-            while tl.atomic_add(max_done_ptr + b, 0, sem="acquire") < n_tiles:
-                pass
-        # read through the atomic unit (L2): this SM's L1 may hold the slot from before it was final
-        image_max = _bits_float(tl.atomic_add(image_max_ptr + b, 0), COMPUTE)
-        # and the step back t0 shared by the image
-        tau_star_max = time_lookup(sigma_r2 + sigma_s2 * image_max, table_ptr, T, search_top, n_search)
+        b = first_image + tl.program_id(1)
+        if WIDE:
+            b = b.to(tl.int64)
+        sigma_r2, sigma_s2 = _sigmas2(sigma_r_ptr, sigma_s_ptr, b, COMPUTE)
+        tau_star_max = _float(tl.load(sync_ptr if BATCH_T0 else sync_ptr + 3 + 3 * b), COMPUTE)
         t0 = tl.load(u_ptr + b).to(COMPUTE) * tau_star_max
-        # 2.-3. every pixel steps back by t0; the bridge (or independent-noise) coefficients
-        tau = tl.maximum(tau_star - t0, 0.0)
-        g = gamma_lookup(tau, table_ptr, T)
-        y_scale = sqrt_rn(g_star)
-        if CORRELATED:
-            r = tl.where(g_star > 0, div_rn(g, tl.where(g_star > 0, g_star, 1.0)), 0.0)
-            noise_scale = sqrt_rn(tl.maximum(g * (1 - r), 0.0))
-        else:
-            r = g   # unused
-            noise_scale = sqrt_rn(g)
-        has_target = g > 0
-        target_scale = sqrt_rn(tl.where(has_target, g, 1.0))
-
-        # 4.-5. four channels at a time, loads before stores (x0 again, which channel_max just brought into L1,
-        # and the given noise)
-        a_plane = plane_offsets(hw, W, a_sh, a_sw, DENSE_PLANE)
-        p_plane = plane_offsets(hw, W, p_sh, p_sw, DENSE_PLANE)
-        for c in range(0, C, 4):
-            x0, eps_t0, eps_p0 = _load_channel(c, x0_ptr, eps_t_ptr, eps_p_ptr, b, mask, C, x_plane, a_plane,
-                                               p_plane, x_sb, x_sc, a_sb, a_sc, p_sb, p_sc, COMPUTE, EPS_T_TENSOR,
-                                               EPS_PRIME_TENSOR)
-            x1, eps_t1, eps_p1 = _load_channel(c + 1, x0_ptr, eps_t_ptr, eps_p_ptr, b, mask, C, x_plane, a_plane,
-                                               p_plane, x_sb, x_sc, a_sb, a_sc, p_sb, p_sc, COMPUTE, EPS_T_TENSOR,
-                                               EPS_PRIME_TENSOR)
-            x2, eps_t2, eps_p2 = _load_channel(c + 2, x0_ptr, eps_t_ptr, eps_p_ptr, b, mask, C, x_plane, a_plane,
-                                               p_plane, x_sb, x_sc, a_sb, a_sc, p_sb, p_sc, COMPUTE, EPS_T_TENSOR,
-                                               EPS_PRIME_TENSOR)
-            x3, eps_t3, eps_p3 = _load_channel(c + 3, x0_ptr, eps_t_ptr, eps_p_ptr, b, mask, C, x_plane, a_plane,
-                                               p_plane, x_sb, x_sc, a_sb, a_sc, p_sb, p_sc, COMPUTE, EPS_T_TENSOR,
-                                               EPS_PRIME_TENSOR)
-            _sample_channel(c, x0, eps_t0, eps_p0, y_ptr, x_t_ptr, target_ptr, b, tile_start, hw, mask, C, HW,
-                            y_scale, r, noise_scale, has_target, target_scale, seed, offset_lo, offset_hi, COMPUTE,
-                            EPS_T_TENSOR, EPS_PRIME_TENSOR, CORRELATED, BLOCK)
-            _sample_channel(c + 1, x1, eps_t1, eps_p1, y_ptr, x_t_ptr, target_ptr, b, tile_start, hw, mask, C, HW,
-                            y_scale, r, noise_scale, has_target, target_scale, seed, offset_lo, offset_hi, COMPUTE,
-                            EPS_T_TENSOR, EPS_PRIME_TENSOR, CORRELATED, BLOCK)
-            _sample_channel(c + 2, x2, eps_t2, eps_p2, y_ptr, x_t_ptr, target_ptr, b, tile_start, hw, mask, C, HW,
-                            y_scale, r, noise_scale, has_target, target_scale, seed, offset_lo, offset_hi, COMPUTE,
-                            EPS_T_TENSOR, EPS_PRIME_TENSOR, CORRELATED, BLOCK)
-            _sample_channel(c + 3, x3, eps_t3, eps_p3, y_ptr, x_t_ptr, target_ptr, b, tile_start, hw, mask, C, HW,
-                            y_scale, r, noise_scale, has_target, target_scale, seed, offset_lo, offset_hi, COMPUTE,
-                            EPS_T_TENSOR, EPS_PRIME_TENSOR, CORRELATED, BLOCK)
-        tl.store(tau_ptr + b * HW + hw, tau, mask=mask)
+        for t in tl.static_range(_SAMPLE_TILES):
+            _sample_tile((tl.program_id(0) * _SAMPLE_TILES + t) * BLOCK, b, sigma_r2, sigma_s2, min_var, t0, x0_ptr,
+                         eps_t_ptr, eps_p_ptr, sched_ptr, y_ptr, x_t_ptr, tau_ptr, target_ptr, HW, W, sb, sc, sh, sw,
+                         seed, offset_lo, offset_hi, C, T, COMPUTE, LAYOUT, EVEN, EPS_T_TENSOR, EPS_PRIME_TENSOR,
+                         CORRELATED, PER_CHANNEL, MIN_VAR, BLOCK)
 
 
-def launch(x0, sigma_r, sigma_s, u, table, correlated, eps_T, eps_prime, seed, offset, *, ordered: bool = False):
-    """training_sample on checked arguments, in two passes or in one ordered launch (`ordered=True`)."""
-    B, C, H, W = x0.shape
-    dtype = compute_dtype(x0.dtype)
-    y = torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
-    x_t = torch.empty_like(y)
-    target = torch.empty_like(y)
-    tau = torch.empty((B, 1, H, W), dtype=dtype, device=x0.device)
-    if x0.numel() == 0:
-        return y, x_t, tau, target
-    n_tiles = tiles(H * W)
-    sync = torch.zeros(1 + 2 * B, dtype=torch.int64, device=x0.device)
-    eps_t_arg = eps_T if eps_T is not None else x0
-    eps_p_arg = eps_prime if eps_prime is not None else x0
-    args = (x0, eps_t_arg, eps_p_arg, sigma_r.contiguous(), sigma_s.contiguous(), u.contiguous(), table,
-            y, x_t, tau, target, sync, B, C, H * W, W, n_tiles, *table_args(table),
-            *image_strides(x0), *image_strides(eps_t_arg), *image_strides(eps_p_arg), seed, *split_offset(offset))
-    constants = dict(COMPUTE=TL_DTYPE[dtype], DENSE_PLANE=all(map(dense_plane, (x0, eps_t_arg, eps_p_arg))),
-                     EPS_T_TENSOR=eps_T is not None, EPS_PRIME_TENSOR=eps_prime is not None,
-                     CORRELATED=bool(correlated), BLOCK=BLOCK)
-    if ordered:
-        run(_training_sample_kernel, (2 * B * n_tiles,), x0, *args, PHASE=ORDERED, **constants)
-    else:
-        run(_training_sample_kernel, (B * n_tiles,), x0, *args, PHASE=MAX_PHASE, **constants)
-        run(_training_sample_kernel, (B * n_tiles,), x0, *args, PHASE=SAMPLE_PHASE, **constants)
-    return y, x_t, tau, target
+def _images_per_chunk(x0: torch.Tensor) -> int:
+    """Images whose x0 fits in L2_SHARE of the device's L2 cache (the whole batch off the GPU)."""
+    if not x0.is_cuda:
+        return x0.shape[0]
+    index = x0.device.index if x0.device.index is not None else torch.cuda.current_device()
+    if index not in _L2_BYTES:
+        _L2_BYTES[index] = torch.cuda.get_device_properties(index).L2_cache_size
+    image_bytes = x0[0].numel() * x0.element_size()
+    return max(1, int(_L2_BYTES[index] * L2_SHARE) // max(1, image_bytes))
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(shape, strides, dtype, T, eps_t_tensor, eps_prime_tensor, correlated, per_channel, batch_t0, min_var, chunk):
+    """(the launches as (grid, first image, end image, MAX_PHASE), the integer arguments, the constexprs) on
+    x0 of this shape and these strides (eps_T and eps' take them too)."""
+    B, C, H, W = shape
+    tiles, _ = grid(H * W, B)
+    programs = -(-tiles // SAMPLE_TILES)
+    images_per_max_row = programs // -(-programs // (MAX_TILES // SAMPLE_TILES))
+    # per chunk, the max phase then the sample phase, which reads x0 again from L2
+    launches = []
+    for first in range(0, B, chunk):
+        end = min(first + chunk, B)
+        launches += [((programs, -(-(end - first) // images_per_max_row)), first, end, True),
+                     ((programs, end - first), first, end, False)]
+    return launches, (H * W, W, *strides), dict(
+        C=C, T=T, COMPUTE=TL_DTYPE[compute_dtype(dtype)], LAYOUT=plane_layout(shape, strides),
+        WIDE=wide_offsets(shape, strides), EVEN=H * W % (MAX_TILES * BLOCK) == 0, EPS_T_TENSOR=eps_t_tensor,
+        EPS_PRIME_TENSOR=eps_prime_tensor, CORRELATED=correlated, PER_CHANNEL=per_channel, BATCH_T0=batch_t0,
+        MIN_VAR=min_var, BLOCK=BLOCK)
 
 
 def training_sample(x0, sigma_r, sigma_s, u, table, correlated, eps_T, eps_prime, seed, offset, per_channel, batch_t0,
                     min_std):
     """training_sample on checked arguments (see svnr_fast.reference._training_sample)."""
-    if per_channel or batch_t0 or min_std > 0:
-        # TODO(triton): the other codebases' conventions are not in the kernel yet; the reference serves them
-        from svnr_fast import reference
-        return reference._training_sample(x0, sigma_r, sigma_s, u, table, correlated, eps_T, eps_prime, seed, offset,
-                                          per_channel, batch_t0, min_std)
-    return launch(x0, sigma_r, sigma_s, u, table, correlated, eps_T, eps_prime, seed, offset)
+    B, C, H, W = x0.shape
+    y = torch.empty_like(x0, memory_format=torch.contiguous_format)
+    x_t = torch.empty_like(y)
+    target = torch.empty_like(y)
+    tau = y.new_empty((B, C if per_channel else 1, H, W), dtype=compute_dtype(x0.dtype))
+    if x0.numel() == 0:
+        return y, x_t, tau, target
+    launches, ints, constants = _plan(x0.shape, x0.stride(), x0.dtype, table.numel() - 1, eps_T is not None,
+                                      eps_prime is not None, bool(correlated), bool(per_channel), bool(batch_t0),
+                                      min_std > 0, B if batch_t0 else _images_per_chunk(x0))
+    args = (x0, like_strides(eps_T, x0) if eps_T is not None else x0,
+            like_strides(eps_prime, x0) if eps_prime is not None else x0, sigma_r, sigma_s, u,
+            prepared_schedule(table), y, x_t, tau, target, y.new_zeros(1 + 3 * B, dtype=torch.int64), *ints)
+    scalars = (float(min_std) ** 2, seed, *split_offset(offset))
+    for grid_, first, end, max_phase in launches:
+        run(_training_sample_kernel, grid_, x0, *args, first, end, *scalars, MAX_PHASE=max_phase, **constants)
+    return y, x_t, tau, target

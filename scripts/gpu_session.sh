@@ -29,6 +29,8 @@ python3 -m svnr_fast.info
 if [ "$suite" -gt 0 ]; then
     python3 benchmarks/gpu_suite.py --out "$out" --budget-s "$suite"
     rm -f "$out/timings.jsonl"     # the CSV holds the same timings
+    # host us per op call on the real CUDA path (issue 11; the CPU figures stub the launches)
+    python3 benchmarks/bench_host_path.py --json > "$out/host-path-gpu.json" || echo "bench_host_path failed"
 fi
 
 left=$(( total - ($(date +%s) - start) - 20 ))

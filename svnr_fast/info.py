@@ -20,7 +20,8 @@ def report() -> str:
         cuda = (f"CUDA {info['cuda_compiler']}, archs {info['cuda_archs']}, runtime {info['cuda_runtime_version']}"
                 if info["cuda"] else "no CUDA")
         threads = f"OpenMP ({info['openmp_max_threads']} threads)" if info["openmp"] else "no OpenMP"
-        lines.append(f"extension svnr_fast._C: {info['cxx_compiler']}, {info['build_type']}, {threads}, {cuda}")
+        lines.append(f"extension svnr_fast._C: {info['cxx_compiler']}, {info['build_type']}, {threads}, {cuda}, "
+                     f"CPU kernels {ext.cpu_isa()} (SVNR_FAST_CPU_ISA; here: {info['cpu_isas']})")
     if backends.triton_installed():
         import triton
         interpret = " (TRITON_INTERPRET=1)" if os.environ.get("TRITON_INTERPRET") == "1" else ""

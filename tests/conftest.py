@@ -22,6 +22,26 @@ def backend():
     backends.set_backend(before)
 
 
+@pytest.fixture
+def fused_cpu(backend):
+    """The C++ kernels forced for CPU tensors: a test that compares svnr_fast.ops with the reference on the CPU
+    then cannot compare the reference with itself (skipped where the extension is not built)."""
+    from svnr_fast.ops import backends
+    module, error = backends.extension()
+    if module is None:
+        pytest.skip(f"the C++ kernels are not built here ({error})")
+    backend("cpp")
+
+
+@pytest.fixture
+def impl(request):
+    """The parametrised implementation (svnr_fast.reference or svnr_fast.ops); ops run on the C++ kernels."""
+    from svnr_fast import ops
+    if request.param is ops:
+        request.getfixturevalue("fused_cpu")
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def fresh_backend_choices():
     """Each test chooses backends anew: tests change the machine's state (a missing extension, TRITON_INTERPRET)."""

@@ -158,3 +158,54 @@ def test_an_op_reads_its_value_checks_once(monkeypatch):
 def test_gathered_checks_raise_the_first_failure_in_order(impl, bad, message):
     with pytest.raises(ValueError, match=message):
         reverse_call(impl, **bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_the_one_pass_scan_finds_every_non_finite_value(dtype):
+    """finite() reads a tensor once (a sum, or torch.aminmax): a NaN or an inf anywhere, in the vectorised
+    body or the tail of a row, fails it; the largest finite values pass, also where their sum overflows."""
+    from svnr_fast.ops import _checks
+    for n in (1, 7, 64, 1000, 4099):
+        big = torch.finfo(dtype).max
+        _checks.finite("v", torch.tensor([big, -big] * n, dtype=dtype)[:n])
+        _checks.finite("v", torch.full((n,), big, dtype=dtype))   # finite values whose sum overflows
+        for position in {0, n // 2, n - 1}:
+            for bad in (float("nan"), float("inf"), -float("inf")):
+                value = torch.rand(n).to(dtype)
+                value[position] = bad
+                with pytest.raises(ValueError, match="v contains NaN or inf"):
+                    _checks.finite("v", value)
+
+
+def test_a_table_is_read_once_until_it_changes():
+    from svnr_fast.ops import _checks
+    table = Schedule().table.clone()
+    reverse_call(ops, table=table)
+    reads = []
+    original = _checks.finite
+    _checks.finite = lambda name, value: reads.append(name) or original(name, value)
+    try:
+        reverse_call(ops, table=table)
+        assert "table" not in reads
+        table[3] = table[1]   # an in-place change bumps the version: the table is read again
+        with pytest.raises(ValueError, match="strictly increasing"):
+            reverse_call(ops, table=table)
+        assert "table" in reads
+    finally:
+        _checks.finite = original
+
+
+def test_a_table_that_failed_is_read_again():
+    bad = torch.tensor([0.0, 0.2, 0.1])
+    for _ in range(2):
+        with pytest.raises(ValueError, match="strictly increasing"):
+            reverse_call(ops, table=bad)
+
+
+def test_an_inference_mode_table_is_checked():
+    with torch.inference_mode():
+        table = Schedule().table.clone()
+        reverse_call(ops, table=table)
+        bad = torch.tensor([0.0, 0.2, 0.1])
+        with pytest.raises(ValueError, match="strictly increasing"):
+            reverse_call(ops, table=bad)

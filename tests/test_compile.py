@@ -103,14 +103,17 @@ def aot_compile_every_kernel_for_sm90() -> list[str]:
             lookup.time_from_variance(values, compute_table)
             lookup.time_map(values, compute_table)
             lookup.time_map(values.transpose(2, 3), compute_table)
-        for eta, z, clamp, return_x0_hat, data in ((1.0, None, (0.0, 1.0), False, x), (0.5, x, None, True, x),
-                                                   (0.0, None, None, False, x), (1.0, None, (0.0, 1.0), True, strided)):
-            reverse_step.reverse_step(data, data, tau, per_image, compute_table, eta, z, *(clamp or (None, None)),
+        tau_per_channel = torch.rand(2, 3, 8, 8, dtype=compute_table.dtype)
+        for eta, z, clamp, return_x0_hat, data, time in (
+                (1.0, None, (0.0, 1.0), False, x, tau), (0.5, x, None, True, x, tau), (0.0, None, None, False, x, tau),
+                (1.0, None, (0.0, 1.0), True, strided, tau), (0.7, x, None, False, x, tau_per_channel)):
+            reverse_step.reverse_step(data, data, time, per_image, compute_table, eta, z, *(clamp or (None, None)),
                                       1, 2**33, return_x0_hat)
-        for noise, correlated, ordered, data in (((None, None), True, True, x), ((x, x), False, True, x),
-                                                 ((x, None), True, False, x), ((None, x), True, True, strided)):
-            training_sample.launch(data, per_image, per_image, per_image, compute_table, correlated, *noise, 1, 2**33,
-                                   ordered=ordered)
+        for noise, correlated, conventions, data in (
+                ((None, None), True, (False, False, 0.0), x), ((x, x), False, (False, False, 0.0), x),
+                ((x, None), True, (True, False, 0.1), x), ((None, x), True, (False, True, 0.0), strided)):
+            training_sample.training_sample(data, per_image, per_image, per_image, compute_table, correlated, *noise,
+                                            1, 2**33, *conventions)
     return built
 
 

@@ -9,6 +9,7 @@ csrc/tests/test_math.cpp.
 import pytest
 import torch
 from conftest import requires_cuda
+from cpp_isas import isa  # noqa: F401 (fixture)
 
 from svnr_fast import ops, reference
 from svnr_fast.nn import GroupNormSpatialFiLM
@@ -98,6 +99,16 @@ def test_cpp_matches_reference_float32(backend, shape, act, layout):
         assert out.is_contiguous(memory_format=torch.channels_last)
     else:
         assert out.is_contiguous()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_cpp_every_instruction_set(backend, isa, layout):
+    """The kernels of each instruction set compiled in (tests/cpp_isas.py): planes whose pixel count leaves a
+    remainder after the vector widths (4, 8, 16), and one-element groups."""
+    backend("cpp")
+    for shape in ((1, 8, 33, 17, 2), (2, 5, 1, 1, 5), (2, 12, 16, 16, 4)):
+        for act in ("silu", "identity"):
+            check_float32("cpu", shape, act, layout)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -236,10 +247,11 @@ def test_forced_cpp_without_the_extension_is_a_clear_error(backend, monkeypatch)
 
 def test_extension_rejects_a_bad_shape_with_a_value_error():
     ext, _ = backends.extension()
+    no_tensors = (0,) * 13
     with pytest.raises(ValueError, match=r"groups \(4\) must divide the channels \(6\)"):
-        ext.groupnorm_film_forward_cpu(0, 1, 6, 9, 4, 9, False, 0, 0, 0, 0, 0, 0, 0, 0, 1e-5, True, 1)
+        ext.groupnorm_film_cpu(False, (0, 1, 6, 9, 4, 9, 0), no_tensors, 1e-5, True, 1)
     with pytest.raises(ValueError, match="at least 2 rows"):
-        ext.groupnorm_film_forward_cpu(0, 1, 6, 9, 3, 1, False, 0, 0, 0, 0, 0, 0, 0, 0, 1e-5, True, 1)
+        ext.groupnorm_film_cpu(True, (0, 1, 6, 9, 3, 1, 0), no_tensors, 1e-5, True, 1)
 
 
 def test_empty_inputs(backend):

@@ -6,7 +6,8 @@ README.md says what it cannot see). The emulated module replaces svnr_fast._C in
 (svnr_fast.ops.groupnorm_film), whose CUDA entry points then run on CPU memory. Criteria as in
 test_groupnorm_film.py: float32 < 1e-5, float64 < 1e-12 relative to the float64 reference, bfloat16 and
 float16 results at most 2x the eager reference's error. EMU_SMS is the multiprocessor count the emulated device reports: 1
-makes every eligible NCHW shape take the one-launch forward, 132 (an H100) the three-launch one.
+makes every eligible NCHW shape take the one-block-per-group kernels (the one-launch forward, the knot-sorted
+backward), 132 (an H100) the chunked ones.
 """
 import ctypes
 import importlib
@@ -25,6 +26,7 @@ from test_groupnorm_film import (
 )
 
 from svnr_fast import reference
+from svnr_fast.ops import _native
 
 glue = importlib.import_module("svnr_fast.ops.groupnorm_film")   # the module (the package attribute is the op)
 
@@ -59,39 +61,40 @@ def cuda_glue(emulated, monkeypatch):
     """Route the op's glue to the emulated CUDA entry points for CPU tensors."""
     module, launches = emulated
 
-    def launch_tail(ext, p):
-        workspace = torch.empty(ext.groupnorm_film_cuda_workspace_bytes(*p.shape), dtype=torch.uint8)
-        return "cuda", (workspace.data_ptr(), 0, 0), workspace
+    def run_cuda(ext, backward, shape, addresses, eps, silu, h):
+        workspace = torch.empty(ext.groupnorm_film_cuda_workspace_bytes(shape), dtype=torch.uint8)
+        ext.groupnorm_film_cuda(backward, shape, addresses, eps, silu, workspace.data_ptr(), 0, 0)
 
-    monkeypatch.setattr(glue, "_extension", lambda: module)
-    monkeypatch.setattr(glue, "_launch_tail", launch_tail)
+    monkeypatch.setattr(_native, "extension", lambda: module)
+    monkeypatch.setattr(glue, "_run", run_cuda)
     return launches
 
 
-# (shape (B, C, H, W, groups), dtype, layout, knots, u misaligned, EMU_SMS, forward launches)
+# (shape (B, C, H, W, groups), dtype, layout, knots, u misaligned, EMU_SMS, forward launches: 1 for the one-launch
+# path, 3 for the three-launch path, 4 when it is NCHW and transposes the table first)
 CASES = [
-    # one-launch forward: a group in one block's registers, its table columns in shared memory
+    # one-launch forward: one block per (image, group), its FiLM segments in shared memory
     ((2, 16, 8, 8, 4), torch.float32, "nchw", 9, False, 1, 1),
     ((2, 16, 8, 8, 4), torch.bfloat16, "nchw", 9, False, 1, 1),
     ((3, 16, 8, 8, 4), torch.float16, "nchw", 9, False, 1, 1),
     ((4, 8, 2, 2, 8), torch.float32, "nchw", 9, False, 1, 1),           # one channel per group
     ((2, 4, 64, 128, 2), torch.bfloat16, "nchw", 9, False, 1, 1),       # 16384 elements per group
-    ((2, 16, 4, 4, 8), torch.float32, "nchw", 2500, False, 1, 1),       # table columns fill the 40 KB
-    ((2, 16, 4, 4, 8), torch.float32, "nchw", 2600, False, 1, 3),       # they do not fit
-    ((2, 32, 8, 8, 4), torch.float32, "nchw", 9, True, 1, 3),           # u misaligned: scalar loads
-    ((2, 10, 6, 4, 5), torch.float64, "nchw", 9, False, 1, 3),          # float64 never takes it
-    # three-launch forward (stats, finalize, apply)
-    ((2, 16, 8, 8, 4), torch.float32, "nchw", 9, False, 132, 3),
-    ((2, 6, 5, 7, 3), torch.float32, "nchw", 9, False, 132, 3),         # odd plane: scalar loads
+    ((2, 16, 4, 4, 8), torch.float32, "nchw", 1279, False, 1, 1),       # FiLM segments fill the 40 KB
+    ((2, 16, 4, 4, 8), torch.float32, "nchw", 1280, False, 1, 4),       # they do not fit
+    ((2, 32, 8, 8, 4), torch.float32, "nchw", 9, True, 1, 4),           # u misaligned: scalar loads
+    ((2, 10, 6, 4, 5), torch.float64, "nchw", 9, False, 1, 4),          # float64 never takes it
+    # three-launch forward (stats, finalize, apply; NCHW after transpose_table)
+    ((2, 16, 8, 8, 4), torch.float32, "nchw", 9, False, 132, 4),
+    ((2, 6, 5, 7, 3), torch.float32, "nchw", 9, False, 132, 4),         # odd plane: scalar loads
     ((2, 6, 5, 7, 3), torch.float32, "channels_last", 9, False, 132, 3),
-    ((2, 6, 5, 7, 3), torch.bfloat16, "strided", 9, False, 132, 3),     # copied to NCHW by the glue
-    ((2, 5, 1, 1, 5), torch.float32, "nchw", 9, False, 132, 3),         # one-element groups
-    ((2, 5, 1, 1, 5), torch.float32, "channels_last", 9, False, 132, 3),
+    ((2, 6, 5, 7, 3), torch.bfloat16, "strided", 9, False, 132, 4),     # copied to NCHW by the glue
+    ((2, 5, 1, 1, 5), torch.float32, "nchw", 9, False, 132, 4),         # one-element groups
+    ((2, 5, 1, 1, 5), torch.float32, "channels_last", 9, False, 132, 4),   # 1x1: NCHW-contiguous too
     ((2, 10, 6, 4, 5), torch.float64, "channels_last", 9, False, 132, 3),
     ((2, 16, 8, 8, 4), torch.bfloat16, "channels_last", 9, False, 132, 3),
     ((2, 32, 8, 8, 4), torch.bfloat16, "channels_last", 9, True, 132, 3),
-    ((1, 8, 4, 4, 4), torch.float32, "nchw", 7000, False, 132, 3),      # backward opts in to > 48 KB
-    ((1, 2, 128, 132, 1), torch.float32, "nchw", 9, False, 132, 3),     # planes of five chunks
+    ((1, 8, 4, 4, 4), torch.float32, "nchw", 7000, False, 132, 4),      # backward opts in to > 48 KB
+    ((1, 2, 128, 132, 1), torch.float32, "nchw", 9, False, 132, 4),     # planes of five chunks
     ((1, 40, 20, 20, 8), torch.float32, "channels_last", 9, False, 132, 3),
 ]
 
@@ -163,23 +166,26 @@ def test_emulated_cuda_writes_only_its_outputs(emulated, monkeypatch, shape, dty
     module, _ = emulated
     monkeypatch.setenv("EMU_SMS", str(sms))
     h, u, table, weight, bias, groups = film_inputs(shape, dtype=dtype, layout=layout)
-    p = glue._prepare(h, u, table, weight, bias, groups)
+    h, u, table, weight, bias = glue._prepare(h, u, table, weight, bias)
     B, C, H, W = h.shape
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     channels_last = glue.memory_format(h) == torch.channels_last
+    film_shape = (_native.DTYPE_CODES[dtype], B, C, H * W, groups, table.shape[0], channels_last)
 
     def image():
         view, whole = guarded(h.numel(), dtype)
         return (view.view(B, H, W, C).permute(0, 3, 1, 2) if channels_last else view.view(B, C, H, W)), whole
 
-    workspace_bytes = module.groupnorm_film_cuda_workspace_bytes(*p.shape)
+    def launch(backward, tensors, workspace):
+        addresses = tuple(0 if t is None else t.data_ptr() for t in tensors)
+        module.groupnorm_film_cuda(backward, film_shape, addresses, 1e-5, True, workspace.data_ptr(), 0, 0)
+
+    workspace_bytes = module.groupnorm_film_cuda_workspace_bytes(film_shape)
     out, out_whole = image()
     mean, mean_whole = guarded(B * groups, compute)
     rstd, rstd_whole = guarded(B * groups, compute)
     workspace, workspace_whole = guarded(workspace_bytes, torch.uint8)
-    module.groupnorm_film_forward_cuda(*p.shape, p.h.data_ptr(), p.u.data_ptr(), p.table.data_ptr(),
-                                       p.weight.data_ptr(), p.bias.data_ptr(), out.data_ptr(), mean.data_ptr(),
-                                       rstd.data_ptr(), 1e-5, True, workspace.data_ptr(), 0, 0)
+    launch(False, (h, u, table, weight, bias, out, mean, rstd) + (None,) * 5, workspace)
     for whole, name in ((out_whole, "out"), (mean_whole, "mean"), (rstd_whole, "rstd"),
                         (workspace_whole, "the workspace")):
         assert_untouched(whole, name)
@@ -192,14 +198,33 @@ def test_emulated_cuda_writes_only_its_outputs(emulated, monkeypatch, shape, dty
     grad_weight, grad_weight_whole = guarded(C, compute)
     grad_bias, grad_bias_whole = guarded(C, compute)
     workspace, workspace_whole = guarded(workspace_bytes, torch.uint8)
-    module.groupnorm_film_backward_cuda(*p.shape, grad_out.data_ptr(), p.h.data_ptr(), p.u.data_ptr(),
-                                        p.table.data_ptr(), p.weight.data_ptr(), p.bias.data_ptr(), mean.data_ptr(),
-                                        rstd.data_ptr(), grad_h.data_ptr(), grad_table.data_ptr(),
-                                        grad_weight.data_ptr(), grad_bias.data_ptr(), True, workspace.data_ptr(), 0,
-                                        0)
+    launch(True, (h, u, table, weight, bias, None, mean, rstd, grad_out, grad_h, grad_table, grad_weight, grad_bias),
+           workspace)
     for whole, name in ((grad_h_whole, "grad_h"), (grad_table_whole, "grad_table"),
                         (grad_weight_whole, "grad_weight"), (grad_bias_whole, "grad_bias"),
                         (workspace_whole, "the workspace")):
         assert_untouched(whole, name)
     for grad in (grad_h, grad_table, grad_weight, grad_bias):
         assert grad.isfinite().all()
+
+
+@pytest.mark.parametrize("time_map, size", [("constant", (64, 160)), ("ramp", (64, 160)), ("noisy", (32, 64))])
+def test_emulated_group_backward_time_maps(cuda_glue, monkeypatch, time_map, size):
+    """The one-block-per-group backward sums the table gradient along runs of one knot in each chunk of
+    pixels sorted by knot, a range of sorted positions per thread: a constant time map is one run through
+    every thread and warp (the deferred first runs, totalled across warps), a ramp gives runs over a few
+    threads, a noisy map over all knots runs shorter than a thread's range (16 positions). 64x160: planes of
+    two chunks (8192 + 2048 pixels), three channels per group (slices of two and one)."""
+    monkeypatch.setenv("EMU_SMS", "1")
+    knots, (H, W) = 257, size
+    h, _, table, weight, bias, groups = film_inputs((1, 3 if H * W > 8192 else 2, H, W, 1), knots=knots)
+    gen = torch.Generator().manual_seed(3)
+    u = {"constant": lambda: torch.full((1, 1, H, W), 37.3),
+         "ramp": lambda: torch.linspace(-2.0, knots + 1.0, H * W).view(1, 1, H, W),
+         "noisy": lambda: torch.rand((1, 1, H, W), generator=gen) * knots}[time_map]()
+    grad_out = torch.randn(h.shape, generator=gen)
+    out, mean, rstd = glue.fused_forward(h, u, table, weight, bias, groups, 1e-5, "silu")
+    grads = glue.fused_backward(grad_out, h, u, table, weight, bias, mean, rstd, groups, "silu")
+    exact = float64_reference(h, u, table, weight, bias, groups, "silu", grad_out)
+    for name, got, x in zip(NAMES, (out, *grads), exact):
+        assert relative_error(got, x) < 1e-5, (name, relative_error(got, x))

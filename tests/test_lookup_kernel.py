@@ -28,7 +28,7 @@ def variances(shape, table, gen):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("table", TABLES.values(), ids=TABLES.keys())
-@pytest.mark.parametrize("shape", [(), (37,), (3, 5, 33, 65)])
+@pytest.mark.parametrize("shape", [(), (37,), (3, 5, 33, 65), (4, 128)])   # the last: whole blocks only
 def test_gamma_and_its_inverse_match_reference(backend, device, table, shape):
     backend("triton")
     gen = torch.Generator().manual_seed(len(shape))
@@ -40,7 +40,7 @@ def test_gamma_and_its_inverse_match_reference(backend, device, table, shape):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-@pytest.mark.parametrize("shape", [(1, 1, 7, 13), (3, 5, 33, 65)])
+@pytest.mark.parametrize("shape", [(1, 1, 7, 13), (3, 5, 33, 65), (2, 3, 16, 32)])
 def test_time_map_matches_reference(backend, device, layout, shape):
     backend("triton")
     v = variances(shape, TABLE, torch.Generator().manual_seed(1)).to(device)

@@ -97,7 +97,7 @@ def test_clamp_bounds_x0_hat():
     torch.testing.assert_close(x_new, x0_hat + reference.gamma(tau_new, TABLE).sqrt() * 3 * eps, rtol=0, atol=1e-14)
 
 
-def test_ops_match_reference_on_cpu():
+def test_ops_match_reference_on_cpu(fused_cpu):
     _, tau, eps, x_t = noisy_batch(2, seed=10)
     z = torch.randn_like(x_t)
     for dtype in (torch.float32, F64):
@@ -109,7 +109,7 @@ def test_ops_match_reference_on_cpu():
     assert len(ops.reverse_step(x_t, eps, tau, 1.0, TABLE)) == 2
 
 
-@pytest.mark.parametrize("impl", [reference, ops])
+@pytest.mark.parametrize("impl", [reference, ops], indirect=True)
 def test_per_channel_time_maps_step_each_channel_at_its_own_time(impl):
     """A (B, C, H, W) time map: channel c gives what a shared map equal to channel c's times gives."""
     gen = torch.Generator().manual_seed(3)

@@ -40,7 +40,7 @@ def step_inputs(shape, device, dtype=torch.float32, seed=0, table=TABLE):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", [(1, 1, 7, 13), (3, 5, 33, 65)])
+@pytest.mark.parametrize("shape", [(1, 1, 7, 13), (3, 5, 33, 65), (1, 3, 16, 32)])   # the last: whole tiles only
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 def test_matches_reference_float32(backend, device, shape, eta):
     backend("triton")
@@ -99,6 +99,24 @@ def test_any_table(backend, device, table):
     x, eps_hat, z, tau, delta, table = step_inputs((2, 2, 9, 8), device, table=table)
     got = ops.reverse_step(x, eps_hat, tau, delta, table, eta=1.0, z=z, return_x0_hat=True)
     assert_matches(got, reference.reverse_step(x, eps_hat, tau, delta, table, eta=1.0, z=z, return_x0_hat=True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(2, 3, 9, 11), (1, 3, 16, 32)])
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_per_channel_time_maps_match_reference(backend, device, shape, eta):
+    """A (B, C, H, W) time map: every element steps from its own time, finished ones in some channels only."""
+    backend("triton")
+    x, eps_hat, z, _, delta, table = step_inputs(shape, device)
+    tau = torch.rand(shape, generator=torch.Generator().manual_seed(9)) * 60
+    tau[:, 1, ::3] = 0
+    tau.view(-1)[5::13] = table.numel() + 1.5
+    tau = tau.to(device)
+    kwargs = dict(eta=eta, z=z, clamp=(-0.1, 1.05), return_x0_hat=True)
+    got = ops.reverse_step(x, eps_hat, tau, delta, table, **kwargs)
+    assert got[1].shape == tau.shape
+    assert_matches(got, reference.reverse_step(x, eps_hat, tau, delta, table, **kwargs))
+    assert torch.equal(got[0][tau == 0], x[tau == 0])
 
 
 def drawn_noise(device, seed, offset, shape=(2, 4, 48, 64), layout="contiguous"):

@@ -90,7 +90,7 @@ def test_time_from_variance_inverts_gamma(name):
     assert below.tolist() == [0.0, 0.0] and above.tolist() == [float(T), float(T)]
 
 
-def test_lookups_keep_shape_and_promote_dtype():
+def test_lookups_keep_shape_and_promote_dtype(fused_cpu):
     table = Schedule().table
     tau = torch.rand(2, 3, 4, 5) * 1000
     for fn in (reference.gamma, reference.time_from_variance, ops.gamma, ops.time_from_variance):
@@ -101,7 +101,7 @@ def test_lookups_keep_shape_and_promote_dtype():
     torch.testing.assert_close(ops.gamma(tau, table), reference.gamma(tau, table), rtol=0, atol=0)
 
 
-def test_time_map_is_the_time_of_the_largest_channel_variance():
+def test_time_map_is_the_time_of_the_largest_channel_variance(fused_cpu):
     gen = torch.Generator().manual_seed(3)
     table = Schedule().table
     variance = torch.rand(3, 4, 5, 6, generator=gen, dtype=F64) * 0.3
@@ -155,7 +155,7 @@ def test_poisson_gaussian_rejects_negative_parameters():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_fast_top_up_matches_the_reference(dtype):
+def test_fast_top_up_matches_the_reference(fused_cpu, dtype):
     gen = torch.Generator().manual_seed(6)
     table = Schedule().table
     y = torch.rand(2, 3, 5, 7, generator=gen, dtype=dtype)

@@ -1,7 +1,7 @@
-"""The Triton training_sample kernel (kernels/training_sample.py) against the eager reference.
+"""The Triton training_sample kernel (kernels/training_sample.py) against the eager reference, through svnr_fast.ops.
 
-Through svnr_fast.ops (the two-pass launch) and through the kernel module's ordered single launch.
-Explicit noise: float32 max-norm relative error < 1e-5, float64 < 1e-12, float16/bfloat16 within 2x the
+The whole batch in one chunk (two launches) and in chunks of one and two images (one launch per chunk
+and one more). Explicit noise: float32 max-norm relative error < 1e-5, float64 < 1e-12, float16/bfloat16 within 2x the
 eager error (tests/triton_devices.py). In-kernel noise: statistics of the eps_T and eps' it draws.
 """
 import pytest
@@ -38,26 +38,22 @@ def sample_inputs(shape, device, dtype=torch.float32, seed=0, table=TABLE):
     return (*data, sigma_r.to(device), sigma_s.to(device), u.to(device), table.to(device))
 
 
-def ordered(x0, sigma_r, sigma_s, u, table, *, correlated=True, eps_T=None, eps_prime=None, seed=0, offset=0):
-    """The kernel's ordered single-launch variant on the arguments ops.training_sample would pass."""
-    args = reference._checks.training_sample_args(x0, sigma_r, sigma_s, u, table, eps_T, eps_prime, seed, offset)
-    table = args.table.to(reference._checks.compute_dtype(x0.dtype))
-    return kernel.launch(x0, args.sigma_r, args.sigma_s, args.u, table, correlated, eps_T, eps_prime, seed, offset,
-                         ordered=True)
-
-
-LAUNCHES = {"ordered": ordered, "two_pass": ops.training_sample}
+@pytest.fixture(params=[None, 1, 2], ids=["one_chunk", "chunks_of_1", "chunks_of_2"])
+def chunk(request, monkeypatch):
+    """Images per chunk of the kernel's launches (None: the whole batch, as on a CPU)."""
+    if request.param is not None:
+        monkeypatch.setattr(kernel, "_images_per_chunk", lambda x0: request.param)
+    return request.param
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(1, 1, 7, 13), (3, 5, 33, 65)])
 @pytest.mark.parametrize("correlated", [True, False])
-@pytest.mark.parametrize("launch", LAUNCHES)
-def test_matches_reference_float32(backend, device, shape, correlated, launch):
+def test_matches_reference_float32(backend, device, shape, correlated, chunk):
     backend("triton")
     x0, eps_T, eps_prime, sigma_r, sigma_s, u, table = sample_inputs(shape, device)
     kwargs = dict(correlated=correlated, eps_T=eps_T, eps_prime=eps_prime)
-    got = LAUNCHES[launch](x0, sigma_r, sigma_s, u, table, **kwargs)
+    got = ops.training_sample(x0, sigma_r, sigma_s, u, table, **kwargs)
     want = reference.training_sample(x0, sigma_r, sigma_s, u, table, **kwargs)
     assert_matches(got, want)
     assert torch.equal(got[2] == 0, want.tau == 0)                 # the same pixels land at tau = 0 ...
@@ -65,11 +61,10 @@ def test_matches_reference_float32(backend, device, shape, correlated, launch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("launch", LAUNCHES)
-def test_float64(backend, device, launch):
+def test_float64(backend, device, chunk):
     backend("triton")
     x0, eps_T, eps_prime, sigma_r, sigma_s, u, table = sample_inputs((2, 3, 9, 11), device, torch.float64)
-    got = LAUNCHES[launch](x0, sigma_r, sigma_s, u, table, eps_T=eps_T, eps_prime=eps_prime)
+    got = ops.training_sample(x0, sigma_r, sigma_s, u, table, eps_T=eps_T, eps_prime=eps_prime)
     assert [t.dtype for t in got] == [torch.float64] * 4
     want = reference.training_sample(x0, sigma_r, sigma_s, u, table, eps_T=eps_T, eps_prime=eps_prime)
     assert_matches(got, want, bound=1e-12)
@@ -128,13 +123,45 @@ def test_one_noise_given_the_other_drawn(backend, device):
                    [uncorrelated_want.x_t, uncorrelated_want.tau, uncorrelated_want.target])
 
 
-def drawn_noise(device, seed, offset, launch="two_pass", shape=(2, 4, 40, 48), layout="contiguous"):
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(2, 3, 64, 64), (3, 2, 80, 80)], ids=["whole_tiles", "two_max_programs"])
+def test_larger_images_match_reference(backend, device, shape, chunk):
+    """Images of whole tiles only (no masks), and images that several max programs reduce together."""
+    backend("triton")
+    x0, eps_T, eps_prime, sigma_r, sigma_s, u, table = sample_inputs(shape, device)
+    kwargs = dict(eps_T=eps_T, eps_prime=eps_prime)
+    got = ops.training_sample(x0, sigma_r, sigma_s, u, table, **kwargs)
+    want = reference.training_sample(x0, sigma_r, sigma_s, u, table, **kwargs)
+    assert_matches(got, want)
+    assert torch.equal(got.tau == 0, want.tau == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("per_channel", [False, True], ids=["shared_time_map", "per_channel"])
+@pytest.mark.parametrize("t0_per", ["image", "batch"])
+@pytest.mark.parametrize("min_std", [0.0, 0.15])
+def test_other_codebases_conventions_match_reference(backend, device, per_channel, t0_per, min_std, chunk):
+    """Per-channel time maps, one t0 per batch and a floor on the noise std, alone and together."""
+    backend("triton")
+    x0, eps_T, eps_prime, sigma_r, sigma_s, u, table = sample_inputs((3, 3, 9, 11), device)
+    u = u[1:2] if t0_per == "batch" else u
+    kwargs = dict(eps_T=eps_T, eps_prime=eps_prime, per_channel=per_channel, t0_per=t0_per, min_std=min_std)
+    got = ops.training_sample(x0, sigma_r, sigma_s, u, table, **kwargs)
+    want = reference.training_sample(x0, sigma_r, sigma_s, u, table, **kwargs)
+    assert got.tau.shape == (3, 3 if per_channel else 1, 9, 11)
+    assert_matches(got, want)
+    assert torch.equal(got.tau == 0, want.tau == 0)
+    assert torch.all(got.target[(got.tau == 0).expand_as(x0)] == 0)
+
+
+def drawn_noise(device, seed, offset, shape=(2, 4, 40, 48), layout="contiguous", per_channel=False):
     """(eps_T, eps') the kernel draws, recovered in float64 from y' and x_t of a constant image whose
     pixels all sit at tau* > tau > 0."""
     x0 = as_layout(torch.full(shape, 0.5, device=device), layout)
     sigma = torch.full((shape[0],), 0.1, device=device)
     half = torch.full((shape[0],), 0.5, device=device)
-    y, x_t, tau, _ = LAUNCHES[launch](x0, sigma, sigma, half, TABLE.to(device), seed=seed, offset=offset)
+    y, x_t, tau, _ = ops.training_sample(x0, sigma, sigma, half, TABLE.to(device), seed=seed, offset=offset,
+                                         per_channel=per_channel)
     table = TABLE.to(device).double()
     tau_star = reference._time_from_variance(torch.full_like(tau, 0.01 + 0.01 * 0.5).double(), table)
     g_star, g = reference._gamma(tau_star, table), reference._gamma(tau.double(), table)
@@ -145,17 +172,17 @@ def drawn_noise(device, seed, offset, launch="two_pass", shape=(2, 4, 40, 48), l
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("launch", LAUNCHES)
-def test_in_kernel_noise_is_standard_normal_and_streams_are_independent(backend, device, launch):
+@pytest.mark.parametrize("per_channel", [False, True], ids=["shared_time_map", "per_channel"])
+def test_in_kernel_noise_is_standard_normal_and_streams_are_independent(backend, device, per_channel):
     backend("triton")
-    eps_T, eps_prime = drawn_noise(device, seed=99, offset=3, launch=launch)
+    eps_T, eps_prime = drawn_noise(device, seed=99, offset=3, per_channel=per_channel)
     normal_statistics_ok(eps_T)
     normal_statistics_ok(eps_prime)
     assert uncorrelated(eps_T, eps_prime)
-    again = drawn_noise(device, seed=99, offset=3, launch=launch, layout="channels_last")
+    again = drawn_noise(device, seed=99, offset=3, layout="channels_last", per_channel=per_channel)
     assert torch.equal(eps_T, again[0]) and torch.equal(eps_prime, again[1])
-    for other in (drawn_noise(device, seed=99, offset=4, launch=launch),
-                  drawn_noise(device, seed=100, offset=3, launch=launch)):
+    for other in (drawn_noise(device, seed=99, offset=4, per_channel=per_channel),
+                  drawn_noise(device, seed=100, offset=3, per_channel=per_channel)):
         assert not torch.equal(eps_T, other[0]) and uncorrelated(eps_T, other[0])
         assert uncorrelated(eps_prime, other[1])
 
@@ -176,12 +203,11 @@ def test_opcheck(backend, device, name, layout):
 @requires_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("launch", LAUNCHES)
-def test_large_batch_on_cuda(backend, dtype, launch):
+def test_large_batch_on_cuda(backend, dtype, chunk):
     backend("triton")
     x0, eps_T, eps_prime, sigma_r, sigma_s, u, table = sample_inputs((16, 3, 256, 256), "cuda", dtype)
     kwargs = dict(eps_T=eps_T, eps_prime=eps_prime)
-    got = LAUNCHES[launch](x0, sigma_r, sigma_s, u, table, **kwargs)
+    got = ops.training_sample(x0, sigma_r, sigma_s, u, table, **kwargs)
     eager = reference.training_sample(x0, sigma_r, sigma_s, u, table, **kwargs)
     if dtype == torch.float32:
         assert_matches(got, eager)

@@ -1,7 +1,7 @@
 """Build svnr_fast._C with csrc/groupnorm_film_cuda.cu running on the CPU emulation of this folder (README.md).
 
 `build(directory)` translates the .cu file into C++ in `directory` (never into the repository), compiles it
-with g++ together with csrc/bindings.cpp, csrc/groupnorm_film_cpu.cpp and emu.cpp, and returns the path of
+with g++ together with csrc/bindings.cpp, the CPU kernels (baseline only) and emu.cpp, and returns the path of
 the extension module `directory/_C<EXT_SUFFIX>`, which tests load under a name of their own.
 """
 from __future__ import annotations
@@ -57,12 +57,16 @@ def build(directory: Path) -> Path:
                                                           "BUILD_TYPE")),
              f"-I{HERE / 'include'}", f"-I{CSRC}", f"-I{sysconfig.get_paths()['include']}",
              f"-I{pybind11.get_include()}"]
-    sources = [CSRC / "bindings.cpp", CSRC / "groupnorm_film_cpu.cpp", translated, HERE / "emu.cpp"]
+    # the CPU kernels only for the baseline instruction set (cpu_dispatch.cpp then offers that one)
+    kernels = sorted(CSRC.glob("*_cpu.cpp"))
+    sources = [CSRC / "bindings.cpp", CSRC / "cpu_dispatch.cpp", *kernels, translated, HERE / "emu.cpp"]
     objects = [directory / f"{source.stem}.o" for source in sources]
 
     def compile_one(pair):
         source, obj = pair
-        return subprocess.run([cxx, *flags, "-c", str(source), "-o", str(obj)], capture_output=True, text=True)
+        extra = ["-DSVNR_CPU_NAMESPACE=cpu_baseline"] if source in kernels else []
+        return subprocess.run([cxx, *flags, *extra, "-c", str(source), "-o", str(obj)], capture_output=True,
+                              text=True)
 
     with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
         results = list(pool.map(compile_one, zip(sources, objects)))

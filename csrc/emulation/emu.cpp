@@ -73,7 +73,7 @@ void run_grid(dim3 grid, dim3 block, size_t shared_bytes, const std::function<vo
             if (waiting == 32) { for (int l = 0; l < 32; ++l) fibers[w + l].state = RUNNABLE; released = true; }
             else if (waiting > 0 && !ran) {
               int d = 0; for (int l = 0; l < 32; ++l) d += fibers[w + l].state == DONE;
-              if (d) fail("__shfl_xor_sync in a warp whose other lanes have exited");
+              if (d) fail("a warp-wide exchange (shuffle, match, __syncwarp) in a warp whose other lanes have exited");
             }
           }
           if (!released && at_barrier + done == n && at_barrier > 0) {

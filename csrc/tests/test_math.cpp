@@ -217,6 +217,63 @@ void test_groupnorm_backward_and_moments() {
   expect(constant.m2 == 0.0f && constant.mean == 3.0f, "constant group");
 }
 
+void test_schedule_lookups() {
+  const float table[] = {0.0f, 0.5f, 0.75f, 2.0f, 2.5f};   // last = 4
+  const int last = 4;
+  expect(math::gamma_at(0.0f, table, last) == 0.0f, "gamma(0) = g[0]");
+  expect(math::gamma_at(4.0f, table, last) == 2.5f, "gamma(T) = g[T] (last segment, frac 1)");
+  expect(math::gamma_at(9.0f, table, last) == 2.5f && math::gamma_at(-1.0f, table, last) == 0.0f, "gamma clamps");
+  expect_near(math::gamma_at(2.5f, table, last), 1.375, 1e-7, "gamma lerps");
+  expect(math::search_top(last) == 2 && math::search_top(2) == 1 && math::search_top(1) == 0 &&
+             math::search_top(1001) == 512 && math::search_top(1000) == 512,
+         "search_top: largest power of two <= last - 1");
+  // the search finds the last k <= last - 1 with g[k] <= v, and time_on_segment inverts gamma
+  for (float v : {-1.0f, 0.0f, 0.1f, 0.5f, 0.6f, 0.75f, 1.9f, 2.0f, 2.4f, 2.5f, 7.0f}) {
+    int k = 0;
+    for (int step = math::search_top(last); step > 0; step >>= 1) k = math::search_step(k, step, v, table, last);
+    int want = 0;
+    for (int j = 0; j <= last - 1; ++j)
+      if (table[j] <= v) want = j;
+    expect(k == want, "binary search segment", k, want);
+    const float tau = math::time_on_segment(v, k, table, last);
+    if (v >= 0.0f && v <= 2.5f) expect_near(math::gamma_at(tau, table, last), v, 1e-6, "gamma(tau(v)) = v");
+    if (v > 2.5f) expect(tau == 4.0f, "tau above the table is T");
+  }
+}
+
+void test_normals() {
+  // Random123's known-answer vectors of philox4x32_10
+  const math::Philox zero = math::philox4x32_10(0, 0, 0, 0, 0, 0);
+  expect(zero.x0 == 0x6627e8d5u && zero.x1 == 0xe169c58du && zero.x2 == 0xbc57ac4cu && zero.x3 == 0x9b00dbd8u,
+         "philox4x32_10(0; 0)");
+  const math::Philox ones = math::philox4x32_10(~0u, ~0u, ~0u, ~0u, ~0u, ~0u);
+  expect(ones.x0 == 0x408f276du && ones.x1 == 0x41c83b0eu && ones.x2 == 0xa20bc7c6u && ones.x3 == 0x6d5451fdu,
+         "philox4x32_10(ff..; ff..)");
+  const math::Philox pi = math::philox4x32_10(0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u, 0xa4093822u,
+                                              0x299f31d0u);
+  expect(pi.x0 == 0xd16cfe09u && pi.x1 == 0x94fdccebu && pi.x2 == 0x5001e420u && pi.x3 == 0x24126ea1u,
+         "philox4x32_10(pi digits)");
+
+  expect(math::uniform(0) == 0.0f && math::uniform(0xFFFFFFFFu) == 0.0f, "uniform(0) = uniform(-1) = 0");
+  expect(math::uniform(0x7FFFFFFFu) < 1.0f && math::uniform(0x80000000u) < 1.0f, "uniform < 1");
+  double worst_log = 0;
+  for (float x = 1e-7f; x < 1.0f; x *= 1.0137f) {
+    const double err = std::fabs(math::log_float(x) - std::log(double(x))) / std::fabs(std::log(double(x)));
+    worst_log = err > worst_log ? err : worst_log;
+  }
+  expect(worst_log < 3e-7, "log_float within 2.5 ulp on [1e-7, 1)", worst_log, 3e-7);
+  double worst_trig = 0;
+  for (int i = 0; i <= 4096; ++i) {
+    const float u = float(i) / 4096.0f;
+    const math::SinCos sc = math::sincos_2pi(u);
+    const double angle = 2 * M_PI * double(u);
+    worst_trig = std::fmax(worst_trig, std::fmax(std::fabs(sc.sin - std::sin(angle)), std::fabs(sc.cos - std::cos(angle))));
+  }
+  expect(worst_trig < 5e-7, "sincos_2pi within 5e-7 on [0, 1]", worst_trig, 5e-7);
+  const math::NormalPair smallest = math::box_muller(0, 0);   // u = 0 is kept at 1e-7
+  expect_near(smallest.a, std::sqrt(-2 * std::log(1e-7)), 1e-5, "box_muller radius at u = 1e-7");
+}
+
 }  // namespace
 
 int main() {
@@ -226,6 +283,8 @@ int main() {
   test_knot_and_lerp();
   test_film_gradients();
   test_groupnorm_backward_and_moments();
+  test_schedule_lookups();
+  test_normals();
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
     return 1;

@@ -6,9 +6,18 @@ increasing) read the data and therefore synchronise with a GPU, so they are skip
 `torch.compile` traces, loops that call the raw `torch.ops.svnr.*` ops validate once, up front, and
 the whole-op checks below gather an op's value checks into one reduction read once (`one_read`): one
 host sync per call instead of one per check.
+
+Each tensor is read once. NaN/inf in a float32/float64 tensor: its sum is finite only if every element is
+(inf and NaN propagate through IEEE additions: inf + finite = inf, inf - inf = NaN, NaN + anything = NaN),
+and a non-finite sum of finite elements (an overflow) is told apart by an exact test run only then. The
+exact test is torch.aminmax (NaN propagates to both results, so all elements are finite exactly when the
+minimum and the maximum are); half-precision tensors, whose sums overflow easily, and the per-image
+parameters, whose bounds it also gives, take it directly. A table that passed its checks is remembered by
+its memory and version (`_VALID_TABLES`) and not read again.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import threading
@@ -37,23 +46,42 @@ def one_read():
     if _tracing() or getattr(_gathering, "checks", None) is not None:
         yield
         return
-    checks: list[tuple[torch.Tensor, Callable[[], str]]] = []
-    _gathering.checks = checks
+    checks: list[tuple[torch.Tensor, Callable[[], str], Callable[[], torch.Tensor] | None]] = []
+    passed: list[Callable[[], None]] = []
+    _gathering.checks, _gathering.passed = checks, passed
     try:
         yield
     finally:
-        _gathering.checks = None
-    if checks and not bool(torch.stack([ok for ok, _ in checks]).all()):
-        raise ValueError(next(message() for ok, message in checks if not bool(ok)))
+        _gathering.checks = _gathering.passed = None
+    if checks and not bool(torch.stack([ok for ok, _, _ in checks]).all()):
+        for ok, message, exact in checks:
+            if _fails(ok, exact):
+                raise ValueError(message())
+    for remember in passed:
+        remember()
 
 
-def _require(ok: torch.Tensor, message: Callable[[], str]) -> None:
-    """Raises ValueError(message()) unless the 0-d bool tensor `ok` holds, now or at the end of `one_read`."""
+def _require(ok: torch.Tensor, message: Callable[[], str], exact: Callable[[], torch.Tensor] | None = None) -> None:
+    """Raises ValueError(message()) unless the 0-d bool tensor `ok` holds, now or at the end of `one_read`.
+    Where `ok` can fail when the condition holds (a quick test), `exact()` decides then."""
     checks = getattr(_gathering, "checks", None)
     if checks is not None:
-        checks.append((ok, message))
-    elif not bool(ok):
+        checks.append((ok, message, exact))
+    elif _fails(ok, exact):
         raise ValueError(message())
+
+
+def _fails(ok: torch.Tensor, exact: Callable[[], torch.Tensor] | None) -> bool:
+    return not bool(ok) and (exact is None or not bool(exact()))
+
+
+def _when_passed(remember: Callable[[], None]) -> None:
+    """Calls `remember` once the checks required so far have passed: now, or at the end of `one_read`."""
+    passed = getattr(_gathering, "passed", None)
+    if passed is not None:
+        passed.append(remember)
+    else:
+        remember()
 
 
 def tensor(name: str, value, *, ndim: int | None = None, dtypes=FLOAT_DTYPES) -> torch.Tensor:
@@ -69,8 +97,24 @@ def tensor(name: str, value, *, ndim: int | None = None, dtypes=FLOAT_DTYPES) ->
 
 def finite(name: str, value: torch.Tensor) -> None:
     if not _tracing():
-        _require(torch.isfinite(value).all(),
-                 lambda: f"{name} contains NaN or inf values; clean the input (e.g. torch.nan_to_num) first")
+        _scan(name, value)
+
+
+def _scan(name: str, value: torch.Tensor, low: float | None = None, high: float | None = None) -> None:
+    """The value checks of one tensor from one pass over it: every element finite, and in [low, high]."""
+    if value.numel() == 0:
+        return
+    message = lambda: f"{name} contains NaN or inf values; clean the input (e.g. torch.nan_to_num) first"  # noqa: E731
+    if low is None and high is None and value.dtype in (torch.float32, torch.float64):
+        _require(value.sum().isfinite(), message, exact=lambda: _all_finite(value))
+        return
+    least, most = torch.aminmax(value)
+    _require(least.isfinite() & most.isfinite(), message)
+    if low is not None or high is not None:
+        inside = (least >= low) if low is not None else torch.ones_like(least, dtype=torch.bool)
+        if high is not None:
+            inside = inside & (most <= high)
+        _require(inside, lambda: _bounds_message(name, low, high, _first_outside(value, low, high)))
 
 
 def same_device(reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
@@ -109,10 +153,31 @@ def table(value, device: torch.device | None = None) -> torch.Tensor:
         raise ValueError(f"table is on {value.device} but the data is on {device}; "
                          "pass schedule.table.to(device)")
     if not _tracing():
-        finite("table", value)
-        _require(value[0] >= 0, lambda: f"table[0] must be >= 0 (a variance), got {float(value[0])}")
-        _require((value[1:] > value[:-1]).all(), lambda: _not_increasing(value))
+        key = _table_key(value)
+        if key not in _VALID_TABLES:
+            finite("table", value)
+            _require(value[0] >= 0, lambda: f"table[0] must be >= 0 (a variance), got {float(value[0])}")
+            _require((value[1:] > value[:-1]).all(), lambda: _not_increasing(value))
+            _when_passed(lambda: _remember_table(key, value))
     return value
+
+
+# Tables that passed: their key -> the table, which keeps its memory from being reused by another tensor
+# while the entry exists. Inference tensors have no version counter: an in-place change to one inside
+# inference mode is not seen (as svnr_fast.app.models's table caches).
+_VALID_TABLES: collections.OrderedDict = collections.OrderedDict()
+_VALID_TABLES_KEPT = 16
+
+
+def _table_key(value: torch.Tensor) -> tuple:
+    return (value.data_ptr(), -1 if value.is_inference() else value._version, value.shape, value.stride(),
+            value.dtype, value.device)
+
+
+def _remember_table(key: tuple, value: torch.Tensor) -> None:
+    _VALID_TABLES[key] = value
+    if len(_VALID_TABLES) > _VALID_TABLES_KEPT:
+        _VALID_TABLES.popitem(last=False)
 
 
 def _not_increasing(table_: torch.Tensor) -> str:
@@ -136,8 +201,7 @@ def per_image(name: str, value, batch: int, device: torch.device, *, dtype: torc
             raise ValueError(f"{name} is on {value.device} but the data is on {device}; move it there")
         result = value.to(dtype).expand(batch).contiguous()
         if not _tracing():
-            finite(name, result)
-            _bounds(name, result, low, high)
+            _scan(name, result, low, high)
         return result
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a float or a ({batch},) tensor, got {type(value).__name__}")
@@ -151,15 +215,18 @@ def _bounds_message(name: str, low: float | None, high: float | None, bad: float
     return f"{name} must be >= {low}, got {bad:g}" if low is not None else f"{name} must be <= {high}, got {bad:g}"
 
 
-def _bounds(name: str, value: torch.Tensor, low: float | None, high: float | None) -> None:
-    if low is None and high is None:
-        return
+def _all_finite(value: torch.Tensor) -> torch.Tensor:
+    least, most = torch.aminmax(value)
+    return least.isfinite() & most.isfinite()
+
+
+def _first_outside(value: torch.Tensor, low: float | None, high: float | None) -> float:
     outside = torch.zeros_like(value, dtype=torch.bool)
     if low is not None:
         outside |= value < low
     if high is not None:
         outside |= value > high
-    _require(~outside.any(), lambda: _bounds_message(name, low, high, value[outside][0].item()))
+    return value[outside][0].item()
 
 
 def scalar(name: str, value, *, low: float | None = None, high: float | None = None) -> float:

@@ -103,6 +103,12 @@ def extension():
     return _load_extension()
 
 
+def cuda_stream(device_index: int) -> int:
+    """The address of torch's current CUDA stream on a device (what Triton launches on), without the
+    torch.cuda.Stream object torch.cuda.current_stream builds."""
+    return torch._C._cuda_getCurrentRawStream(device_index)
+
+
 def unavailable_reason(backend: str, op: str, device_type: str) -> str | None:
     """None when `backend` can run `op` on `device_type` here, else why not."""
     if backend == "reference":
@@ -170,6 +176,12 @@ def implementation(op: str, device_type: str) -> Callable:
     return chosen
 
 
+def serve(op: str, device_type: str, implementation: Callable) -> None:
+    """Serve `op` on `device_type` with `implementation` until the next set_backend() or forget_choices()
+    (benchmarks/bench_host_path.py runs the CUDA implementations on CPU tensors so)."""
+    _chosen[(op, device_type)] = implementation
+
+
 def define(op: str, schema: str, *, fake: Callable, reference: Callable, **fast: str) -> None:
     """Defines svnr::<op> with its fake kernel and one kernel per device, which runs the chosen backend.
 
@@ -197,7 +209,37 @@ def _device_kernel(op: str, device_type: str) -> Callable:
 
 
 def register_autograd(op: str, backward: Callable, setup_context: Callable) -> None:
-    torch.library.register_autograd(f"svnr::{op}", backward, setup_context=setup_context, lib=_LIBRARY)
+    """What torch.library.register_autograd registers (an Autograd kernel running an autograd.Function),
+    for an op whose schema has no keyword-only or defaulted arguments: without its per-call generic steps
+    (re-reading the schema for defaults, a metadata object, a redispatch through Python, Function.apply's
+    generic argument handling), a call with gradients costs about half the Python."""
+    overload = getattr(torch.ops.svnr, op).default
+    if any(argument.kwarg_only or argument.has_default_value() for argument in overload._schema.arguments):
+        raise ValueError(f"svnr::{op} has keyword-only or defaulted arguments; use torch.library.register_autograd")
+    below_autograd = torch._C._AutoDispatchBelowAutograd
+
+    def forward(ctx, *args):
+        with below_autograd():
+            output = overload(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    function = type(f"{op}_autograd", (torch.autograd.Function,),
+                    {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    # autograd.Function.apply is Python around the C apply of torch._C._FunctionBase: with no functorch
+    # transform active it unwraps tensors left over from finished transforms, then calls the C apply
+    c_apply = super(torch.autograd.Function, function).apply
+    unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+
+    def kernel(*args):
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            if torch._C._are_functorch_transforms_active():
+                return function.apply(*args)
+            return c_apply(*[unwrap_if_dead(a) if isinstance(a, torch.Tensor) else a for a in args])
+        with below_autograd():
+            return overload(*args)
+
+    _LIBRARY.impl(op, kernel, "Autograd")
 
 
 def ops() -> tuple[str, ...]:

@@ -4,22 +4,22 @@ Kernels: csrc/groupnorm_film_cpu.cpp (C++, CPU tensors) and csrc/groupnorm_film_
 through the glue at the end of this file. Reference: svnr_fast.reference._groupnorm_film /
 _groupnorm_film_backward.
 
-The glue allocates every output with torch and hands raw pointers, sizes, the thread count (CPU) or the
-current stream (CUDA) to svnr_fast._C. Layouts: h in NCHW or channels_last (NHWC) memory is read in place
-and the results come out in the same layout. Any other strides cost one copy of h into NCHW (and of grad_out
-into h's layout in the backward). u, the table, weight and bias are converted to the compute dtype (float64
-for float64 data, else float32): u is 1/C of h, the others are tiny. For NCHW the table is passed
-transposed, (2C, K), so that each channel's column is contiguous.
+The glue allocates every output with torch and hands the shape, the tensors' addresses and the thread count
+(CPU) or the current stream (CUDA) to svnr_fast._C, which builds one GroupNormFilmArgs from them
+(csrc/svnr_kernels.h). Layouts: h in NCHW or channels_last (NHWC) memory is read in place and the results come
+out in the same layout. Any other strides cost one copy of h into NCHW (and of grad_out into h's layout in the
+backward). u, the table, weight and bias are converted to the compute dtype (float64 for float64 data, else
+float32): u is 1/C of h, the others are tiny; the kernels take the (K, 2C) table as it is.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
 
 import torch
 from torch import Tensor
 
 from .. import reference
-from . import _checks, backends
+from . import _checks, _native, backends
 
 
 def memory_format(h: Tensor) -> torch.memory_format:
@@ -57,7 +57,7 @@ backends.define(
     fake=lambda h, u, table, gn_weight, gn_bias, groups, eps, act: (
         _image_like(h), _statistics_like(h, groups), _statistics_like(h, groups)),
     reference=_reference_forward, cpp="svnr_fast.ops.groupnorm_film:fused_forward",
-    cuda="svnr_fast.ops.groupnorm_film:fused_forward")
+    cuda="svnr_fast.ops.groupnorm_film:fused_forward_cuda")
 backends.define(
     "groupnorm_film_backward",
     "(Tensor grad_out, Tensor h, Tensor u, Tensor table, Tensor gn_weight, Tensor gn_bias, Tensor mean, "
@@ -65,7 +65,7 @@ backends.define(
     fake=lambda grad_out, h, u, table, gn_weight, gn_bias, mean, rstd, groups, act: (
         _image_like(h), torch.empty_like(table), torch.empty_like(gn_weight), torch.empty_like(gn_bias)),
     reference=_reference_backward, cpp="svnr_fast.ops.groupnorm_film:fused_backward",
-    cuda="svnr_fast.ops.groupnorm_film:fused_backward")
+    cuda="svnr_fast.ops.groupnorm_film:fused_backward_cuda")
 
 
 def _setup_context(ctx, inputs, output):
@@ -101,99 +101,88 @@ def groupnorm_film(h: Tensor, u: Tensor, table: Tensor, gn_weight: Tensor, gn_bi
 # Glue of the C++ and CUDA kernels
 # ---------------------------------------------------------------------------------------------------
 
-_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
-
-
-class _Prepared(NamedTuple):
-    shape: tuple            # (dtype code, B, C, H*W, groups, K, channels_last): the kernels' shape arguments
-    h: Tensor
-    u: Tensor
-    table: Tensor
-    weight: Tensor
-    bias: Tensor
-
-
-def _extension():
-    ext, error = backends.extension()
-    if ext is None:
-        raise backends.BackendUnavailable(f"the C++/CUDA extension svnr_fast._C is not built ({error}); "
-                                          f"reinstall svnr_fast with a C++ compiler, or use "
-                                          f"SVNR_FAST_BACKEND=reference")
-    return ext
-
-
-def _prepare(h: Tensor, u: Tensor, table: Tensor, gn_weight: Tensor, gn_bias: Tensor, groups: int) -> _Prepared:
+def _prepare(h: Tensor, u: Tensor, table: Tensor, gn_weight: Tensor, gn_bias: Tensor):
+    """h in the layout the kernels read; u (B, H*W), table, weight and bias contiguous in the compute dtype."""
     layout = memory_format(h)
-    h = h.contiguous(memory_format=layout)
+    if not h.is_contiguous(memory_format=layout):
+        h = h.contiguous(memory_format=layout)
     dtype = _checks.compute_dtype(h.dtype)
+    # a contiguous (B, 1, H, W) u is laid out as (B, H*W)
+    return h, _in(u, dtype), _in(table, dtype), _in(gn_weight, dtype), _in(gn_bias, dtype)
+
+
+def _in(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t contiguous in `dtype`: t itself when it already is (the test costs less than the conversion calls)."""
+    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _run(ext, backward: bool, shape: tuple, addresses: tuple, eps: float, silu: bool, h: Tensor) -> None:
+    """The CPU kernel, with the threads torch uses."""
+    ext.groupnorm_film_cpu(backward, shape, addresses, eps, silu, _native.threads())
+
+
+def _run_cuda(ext, backward: bool, shape: tuple, addresses: tuple, eps: float, silu: bool, h: Tensor) -> None:
+    """The CUDA kernel, on torch's current stream of h's device, with a workspace; temporaries freed after the
+    launch (the workspace, converted inputs) are safe, since the caching allocator hands their memory only to
+    work queued later on the same stream."""
+    device = h.get_device()
+    workspace = torch.empty(_workspace_bytes(ext, shape), dtype=torch.uint8, device=h.device)
+    ext.groupnorm_film_cuda(backward, shape, addresses, eps, silu, workspace.data_ptr(), device,
+                            backends.cuda_stream(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _workspace_bytes(ext, shape: tuple) -> int:
+    return ext.groupnorm_film_cuda_workspace_bytes(shape)
+
+
+def _launch(backward: bool, groups: int, tensors: tuple, eps: float, act: str, run=None) -> None:
+    """Runs one pass on `tensors` = (h, u, table, weight, bias, out, mean, rstd, grad_out, grad_h, grad_table,
+    grad_weight, grad_bias), None where the pass has none (the order of the extension's `tensors`), with the
+    kernel of `run` (the CPU one, `_run`, by default)."""
+    h, table = tensors[0], tensors[2]
     B, C, H, W = h.shape
-    channels_last = layout == torch.channels_last
-    table = table.to(dtype)
-    return _Prepared(
-        shape=(_DTYPE_CODES[h.dtype], B, C, H * W, groups, table.shape[0], channels_last),
-        h=h,
-        u=u.to(dtype).reshape(B, H * W).contiguous(),
-        table=table.contiguous() if channels_last else table.t().contiguous(),
-        weight=gn_weight.to(dtype).contiguous(),
-        bias=gn_bias.to(dtype).contiguous())
+    # h is NCHW-contiguous or channels_last (_prepare)
+    shape = (_native.DTYPE_CODES[h.dtype], B, C, H * W, groups, table.shape[0], not h.is_contiguous())
+    addresses = tuple([0 if t is None else t.data_ptr() for t in tensors])
+    (run or _run)(_native.extension(), backward, shape, addresses, float(eps), act == "silu", h)
 
 
 def _statistics(h: Tensor, groups: int) -> Tensor:
     return h.new_empty((h.shape[0], groups), dtype=_checks.compute_dtype(h.dtype))
 
 
-def _backward_outputs(p: _Prepared, grad_out: Tensor, mean: Tensor, rstd: Tensor):
-    dtype = _checks.compute_dtype(p.h.dtype)
-    K, C = p.shape[5], p.shape[2]
-    return (grad_out.to(p.h.dtype).contiguous(memory_format=memory_format(p.h)),
-            mean.to(dtype).contiguous(), rstd.to(dtype).contiguous(),
-            torch.empty_like(p.h), p.h.new_zeros((K, 2 * C), dtype=dtype),
-            p.h.new_empty(C, dtype=dtype), p.h.new_empty(C, dtype=dtype))
-
-
-def _cast_grads(grad_h, grad_table, grad_weight, grad_bias, table, gn_weight, gn_bias):
-    return grad_h, grad_table.to(table.dtype), grad_weight.to(gn_weight.dtype), grad_bias.to(gn_bias.dtype)
-
-
-def _launch_tail(ext, p: _Prepared) -> tuple[str, tuple, object]:
-    """(kernel suffix, the arguments after the common ones, what must stay alive during the launch).
-
-    CPU: the thread count torch uses. CUDA: a workspace, the device index and torch's current stream;
-    temporaries freed after the launch (the workspace, converted inputs) are safe, since the caching
-    allocator hands their memory only to work queued later on the same stream.
-    """
-    if not p.h.is_cuda:
-        return "cpu", (torch.get_num_threads(),), None
-    workspace = torch.empty(ext.groupnorm_film_cuda_workspace_bytes(*p.shape), dtype=torch.uint8,
-                            device=p.h.device)
-    stream = torch.cuda.current_stream(p.h.device).cuda_stream
-    return "cuda", (workspace.data_ptr(), p.h.device.index, stream), workspace
-
-
-def fused_forward(h, u, table, gn_weight, gn_bias, groups, eps, act):
-    """The fused forward on h's device (the C++ kernel for CPU tensors, the CUDA kernel for CUDA ones)."""
+def fused_forward(h, u, table, gn_weight, gn_bias, groups, eps, act, run=None):
+    """The fused forward: the C++ kernel (CPU tensors), or the kernel `run` launches (`fused_forward_cuda`)."""
     if h.numel() == 0:   # nothing to compute; the reference gives the empty results their exact form
         return _reference_forward(h, u, table, gn_weight, gn_bias, groups, eps, act)
-    ext = _extension()
-    p = _prepare(h, u, table, gn_weight, gn_bias, groups)
-    out, mean, rstd = torch.empty_like(p.h), _statistics(p.h, groups), _statistics(p.h, groups)
-    kind, tail, _alive = _launch_tail(ext, p)
-    getattr(ext, f"groupnorm_film_forward_{kind}")(
-        *p.shape, p.h.data_ptr(), p.u.data_ptr(), p.table.data_ptr(), p.weight.data_ptr(), p.bias.data_ptr(),
-        out.data_ptr(), mean.data_ptr(), rstd.data_ptr(), float(eps), act == "silu", *tail)
+    h, u, table, weight, bias = _prepare(h, u, table, gn_weight, gn_bias)
+    out, mean = torch.empty_like(h), _statistics(h, groups)
+    rstd = torch.empty_like(mean)
+    _launch(False, groups, (h, u, table, weight, bias, out, mean, rstd) + (None,) * 5, eps, act, run)
     return out, mean, rstd
 
 
-def fused_backward(grad_out, h, u, table, gn_weight, gn_bias, mean, rstd, groups, act):
-    """The fused backward on h's device, from the statistics the forward saved."""
+def fused_backward(grad_out, h, u, table, gn_weight, gn_bias, mean, rstd, groups, act, run=None):
+    """The fused backward, from the statistics the forward saved (devices as fused_forward)."""
     if h.numel() == 0:
         return _reference_backward(grad_out, h, u, table, gn_weight, gn_bias, mean, rstd, groups, act)
-    ext = _extension()
-    p = _prepare(h, u, table, gn_weight, gn_bias, groups)
-    grad_out, mean, rstd, grad_h, grad_table, grad_weight, grad_bias = _backward_outputs(p, grad_out, mean, rstd)
-    kind, tail, _alive = _launch_tail(ext, p)
-    getattr(ext, f"groupnorm_film_backward_{kind}")(
-        *p.shape, grad_out.data_ptr(), p.h.data_ptr(), p.u.data_ptr(), p.table.data_ptr(), p.weight.data_ptr(),
-        p.bias.data_ptr(), mean.data_ptr(), rstd.data_ptr(), grad_h.data_ptr(), grad_table.data_ptr(),
-        grad_weight.data_ptr(), grad_bias.data_ptr(), act == "silu", *tail)
-    return _cast_grads(grad_h, grad_table, grad_weight, grad_bias, table, gn_weight, gn_bias)
+    dtype = _checks.compute_dtype(h.dtype)
+    h, u, table_c, weight, bias = _prepare(h, u, table, gn_weight, gn_bias)
+    if grad_out.dtype != h.dtype or grad_out.stride() != h.stride():
+        grad_out = grad_out.to(h.dtype).contiguous(memory_format=memory_format(h))
+    grad_h, grad_table = torch.empty_like(h), torch.zeros_like(table_c)
+    grad_weight, grad_bias = torch.empty_like(weight), torch.empty_like(bias)
+    statistics = (_in(mean, dtype), _in(rstd, dtype))
+    _launch(True, groups, (h, u, table_c, weight, bias, None, *statistics, grad_out, grad_h, grad_table, grad_weight,
+                           grad_bias), 0.0, act, run)
+    return grad_h, _as(grad_table, table.dtype), _as(grad_weight, gn_weight.dtype), _as(grad_bias, gn_bias.dtype)
+
+
+# CUDA tensors: the kernels registered for the CUDA dispatch key
+fused_forward_cuda = functools.partial(fused_forward, run=_run_cuda)
+fused_backward_cuda = functools.partial(fused_backward, run=_run_cuda)

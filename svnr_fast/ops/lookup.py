@@ -1,7 +1,7 @@
 """The schedule lookups (DESIGN.md §1.2-1.3): svnr::gamma, svnr::time_from_variance, svnr::time_map.
 
-Kernels: kernels/lookup.py (Triton, CUDA tensors). Reference: svnr_fast.reference (_gamma,
-_time_from_variance, _time_map). The raw ops take the table in the compute dtype of the data (float32,
+Kernels: kernels/lookup.py (Triton, CUDA tensors), csrc/lookup_cpu.cpp (C++, CPU tensors; glue at the end of
+this file). Reference: svnr_fast.reference (_gamma, _time_from_variance, _time_map). The raw ops take the table in the compute dtype of the data (float32,
 or float64 for float64 data) and return time maps in that dtype.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from . import _checks, backends
+from . import _checks, _native, backends
 
 
 def _time_like(x: Tensor, shape=None) -> Tensor:
@@ -25,13 +25,15 @@ def _in_compute_dtype(lookup):
 
 
 backends.define("gamma", "(Tensor tau, Tensor table) -> Tensor", fake=lambda tau, table: _time_like(tau),
-                reference=_in_compute_dtype(reference._gamma), triton="svnr_fast.kernels.lookup:gamma")
+                reference=_in_compute_dtype(reference._gamma), triton="svnr_fast.kernels.lookup:gamma",
+                cpp="svnr_fast.ops.lookup:fused_gamma")
 backends.define("time_from_variance", "(Tensor v, Tensor table) -> Tensor", fake=lambda v, table: _time_like(v),
                 reference=_in_compute_dtype(reference._time_from_variance),
-                triton="svnr_fast.kernels.lookup:time_from_variance")
+                triton="svnr_fast.kernels.lookup:time_from_variance", cpp="svnr_fast.ops.lookup:fused_time_from_variance")
 backends.define("time_map", "(Tensor variance, Tensor table) -> Tensor",
                 fake=lambda variance, table: _time_like(variance, (variance.shape[0], 1, *variance.shape[2:])),
-                reference=_in_compute_dtype(reference._time_map), triton="svnr_fast.kernels.lookup:time_map")
+                reference=_in_compute_dtype(reference._time_map), triton="svnr_fast.kernels.lookup:time_map",
+                cpp="svnr_fast.ops.lookup:fused_time_map")
 
 
 def lookup_table(table: Tensor, dtype: torch.dtype) -> Tensor:
@@ -82,3 +84,34 @@ def top_up(y: Tensor, variance: Tensor, table: Tensor, *, z: Tensor | None = Non
         z = torch.randn(y.shape, generator=reference.generator(y.device, seed, offset), device=y.device,
                         dtype=table.dtype)
     return topped_up(y, variance, table, z)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Glue of the C++ kernels (raw signatures of the reference lookups; results contiguous in the compute dtype)
+# ---------------------------------------------------------------------------------------------------
+
+_GAMMA, _TIME_FROM_VARIANCE, _TIME_MAP = 0, 1, 2   # the extension's Lookup codes
+
+
+def _fused(op: int, value: Tensor, table: Tensor, sizes: tuple, input_view, out: Tensor) -> Tensor:
+    if out.numel():
+        (view, _alive), (table_arg, _table) = input_view, _native.table_arg(table.to(out.dtype))
+        _native.extension().lookup_cpu(op, sizes, _native.DTYPE_CODES[out.dtype], view, table_arg, out.data_ptr(),
+                                       _native.threads())
+    return out
+
+
+def fused_gamma(tau: Tensor, table: Tensor) -> Tensor:
+    out = _time_like(tau)
+    return _fused(_GAMMA, tau, table, (1, 1, tau.numel()), _native.flat_view(tau), out)
+
+
+def fused_time_from_variance(v: Tensor, table: Tensor) -> Tensor:
+    out = _time_like(v)
+    return _fused(_TIME_FROM_VARIANCE, v, table, (1, 1, v.numel()), _native.flat_view(v), out)
+
+
+def fused_time_map(variance: Tensor, table: Tensor) -> Tensor:
+    B, C, H, W = variance.shape
+    out = _time_like(variance, (B, 1, H, W))
+    return _fused(_TIME_MAP, variance, table, (B, C, H * W), _native.view(variance) if out.numel() else None, out)

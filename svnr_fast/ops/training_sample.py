@@ -1,8 +1,8 @@
 """The training sample (DESIGN.md §1.4): svnr::training_sample, and svnr::bridge_sample (its steps 2-5 from a
 given condition y' and time map tau*, as training with observed time maps builds them).
 
-Kernels: kernels/training_sample.py (Triton, CUDA tensors). Reference: svnr_fast.reference._training_sample,
-bridge_sample.
+Kernels: kernels/training_sample.py (Triton, CUDA tensors), csrc/training_sample_cpu.cpp (C++, CPU tensors;
+glue at the end of this file). Reference: svnr_fast.reference._training_sample, bridge_sample.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .. import reference
 from ..reference import TrainingSample
-from . import _checks, backends
+from . import _checks, _native, backends
 from .lookup import lookup_table
 
 
@@ -34,7 +34,8 @@ backends.define(
     "(Tensor x0, Tensor sigma_r, Tensor sigma_s, Tensor u, Tensor table, bool correlated, Tensor? eps_T, "
     "Tensor? eps_prime, SymInt seed, SymInt offset, bool per_channel, bool batch_t0, float min_std) "
     "-> (Tensor, Tensor, Tensor, Tensor)",
-    fake=_fake, reference=_reference, triton="svnr_fast.kernels.training_sample:training_sample")
+    fake=_fake, reference=_reference, triton="svnr_fast.kernels.training_sample:training_sample",
+    cpp="svnr_fast.ops.training_sample:fused")
 
 
 def _bridge_fake(x0, y, tau_star, u, table, correlated, eps_prime):
@@ -67,3 +68,29 @@ def training_sample(x0: Tensor, sigma_r, sigma_s, u, table: Tensor, *, correlate
     return TrainingSample(*torch.ops.svnr.training_sample(
         x0, args.sigma_r, args.sigma_s, args.u, lookup_table(args.table, x0.dtype), bool(correlated), eps_T,
         eps_prime, seed, offset, bool(per_channel), t0_per == "batch", args.min_std))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Glue of the C++ kernel
+# ---------------------------------------------------------------------------------------------------
+
+def fused(x0, sigma_r, sigma_s, u, table, correlated, eps_T, eps_prime, seed, offset, per_channel, batch_t0,
+          min_std):
+    """training_sample on checked arguments with the raw signature of reference._training_sample: inputs in
+    any layout (read in place where their (H, W) planes are linear), results contiguous as the fake kernel
+    says."""
+    y, x_t, tau, target = _fake(x0, sigma_r, sigma_s, u, table, correlated, eps_T, eps_prime, seed, offset,
+                                per_channel, batch_t0, min_std)
+    if x0.numel() == 0:
+        return y, x_t, tau, target
+    dtype = tau.dtype
+    views = [_native.view(t) if t is not None else (_native.NO_VIEW, None) for t in (x0, eps_T, eps_prime)]
+    per_image = [p.to(dtype).contiguous() for p in (sigma_r, sigma_s, u)]
+    table_arg, table = _native.table_arg(table.to(dtype))
+    B, C, H, W = x0.shape
+    _native.extension().training_sample_cpu(
+        (B, C, H * W), tuple(v for v, _ in views),
+        (*(p.data_ptr() for p in per_image), y.data_ptr(), x_t.data_ptr(), tau.data_ptr(), target.data_ptr()),
+        table_arg, bool(correlated), bool(per_channel), bool(batch_t0), float(min_std), seed, offset,
+        _native.threads())
+    return y, x_t, tau, target

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cmath>
 #include <cstring>
 #include <functional>
 #include <stdexcept>
@@ -22,6 +23,11 @@ struct dim3 {
   unsigned x, y, z;
   dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
+struct float2 { float x, y; };
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 typedef int cudaError_t;
 enum { cudaSuccess = 0 };
 typedef void* cudaStream_t;
@@ -71,21 +77,75 @@ inline void yield(State s) {
 
 inline void __syncthreads() { emu::yield(emu::AT_BARRIER); }
 
-template <class T>
-T __shfl_xor_sync(unsigned mask, T v, int offset) {
-  if (mask != 0xFFFFFFFFu) emu::fail("__shfl_xor_sync with a partial mask");
-  static_assert(sizeof(T) <= 8, "slot");
-  const int lin = emu::current->linear, lane = lin & 31, warp_base = lin & ~31;
-  std::uint64_t bits = 0;
-  std::memcpy(&bits, &v, sizeof(T));
+// A warp-wide exchange: every lane publishes `bits`, waits until all 32 lanes have, and reads what `read`
+// makes of the published values; then waits again so that no lane overwrites its slot before all have read.
+template <class Read>
+std::uint64_t emu_warp_exchange(unsigned mask, std::uint64_t bits, const char* what, Read&& read) {
+  if (mask != 0xFFFFFFFFu) emu::fail(std::string(what) + " with a partial mask");
+  const int lin = emu::current->linear, warp_base = lin & ~31;
   emu::shuffle_slots[lin] = bits;
   emu::yield(emu::AT_WARP);
-  T out;
-  std::uint64_t other = emu::shuffle_slots[warp_base + (lane ^ offset)];
-  std::memcpy(&out, &other, sizeof(T));
+  const std::uint64_t out = read(&emu::shuffle_slots[warp_base], lin & 31);
   emu::yield(emu::AT_WARP);
   return out;
 }
+
+template <class T>
+T emu_shuffle(unsigned mask, T v, const char* what, int (*source)(int lane, int arg), int arg) {
+  static_assert(sizeof(T) <= 8, "slot");
+  std::uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  bits = emu_warp_exchange(mask, bits, what, [&](const std::uint64_t* slots, int lane) {
+    const int from = source(lane, arg);
+    return slots[from >= 0 && from < 32 ? from : lane];   // out of range: the lane's own value, as on a GPU
+  });
+  T out;
+  std::memcpy(&out, &bits, sizeof(T));
+  return out;
+}
+
+template <class T>
+T __shfl_xor_sync(unsigned mask, T v, int offset) {
+  return emu_shuffle(mask, v, "__shfl_xor_sync", [](int lane, int a) { return lane ^ a; }, offset);
+}
+template <class T>
+T __shfl_sync(unsigned mask, T v, int source) {
+  return emu_shuffle(mask, v, "__shfl_sync", [](int, int a) { return a & 31; }, source);
+}
+template <class T>
+T __shfl_up_sync(unsigned mask, T v, int delta) {
+  return emu_shuffle(mask, v, "__shfl_up_sync", [](int lane, int a) { return lane - a; }, delta);
+}
+template <class T>
+T __shfl_down_sync(unsigned mask, T v, int delta) {
+  return emu_shuffle(mask, v, "__shfl_down_sync", [](int lane, int a) { return lane + a; }, delta);
+}
+
+// The lanes whose value equals this lane's.
+template <class T>
+unsigned __match_any_sync(unsigned mask, T v) {
+  static_assert(sizeof(T) <= 8, "slot");
+  std::uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  return unsigned(emu_warp_exchange(mask, bits, "__match_any_sync", [&](const std::uint64_t* slots, int) {
+    unsigned same = 0;
+    for (int l = 0; l < 32; ++l) same |= unsigned(slots[l] == bits) << l;
+    return std::uint64_t(same);
+  }));
+}
+
+inline void __syncwarp(unsigned mask = 0xFFFFFFFFu) {
+  emu_warp_exchange(mask, 0, "__syncwarp", [](const std::uint64_t*, int) { return std::uint64_t(0); });
+}
+
+inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+inline float __uint_as_float(unsigned x) { float f; std::memcpy(&f, &x, 4); return f; }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __ffs(unsigned x) { return __builtin_ffs(int(x)); }
+
+// --use_fast_math's intrinsics, exactly rounded here (the emulation checks logic, not the GPU's ulps)
+inline float __expf(float x) { return std::exp(x); }
+inline float __fdividef(float a, float b) { return a / b; }
 
 inline float atomicAdd(float* p, float v) { float old = *p; *p = old + v; return old; }
 inline double atomicAdd(double* p, double v) { double old = *p; *p = old + v; return old; }
