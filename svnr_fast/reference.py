@@ -101,9 +101,25 @@ def top_up(y: torch.Tensor, variance: torch.Tensor, table: torch.Tensor, *, z: t
 # Noise
 # ---------------------------------------------------------------------------------------------------
 
+_MASK64 = 2**64 - 1
+
+
+def _splitmix64(x: int) -> int:
+    """SplitMix64's finaliser: every output bit depends on every input bit."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
 def generator(device: torch.device, seed: int, offset: int) -> torch.Generator:
-    """The reference's noise stream for (seed, offset): distinct offsets give independent streams."""
-    mixed = (seed * 0x9E3779B97F4A7C15 + offset * 0xBF58476D1CE4E5B9 + offset) % (2**63)
+    """The reference's noise stream for (seed, offset): distinct offsets give independent streams.
+
+    (seed, offset) are hashed into the seed: the CPU generator (mt19937) keeps only its seed's low 32 bits, so
+    a linear mix let offsets that differ by a multiple of 2**32 (the top-up's 2**40 against the sampler's
+    step 0) share one stream, and seed 0 with offset 2**40 was manual_seed(0) itself.
+    """
+    mixed = _splitmix64(_splitmix64(seed & _MASK64) ^ (offset & _MASK64)) % (2**63)
     return torch.Generator(device=device).manual_seed(mixed)
 
 

@@ -127,8 +127,9 @@ def test_scheduler_add_noise_is_the_forward_process():
 
 def test_bad_step_counts_are_refused():
     _, y_prime, tau_star = noisy()
-    with pytest.raises(ValueError, match="steps must be a positive int"):
-        sample(oracle(y_prime), y_prime, y_prime, tau_star, TABLE, steps=0)
+    for steps in (0, 10**20):       # 10**20 raised OverflowError
+        with pytest.raises(ValueError, match=r"steps must be an int in \[1, 10000\]"):
+            sample(oracle(y_prime), y_prime, y_prime, tau_star, TABLE, steps=steps)
     with pytest.raises(RuntimeError, match="set_timesteps"):
         SVNRScheduler().step(y_prime, tau_star, y_prime)
 

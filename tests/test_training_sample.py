@@ -96,6 +96,16 @@ def test_generator_streams():
     assert not torch.equal(first.y, other.y)
 
 
+def test_generator_streams_are_independent_across_seeds_and_offsets():
+    """The CPU generator keeps only the low 32 bits of its seed: (seed, offset) pairs that differ by multiples of
+    2**32, such as the top-up's offset 2**40 and the sampler's step 0, must still give independent streams."""
+    pairs = [(0, 0), (0, 2**40), (0, 2**32), (1, 0), (1, 2**40), (2**32, 0), (7, 3)]
+    draws = torch.stack([torch.randn(20_000, generator=reference.generator(torch.device("cpu"), s, o))
+                         for s, o in pairs] + [torch.randn(20_000, generator=torch.Generator().manual_seed(0))])
+    correlation = torch.corrcoef(draws) - torch.eye(len(draws))
+    assert float(correlation.abs().max()) < 0.03       # 4 standard errors of independent streams
+
+
 def test_float32_matches_float64():
     x0 = repeated_image(2, seed=6)
     gen = torch.Generator().manual_seed(0)
