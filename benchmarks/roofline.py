@@ -635,7 +635,7 @@ def triton_launches(call: Callable[[], object], shape, arch: int) -> list[Launch
         if callable(grid):
             raise NotImplementedError(f"{fn.__name__}: grid functions are not supported")
         compiled = triton_compile(fn, args, kwargs, arch)
-        phase = {True: " max phase", False: " sample phase"}.get(kwargs.get("MAX_PHASE"), "")
+        phase = {0: " max phase", 1: " sample phase", 2: " ordered"}.get(kwargs.get("PHASE"), "")
         launches.append(Launch(fn.__name__ + phase, triton_cubin(compiled),
                                functools.partial(triton_rolled_cubin, compiled), compiled.metadata.name,
                                compiled.metadata.num_warps * 32, math.prod(grid), compiled.metadata.shared,

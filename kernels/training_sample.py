@@ -41,6 +41,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.driver import driver
 
 from ._triton_common import (BLOCK, TL_DTYPE, compute_dtype, div_rn, gamma_lookup, grid, like_strides, load, normals,
                              plane_layout, plane_offsets, prepared_schedule, rsqrt_, run, split_offset, sqrt_, store,
@@ -53,7 +54,11 @@ SAMPLE_TILES = 2
 MAX_TILES = 8     # a multiple of SAMPLE_TILES
 _SAMPLE_TILES = tl.constexpr(SAMPLE_TILES)
 _MAX_TILES = tl.constexpr(MAX_TILES)
-_L2_BYTES: dict = {}
+# a launch's PHASE: two-pass, the max then the sample launch (each chunk); ordered, both phases in one launch
+MAX_PHASE, SAMPLE_PHASE, ORDERED = 0, 1, 2
+_MAX_PHASE, _SAMPLE_PHASE = tl.constexpr(MAX_PHASE), tl.constexpr(SAMPLE_PHASE)
+_DEVICES: dict = {}       # device index -> (L2_SHARE of its L2 cache in bytes, SMs)
+_WORKSPACES: dict = {}    # (device index, stream) or a device -> _workspace's int64 zeros
 
 
 @triton.jit
@@ -123,23 +128,23 @@ def _small_div(a, b):
 
 
 @triton.jit
-def _max_tiles(x0_ptr, sigma_r_ptr, sigma_s_ptr, sched_ptr, sync_ptr, row, first_image, end_image, HW, W, sb, sc, sh,
-               sw, min_var, C: tl.constexpr, T: tl.constexpr, COMPUTE: tl.constexpr, LAYOUT: tl.constexpr,
-               WIDE: tl.constexpr, EVEN: tl.constexpr, BATCH_T0: tl.constexpr, MIN_VAR: tl.constexpr,
-               BLOCK: tl.constexpr):
+def _max_tiles(x0_ptr, sigma_r_ptr, sigma_s_ptr, sched_ptr, sync_ptr, program, programs, row, first_image, end_image,
+               HW, W, sb, sc, sh, sw, min_var, C: tl.constexpr, T: tl.constexpr, COMPUTE: tl.constexpr,
+               LAYOUT: tl.constexpr, WIDE: tl.constexpr, EVEN: tl.constexpr, BATCH_T0: tl.constexpr,
+               MIN_VAR: tl.constexpr, ORDERED: tl.constexpr, BLOCK: tl.constexpr):
     """Max programs: a program reduces max(x0, 0) over MAX_TILES consecutive tiles of one image into the
     image's slot, and the image's last max program turns the image's maximum into tau*max. A row of the
-    grid (one program per SAMPLE_TILES tiles) serves several images: `groups` programs each, as many
-    images as fit."""
-    groups = tl.cdiv(tl.num_programs(0), _MAX_TILES // _SAMPLE_TILES)
-    per_row = _small_div(tl.num_programs(0), groups)
-    in_row = _small_div(tl.program_id(0), groups)
+    grid (`programs` programs, one per SAMPLE_TILES tiles) serves several images: `groups` programs each,
+    as many images as fit. ORDERED: the last program then tells the sample programs waiting for tau*max."""
+    groups = tl.cdiv(programs, _MAX_TILES // _SAMPLE_TILES)
+    per_row = _small_div(programs, groups)
+    in_row = _small_div(program, groups)
     b = first_image + row * per_row + in_row
     if (in_row < per_row) & (b < end_image):
         if WIDE:
             b = b.to(tl.int64)
         image_sync = sync_ptr + 1 + 3 * b
-        first = (tl.program_id(0) - in_row * groups) * (_MAX_TILES * BLOCK)
+        first = (program - in_row * groups) * (_MAX_TILES * BLOCK)
         x_max = tl.zeros([BLOCK], COMPUTE)
         for t in tl.static_range(_MAX_TILES):
             pixels = first + t * BLOCK + tl.arange(0, BLOCK)
@@ -156,6 +161,10 @@ def _max_tiles(x0_ptr, sigma_r_ptr, sigma_s_ptr, sched_ptr, sync_ptr, row, first
             tl.store(image_sync + 2, _bits(tau_star_max))
             if BATCH_T0:
                 tl.atomic_max(sync_ptr, _bits(tau_star_max), sem="relaxed")
+            if ORDERED:
+                # the image's count past groups; with one t0 per batch, one more image ready
+                tl.atomic_add(_ordered_slots(sync_ptr, end_image) + 1 if BATCH_T0 else image_sync + 1, 1,
+                              sem="release")
 
 
 @triton.jit
@@ -212,6 +221,27 @@ def _sample_tile(start, b, sigma_r2, sigma_s2, min_var, t0, x0_ptr, eps_t_ptr, e
         store(target_ptr + out + c * HW, (x_t - x) * inv_sqrt_g, mask, "evict_first")
 
 
+@triton.jit
+def _sample_tiles(program, b, sigma_r2, sigma_s2, t0, min_var, x0_ptr, eps_t_ptr, eps_p_ptr, sched_ptr, y_ptr, x_t_ptr,
+                  tau_ptr, target_ptr, HW, W, sb, sc, sh, sw, seed, offset_lo, offset_hi, C: tl.constexpr,
+                  T: tl.constexpr, COMPUTE: tl.constexpr, LAYOUT: tl.constexpr, EVEN: tl.constexpr,
+                  EPS_T_TENSOR: tl.constexpr, EPS_PRIME_TENSOR: tl.constexpr, CORRELATED: tl.constexpr,
+                  PER_CHANNEL: tl.constexpr, MIN_VAR: tl.constexpr, BLOCK: tl.constexpr):
+    """Sample programs: the SAMPLE_TILES tiles of sample program `program` of image b."""
+    for t in tl.static_range(_SAMPLE_TILES):
+        _sample_tile((program * _SAMPLE_TILES + t) * BLOCK, b, sigma_r2, sigma_s2, min_var, t0, x0_ptr, eps_t_ptr,
+                     eps_p_ptr, sched_ptr, y_ptr, x_t_ptr, tau_ptr, target_ptr, HW, W, sb, sc, sh, sw, seed, offset_lo,
+                     offset_hi, C, T, COMPUTE, LAYOUT, EVEN, EPS_T_TENSOR, EPS_PRIME_TENSOR, CORRELATED, PER_CHANNEL,
+                     MIN_VAR, BLOCK)
+
+
+@triton.jit
+def _ordered_slots(sync_ptr, end_image):
+    """The ordered launch's slots after the two-pass ones: ticket counter, images whose tau*max is ready (one
+    t0 per batch), images finished, then per image its finished sample programs."""
+    return sync_ptr + 1 + 3 * end_image
+
+
 @triton.jit(do_not_specialize=["seed", "offset_lo", "offset_hi"])
 def _training_sample_kernel(x0_ptr, eps_t_ptr, eps_p_ptr, sigma_r_ptr, sigma_s_ptr, u_ptr, sched_ptr, y_ptr, x_t_ptr,
                             tau_ptr, target_ptr, sync_ptr, HW, W, sb, sc, sh, sw, first_image, end_image,
@@ -219,59 +249,134 @@ def _training_sample_kernel(x0_ptr, eps_t_ptr, eps_p_ptr, sigma_r_ptr, sigma_s_p
                             C: tl.constexpr, T: tl.constexpr, COMPUTE: tl.constexpr, LAYOUT: tl.constexpr,
                             WIDE: tl.constexpr, EVEN: tl.constexpr, EPS_T_TENSOR: tl.constexpr,
                             EPS_PRIME_TENSOR: tl.constexpr, CORRELATED: tl.constexpr, PER_CHANNEL: tl.constexpr,
-                            BATCH_T0: tl.constexpr, MIN_VAR: tl.constexpr, MAX_PHASE: tl.constexpr,
+                            BATCH_T0: tl.constexpr, MIN_VAR: tl.constexpr, PHASE: tl.constexpr,
                             BLOCK: tl.constexpr):
-    # images first_image ... end_image - 1; grid (tiles / SAMPLE_TILES, rows): the sample phase one image per
-    # row, the max phase as many as fit (_max_tiles). sync (int64): [batch tau*max | per image: max x0,
-    # finished max programs, tau*max], floats as _bits. EVEN: MAX_TILES * BLOCK divides H * W.
+    # images first_image ... end_image - 1. Two-pass, grid (tiles / SAMPLE_TILES, rows): the sample phase one
+    # image per row, the max phase as many as fit (_max_tiles). sync (int64): [batch tau*max | per image: max
+    # x0, finished max programs, tau*max], floats as _bits; the ordered launch's slots follow
+    # (_ordered_slots). EVEN: MAX_TILES * BLOCK divides H * W.
     min_var = tl.full([], min_var, COMPUTE)
-    if MAX_PHASE:
-        _max_tiles(x0_ptr, sigma_r_ptr, sigma_s_ptr, sched_ptr, sync_ptr, tl.program_id(1), first_image, end_image,
-                   HW, W, sb, sc, sh, sw, min_var, C, T, COMPUTE, LAYOUT, WIDE, EVEN, BATCH_T0, MIN_VAR, BLOCK)
-    else:
+    if PHASE == _MAX_PHASE:
+        _max_tiles(x0_ptr, sigma_r_ptr, sigma_s_ptr, sched_ptr, sync_ptr, tl.program_id(0), tl.num_programs(0),
+                   tl.program_id(1), first_image, end_image, HW, W, sb, sc, sh, sw, min_var, C, T, COMPUTE, LAYOUT,
+                   WIDE, EVEN, BATCH_T0, MIN_VAR, False, BLOCK)
+    elif PHASE == _SAMPLE_PHASE:
         b = first_image + tl.program_id(1)
         if WIDE:
             b = b.to(tl.int64)
         sigma_r2, sigma_s2 = _sigmas2(sigma_r_ptr, sigma_s_ptr, b, COMPUTE)
         tau_star_max = _float(tl.load(sync_ptr if BATCH_T0 else sync_ptr + 3 + 3 * b), COMPUTE)
         t0 = tl.load(u_ptr + b).to(COMPUTE) * tau_star_max
-        for t in tl.static_range(_SAMPLE_TILES):
-            _sample_tile((tl.program_id(0) * _SAMPLE_TILES + t) * BLOCK, b, sigma_r2, sigma_s2, min_var, t0, x0_ptr,
-                         eps_t_ptr, eps_p_ptr, sched_ptr, y_ptr, x_t_ptr, tau_ptr, target_ptr, HW, W, sb, sc, sh, sw,
-                         seed, offset_lo, offset_hi, C, T, COMPUTE, LAYOUT, EVEN, EPS_T_TENSOR, EPS_PRIME_TENSOR,
-                         CORRELATED, PER_CHANNEL, MIN_VAR, BLOCK)
+        _sample_tiles(tl.program_id(0), b, sigma_r2, sigma_s2, t0, min_var, x0_ptr, eps_t_ptr, eps_p_ptr, sched_ptr,
+                      y_ptr, x_t_ptr, tau_ptr, target_ptr, HW, W, sb, sc, sh, sw, seed, offset_lo, offset_hi, C, T,
+                      COMPUTE, LAYOUT, EVEN, EPS_T_TENSOR, EPS_PRIME_TENSOR, CORRELATED, PER_CHANNEL, MIN_VAR, BLOCK)
+    else:
+        # both phases, grid (tiles / SAMPLE_TILES, max rows + images): a program's part is the ticket it takes,
+        # the max rows' first, so a sample program waits only for max programs already running, whatever
+        # order the GPU starts programs in
+        slots = _ordered_slots(sync_ptr, end_image)
+        images = end_image - first_image
+        programs = tl.num_programs(0)
+        ticket = tl.atomic_add(slots, 1, sem="relaxed")
+        row = _small_div(ticket, programs)
+        program = ticket - row * programs
+        max_rows = tl.num_programs(1) - images
+        if row < max_rows:
+            _max_tiles(x0_ptr, sigma_r_ptr, sigma_s_ptr, sched_ptr, sync_ptr, program, programs, row, first_image,
+                       end_image, HW, W, sb, sc, sh, sw, min_var, C, T, COMPUTE, LAYOUT, WIDE, EVEN, BATCH_T0,
+                       MIN_VAR, True, BLOCK)
+        else:
+            b = first_image + row - max_rows
+            if WIDE:
+                b = b.to(tl.int64)
+            image_sync = sync_ptr + 1 + 3 * b
+            sigma_r2, sigma_s2 = _sigmas2(sigma_r_ptr, sigma_s_ptr, b, COMPUTE)
+            # wait for tau*max, then read it through L2, where the atomics went
+            if BATCH_T0:
+                while tl.atomic_add(slots + 1, 0, sem="acquire") < images:
+                    pass
+                tau_star_max = tl.atomic_max(sync_ptr, 0, sem="relaxed")
+            else:
+                groups = tl.cdiv(programs, _MAX_TILES // _SAMPLE_TILES)
+                while tl.atomic_add(image_sync + 1, 0, sem="acquire") <= groups:   # groups + 1 once ready
+                    pass
+                tau_star_max = tl.atomic_max(image_sync + 2, 0, sem="relaxed")
+            t0 = tl.load(u_ptr + b).to(COMPUTE) * _float(tau_star_max, COMPUTE)
+            _sample_tiles(program, b, sigma_r2, sigma_s2, t0, min_var, x0_ptr, eps_t_ptr, eps_p_ptr, sched_ptr, y_ptr,
+                          x_t_ptr, tau_ptr, target_ptr, HW, W, sb, sc, sh, sw, seed, offset_lo, offset_hi, C, T,
+                          COMPUTE, LAYOUT, EVEN, EPS_T_TENSOR, EPS_PRIME_TENSOR, CORRELATED, PER_CHANNEL, MIN_VAR,
+                          BLOCK)
+            # the last program to finish leaves every slot zero for the next launch (_workspace)
+            if tl.atomic_add(slots + 3 + b, 1, sem="acq_rel") == programs - 1:
+                tl.store(image_sync, 0)
+                tl.store(image_sync + 1, 0)
+                tl.store(image_sync + 2, 0)
+                tl.store(slots + 3 + b, 0)
+                if tl.atomic_add(slots + 2, 1, sem="acq_rel") == images - 1:
+                    tl.store(sync_ptr, 0)
+                    tl.store(slots, 0)
+                    tl.store(slots + 1, 0)
+                    tl.store(slots + 2, 0)
 
 
-def _images_per_chunk(x0: torch.Tensor) -> int:
-    """Images whose x0 fits in L2_SHARE of the device's L2 cache (the whole batch off the GPU)."""
+def _launch_limits(x0: torch.Tensor) -> tuple[int, int]:
+    """(images per chunk: those whose x0 fits in L2_SHARE of the L2 cache, the most programs an ordered launch
+    has: one per SM) on x0's device; off the GPU the whole batch and an H100's 132 SMs."""
     if not x0.is_cuda:
-        return x0.shape[0]
-    index = x0.device.index if x0.device.index is not None else torch.cuda.current_device()
-    if index not in _L2_BYTES:
-        _L2_BYTES[index] = torch.cuda.get_device_properties(index).L2_cache_size
-    image_bytes = x0[0].numel() * x0.element_size()
-    return max(1, int(_L2_BYTES[index] * L2_SHARE) // max(1, image_bytes))
+        return x0.shape[0], 132
+    index = x0.get_device()
+    limits = _DEVICES.get(index)
+    if limits is None:
+        properties = torch.cuda.get_device_properties(index)
+        limits = _DEVICES[index] = (int(properties.L2_cache_size * L2_SHARE), properties.multi_processor_count)
+    l2_share, sms = limits
+    return max(1, l2_share // max(1, x0.numel() // x0.shape[0] * x0.element_size())), sms
 
 
 @functools.lru_cache(maxsize=64)
-def _plan(shape, strides, dtype, T, eps_t_tensor, eps_prime_tensor, correlated, per_channel, batch_t0, min_var, chunk):
-    """(the launches as (grid, first image, end image, MAX_PHASE), the integer arguments, the constexprs) on
-    x0 of this shape and these strides (eps_T and eps' take them too)."""
+def _plan(shape, strides, dtype, T, eps_t_tensor, eps_prime_tensor, correlated, per_channel, batch_t0, min_var, chunk,
+          ordered_programs):
+    """(the launches as (grid, first image, end image, constexprs), the sync's size, whether it is an ordered
+    launch's, the integer arguments) on x0 of this shape and these strides (eps_T and eps' take them too)."""
     B, C, H, W = shape
     tiles, _ = grid(H * W, B)
     programs = -(-tiles // SAMPLE_TILES)
     images_per_max_row = programs // -(-programs // (MAX_TILES // SAMPLE_TILES))
-    # per chunk, the max phase then the sample phase, which reads x0 again from L2
-    launches = []
-    for first in range(0, B, chunk):
-        end = min(first + chunk, B)
-        launches += [((programs, -(-(end - first) // images_per_max_row)), first, end, True),
-                     ((programs, end - first), first, end, False)]
-    return launches, (H * W, W, *strides), dict(
+    constants = dict(
         C=C, T=T, COMPUTE=TL_DTYPE[compute_dtype(dtype)], LAYOUT=plane_layout(shape, strides),
         WIDE=wide_offsets(shape, strides), EVEN=H * W % (MAX_TILES * BLOCK) == 0, EPS_T_TENSOR=eps_t_tensor,
         EPS_PRIME_TENSOR=eps_prime_tensor, CORRELATED=correlated, PER_CHANNEL=per_channel, BATCH_T0=batch_t0,
         MIN_VAR=min_var, BLOCK=BLOCK)
+    max_rows = -(-B // images_per_max_row)
+    ints = (H * W, W, *strides)
+    if chunk >= B and programs * (max_rows + B) <= ordered_programs:
+        return [((programs, max_rows + B), 0, B, {**constants, "PHASE": ORDERED})], 4 + 4 * B, True, ints
+    # per chunk, the max phase then the sample phase, which reads x0 again from L2
+    launches = []
+    for first in range(0, B, chunk):
+        end = min(first + chunk, B)
+        launches += [((programs, -(-(end - first) // images_per_max_row)), first, end,
+                      {**constants, "PHASE": MAX_PHASE}),
+                     ((programs, end - first), first, end, {**constants, "PHASE": SAMPLE_PHASE})]
+    return launches, 1 + 3 * B, False, ints
+
+
+def _workspace(x0: torch.Tensor, size: int) -> torch.Tensor:
+    """`size` int64 zeros for an ordered launch's sync on x0's device. The launch leaves them zero, so one
+    workspace per device and stream serves every launch that stream runs one after another (on the CPU the
+    interpreter finishes a launch before the next). A launch being captured into a CUDA graph gets a workspace
+    of its own: the graph may be replayed on another stream, beside launches on this one."""
+    if x0.is_cuda:
+        index = x0.get_device()
+        if torch.cuda.is_current_stream_capturing():
+            return x0.new_zeros(size, dtype=torch.int64)
+        key = (index, driver.active.get_current_stream(index))
+    else:
+        key = x0.device
+    found = _WORKSPACES.get(key)
+    if found is None or found.numel() < size:
+        found = _WORKSPACES[key] = x0.new_zeros(size, dtype=torch.int64)
+    return found
 
 
 def training_sample(x0, sigma_r, sigma_s, u, table, correlated, eps_T, eps_prime, seed, offset, per_channel, batch_t0,
@@ -284,13 +389,15 @@ def training_sample(x0, sigma_r, sigma_s, u, table, correlated, eps_T, eps_prime
     tau = y.new_empty((B, C if per_channel else 1, H, W), dtype=compute_dtype(x0.dtype))
     if x0.numel() == 0:
         return y, x_t, tau, target
-    launches, ints, constants = _plan(x0.shape, x0.stride(), x0.dtype, table.numel() - 1, eps_T is not None,
-                                      eps_prime is not None, bool(correlated), bool(per_channel), bool(batch_t0),
-                                      min_std > 0, B if batch_t0 else _images_per_chunk(x0))
+    chunk, ordered_programs = _launch_limits(x0)
+    launches, sync_size, ordered, ints = _plan(
+        x0.shape, x0.stride(), x0.dtype, table.numel() - 1, eps_T is not None, eps_prime is not None,
+        bool(correlated), bool(per_channel), bool(batch_t0), min_std > 0, B if batch_t0 else chunk, ordered_programs)
+    sync = _workspace(x0, sync_size) if ordered else x0.new_zeros(sync_size, dtype=torch.int64)
     args = (x0, like_strides(eps_T, x0) if eps_T is not None else x0,
             like_strides(eps_prime, x0) if eps_prime is not None else x0, sigma_r, sigma_s, u,
-            prepared_schedule(table), y, x_t, tau, target, y.new_zeros(1 + 3 * B, dtype=torch.int64), *ints)
+            prepared_schedule(table), y, x_t, tau, target, sync, *ints)
     scalars = (float(min_std) ** 2, seed, *split_offset(offset))
-    for grid_, first, end, max_phase in launches:
-        run(_training_sample_kernel, grid_, x0, *args, first, end, *scalars, MAX_PHASE=max_phase, **constants)
+    for grid_, first, end, constants in launches:
+        run(_training_sample_kernel, grid_, x0, *args, first, end, *scalars, **constants)
     return y, x_t, tau, target

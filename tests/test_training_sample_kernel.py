@@ -1,7 +1,7 @@
 """The Triton training_sample kernel (kernels/training_sample.py) against the eager reference, through svnr_fast.ops.
 
-The whole batch in one chunk (two launches) and in chunks of one and two images (one launch per chunk
-and one more). Explicit noise: float32 max-norm relative error < 1e-5, float64 < 1e-12, float16/bfloat16 within 2x the
+Both phases in one ordered launch, and in two launches per chunk: the whole batch in one chunk, and
+chunks of one and two images. Explicit noise: float32 max-norm relative error < 1e-5, float64 < 1e-12, float16/bfloat16 within 2x the
 eager error (tests/triton_devices.py). In-kernel noise: statistics of the eps_T and eps' it draws.
 """
 import pytest
@@ -38,11 +38,13 @@ def sample_inputs(shape, device, dtype=torch.float32, seed=0, table=TABLE):
     return (*data, sigma_r.to(device), sigma_s.to(device), u.to(device), table.to(device))
 
 
-@pytest.fixture(params=[None, 1, 2], ids=["one_chunk", "chunks_of_1", "chunks_of_2"])
+@pytest.fixture(params=[None, "whole batch", 1, 2], ids=["ordered", "one_chunk", "chunks_of_1", "chunks_of_2"])
 def chunk(request, monkeypatch):
-    """Images per chunk of the kernel's launches (None: the whole batch, as on a CPU)."""
+    """How the kernel's launches go: both phases in one ordered launch (None: what small batches get), or
+    two launches per chunk of the whole batch, of one or of two images."""
     if request.param is not None:
-        monkeypatch.setattr(kernel, "_images_per_chunk", lambda x0: request.param)
+        images = request.param
+        monkeypatch.setattr(kernel, "_launch_limits", lambda x0: (x0.shape[0] if images == "whole batch" else images, 0))
     return request.param
 
 
@@ -134,6 +136,24 @@ def test_larger_images_match_reference(backend, device, shape, chunk):
     want = reference.training_sample(x0, sigma_r, sigma_s, u, table, **kwargs)
     assert_matches(got, want)
     assert torch.equal(got.tau == 0, want.tau == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ordered_launch_leaves_its_workspace_zero(backend, device):
+    """The next ordered launch on the stream reuses the workspace: every slot is back at zero after a launch (a
+    slot left set would miscount the next launch's tickets or max programs, or hand it this launch's tau*max),
+    with one t0 per image and per batch, and a larger batch next."""
+    backend("triton")
+    for shape, t0_per in (((3, 2, 40, 40), "image"), ((2, 2, 40, 40), "batch"), ((5, 1, 9, 11), "image")):
+        x0, eps_T, eps_prime, sigma_r, sigma_s, u, table = sample_inputs(shape, device)
+        u = u[:1] if t0_per == "batch" else u
+        kwargs = dict(eps_T=eps_T, eps_prime=eps_prime, t0_per=t0_per)
+        want = reference.training_sample(x0, sigma_r, sigma_s, u, table, **kwargs)
+        for _ in range(2):
+            assert_matches(ops.training_sample(x0, sigma_r, sigma_s, u, table, **kwargs), want)
+        workspaces = list(kernel._WORKSPACES.values())
+        assert max(w.numel() for w in workspaces) >= 4 + 4 * shape[0]   # the ordered launch ran
+        assert not any(w.any() for w in workspaces)
 
 
 @pytest.mark.parametrize("device", DEVICES)
