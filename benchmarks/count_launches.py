@@ -39,8 +39,9 @@ NO_LAUNCH = {
     "aten::resolve_conj", "aten::resolve_neg", "aten::promote_types", "aten::scalar_tensor", "aten::dropout",
     "aten::feature_dropout", "aten::item", "aten::size", "aten::stride", "aten::dim", "aten::is_contiguous",
 }
-# kernels per call of each svnr op on CUDA (kernels/*.py, csrc/groupnorm_film_cuda.cu)
-SVNR_LAUNCHES = {"svnr::gamma": 1, "svnr::time_from_variance": 1, "svnr::time_map": 1, "svnr::training_sample": 2,
+# kernels per call of each svnr op on CUDA (kernels/*.py, csrc/groupnorm_film_cuda.cu); training_sample: one
+# ordered launch where its programs fit one per SM, else a zero fill and two launches per chunk of images
+SVNR_LAUNCHES = {"svnr::gamma": 1, "svnr::time_from_variance": 1, "svnr::time_map": 1, "svnr::training_sample": 1,
                  "svnr::reverse_step": 1, "svnr::groupnorm_film": 1, "svnr::groupnorm_film_backward": 3,
                  "svnr::bridge_sample": 1}
 

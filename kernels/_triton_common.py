@@ -426,6 +426,12 @@ def run(kernel, grid: tuple, data: torch.Tensor, *args, **constants) -> None:
     """kernel[grid](*args) on the device of `data`: Triton launches on the current CUDA device, which
     need not be the data's (a custom op gets no device guard). Compiled kernels go through
     kernels/_launch.py (a few microseconds of Python where kernel[grid] takes ~20)."""
+    launch(kernel, grid, data, args, constants)
+
+
+def launch(kernel, grid: tuple, data: torch.Tensor, args: tuple, constants: dict) -> None:
+    """run(kernel, grid, data, *args, **constants) with the constexprs in a dict an op keeps from call to call
+    (neither packed again here, nor unpacked)."""
     fast = launcher(kernel, LAUNCH)
     if fast is not None:
         fast(grid, data.get_device(), args, constants)

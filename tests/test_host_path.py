@@ -121,6 +121,7 @@ def _cases():
     strided, eps_strided = image(2, 3, 32, 64)[..., ::2], image(2, 3, 32, 64)[..., ::2]
     tau_strided = tau.transpose(2, 3)
     one = image(1, 1, 1, 1)
+    large = image(2, 1, 512, 512)
     return [
         ("gamma", lambda: lookup.gamma(tau, table)),
         ("time_from_variance", lambda: lookup.time_from_variance(x, table)),
@@ -144,6 +145,8 @@ def _cases():
             x, per_image, per_image, per_image, table, False, eps, z, 7, 3, False, False, 0.0)),
         ("training_sample per-channel, one t0 per batch, std floor", lambda: training_sample.training_sample(
             x, per_image, per_image, per_image, table, True, None, None, 7, 3, True, True, 0.05)),
+        ("training_sample two-pass (more programs than SMs)", lambda: training_sample.training_sample(
+            large, per_image, per_image, per_image, table, True, None, None, 7, 3, False, False, 0.0)),
         ("reverse_step per-channel", lambda: reverse_step.reverse_step(
             x, eps, image(2, 3, 32, 32) * 100, per_image, table, 1.0, None, None, None, 7, 3, False)),
     ]
@@ -161,10 +164,14 @@ def _compare_launches() -> dict:
     record = bench_host_path.LaunchRecord
     launches = []
 
-    def recording_run(kernel, grid, data, *args, **constants):
+    def recording_launch(kernel, grid, data, args, constants):
         launches.append((kernel, grid, data, args, constants))
         real_run(kernel, grid, data, *args, **constants)
 
+    def recording_run(kernel, grid, data, *args, **constants):
+        recording_launch(kernel, grid, data, args, constants)
+
+    recording = {"run": recording_run, "launch": recording_launch}    # what the modules launch through
     real_run = _triton_common.run
     modules = [sys.modules[f"svnr_fast.kernels.{name}"] for name in ("lookup", "reverse_step", "training_sample")]
     triton_runs = []
@@ -172,12 +179,16 @@ def _compare_launches() -> dict:
     for name, call in _cases():
         launches.clear()
         for module in modules:
-            module.run = recording_run
+            for function, recorder in recording.items():
+                if hasattr(module, function):
+                    setattr(module, function, recorder)
         try:
             call()
         finally:
             for module in modules:
-                module.run = real_run
+                for function in recording:
+                    if hasattr(module, function):
+                        setattr(module, function, getattr(_triton_common, function))
         for kernel, grid, data, args, constants in launches:
             through_triton = kernel.run
             kernel.run = lambda *a, _run=through_triton, **k: (triton_runs.append(1), _run(*a, **k))[1]

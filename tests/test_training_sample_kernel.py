@@ -19,6 +19,7 @@ from triton_devices import (
 )
 
 from svnr_fast import Schedule, ops, reference
+from svnr_fast.ops import _checks
 
 TABLE = Schedule().table
 
@@ -44,8 +45,11 @@ def chunk(request, monkeypatch):
     two launches per chunk of the whole batch, of one or of two images."""
     if request.param is not None:
         images = request.param
-        monkeypatch.setattr(kernel, "_launch_limits", lambda x0: (x0.shape[0] if images == "whole batch" else images, 0))
-    return request.param
+        monkeypatch.setattr(kernel, "_launch_limits",
+                            lambda shape, dtype, device: (shape[0] if images == "whole batch" else images, 0))
+    kernel._plan.cache_clear()
+    yield request.param
+    kernel._plan.cache_clear()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -235,3 +239,31 @@ def test_large_batch_on_cuda(backend, dtype, chunk):
         exact = reference.training_sample(x0.double(), sigma_r, sigma_s, u, table, eps_T=eps_T.double(),
                                           eps_prime=eps_prime.double())
         assert_low_precision_ok(got[:2] + got[3:], eager[:2] + eager[3:], exact[:2] + exact[3:])
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("t0_per_batch", [False, True], ids=["t0_per_image", "t0_per_batch"])
+def test_cuda_graph_of_the_ordered_launch(backend, t0_per_batch):
+    """A captured ordered launch gets a workspace of its own (not the stream's cached one), and its replays,
+    between eager calls, give the eager results."""
+    backend("triton")
+    x0, _, _, sigma_r, sigma_s, u, table = sample_inputs((2, 3, 32, 32), "cuda")
+    checked = _checks.training_sample_args(x0, sigma_r, sigma_s, u[:1] if t0_per_batch else u, table, None, None, 5,
+                                           2, "batch" if t0_per_batch else "image")
+    args = (x0, checked.sigma_r, checked.sigma_s, checked.u, checked.table, True, None, None, 5, 2, False,
+            t0_per_batch, 0.0)
+    eager = torch.ops.svnr.training_sample(*args)
+    cached = dict(kernel._WORKSPACES)
+    assert cached                                  # the eager call made an ordered launch
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = torch.ops.svnr.training_sample(*args)
+    assert kernel._WORKSPACES.keys() == cached.keys()
+    assert all(kernel._WORKSPACES[key] is workspace for key, workspace in cached.items())
+    for _ in range(2):
+        graph.replay()
+        between = torch.ops.svnr.training_sample(*args)
+        torch.cuda.synchronize()
+        for got, again, want in zip(captured, between, eager):
+            assert torch.equal(got, want) and torch.equal(again, want)
