@@ -286,7 +286,7 @@ def _training_sample_kernel(x0_ptr, eps_t_ptr, eps_p_ptr, sigma_r_ptr, sigma_s_p
         slots = _ordered_slots(sync_ptr, end_image)
         images = end_image - first_image
         programs = tl.num_programs(0)
-        ticket = tl.atomic_add(slots, 1, sem="relaxed")
+        ticket = tl.atomic_add(slots, 1, sem="relaxed").to(tl.int32)
         row = _small_div(ticket, programs)
         program = ticket - row * programs
         max_rows = tl.num_programs(1) - images
