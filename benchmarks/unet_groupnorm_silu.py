@@ -1,0 +1,74 @@
+"""The bundled UNet on the CPU with its GroupNorm + SiLU pairs fused (svnr::groupnorm_silu, the model as it is)
+and unfused (each GroupNormSiLU swapped for nn.GroupNorm then nn.SiLU on the same parameters: the model as it
+was), in one process:
+  - the network forward at 1x3xSxS, best of --repeats, the two models alternating (a quiet spell helps both);
+  - the largest difference of their network outputs and of a whole `denoise` of a noisy SxS photo (defaults).
+
+    python benchmarks/unet_groupnorm_silu.py [--size 256] [--repeats 10]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+from torch import nn
+
+from svnr_fast import denoise
+from svnr_fast.app.denoise import default_model
+from svnr_fast.nn import GroupNormSiLU
+from svnr_fast.ops import backends
+
+
+def unfused(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose GroupNormSiLU modules are nn.GroupNorm followed by nn.SiLU."""
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, GroupNormSiLU):
+                norm = nn.GroupNorm(child.groups, child.channels, child.eps)
+                norm.weight, norm.bias = child.weight, child.bias
+                setattr(parent, name, nn.Sequential(norm, nn.SiLU()))
+    return model
+
+
+def seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    choice = backends.choose("groupnorm_silu", "cpu")
+    fused_model = default_model("cpu")
+    models = {"fused": fused_model, "unfused": unfused(fused_model)}
+    gen = torch.Generator().manual_seed(0)
+    S = args.size
+    clean = torch.rand(1, 3, S, S, generator=gen)
+    y = (clean + 0.1 * torch.randn(clean.shape, generator=gen)).clamp(0, 1)
+    x_t = torch.rand(1, 3, S, S, generator=gen)
+    tau = torch.rand(1, 1, S, S, generator=gen) * 300
+
+    with torch.inference_mode():
+        outputs = {name: model.network(y, x_t, tau) for name, model in models.items()}
+        best = {name: float("inf") for name in models}
+        for _ in range(args.repeats):
+            for name, model in models.items():
+                best[name] = min(best[name], seconds(lambda: model.network(y, x_t, tau)))
+        photo = {name: denoise(y[0], (0.1, 0.0), model=model) for name, model in models.items()}
+
+    print(f"groupnorm_silu on cpu: {choice.backend} ({choice.reason}); torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"UNet network forward 1x3x{S}x{S}, best of {args.repeats}: fused {best['fused'] * 1e3:.1f} ms, "
+          f"unfused {best['unfused'] * 1e3:.1f} ms ({best['unfused'] / best['fused']:.2f}x)")
+    print(f"max |fused - unfused|: network output {(outputs['fused'] - outputs['unfused']).abs().max():.2e}, "
+          f"denoised photo {(photo['fused'] - photo['unfused']).abs().max():.2e}")
+
+
+if __name__ == "__main__":
+    main()
