@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import time
 
 import torch
@@ -59,7 +60,7 @@ def main() -> None:
         best = {name: float("inf") for name in models}
         for _ in range(args.repeats):
             for name, model in models.items():
-                best[name] = min(best[name], seconds(lambda: model.network(y, x_t, tau)))
+                best[name] = min(best[name], seconds(functools.partial(model.network, y, x_t, tau)))
         photo = {name: denoise(y[0], (0.1, 0.0), model=model) for name, model in models.items()}
 
     print(f"groupnorm_silu on cpu: {choice.backend} ({choice.reason}); torch {torch.__version__}, "

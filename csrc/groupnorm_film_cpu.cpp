@@ -306,7 +306,8 @@ void forward_nchw(const Film<S>& f, int threads) {
       } else {
         const T w = f.weight[c], bias = f.bias[c];
 #pragma omp simd
-        for (int64_t p = 0; p < HW; ++p) store(out[p], math::activate<Silu>(math::normalize(load(xc[p]), mu, rs) * w + bias));
+        for (int64_t p = 0; p < HW; ++p)
+          store(out[p], math::activate<Silu>(math::normalize(load(xc[p]), mu, rs) * w + bias));
       }
     }
   }
@@ -338,7 +339,8 @@ PlaneSums backward_plane(const S* grad_out, const S* x, int64_t pixels, const st
       const T xhat = math::normalize(load(x[p]), mean, rstd);
       T grad_n;
       if constexpr (WithFilm) {
-        const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(grad_out[p])), xhat, w, b, dscale[p], dshift[p]);
+        const math::FilmGrad<T> grad =
+            math::film_grad<Silu>(T(load(grad_out[p])), xhat, w, b, dscale[p], dshift[p]);
         grad_n = grad.dn;
         dscale[p] = grad.dscale;
         dshift[p] = grad.dpre;
@@ -595,7 +597,8 @@ void backward_nhwc(const Film<S>& f, int threads) {
   // per slice of the (image, pixel block) tasks: sums of g and g * frac per (channel, segment k) of the
   // table gradient, g = d[scale | shift]
   const int64_t tasks = B * blocks;
-  const int64_t slices = WithFilm ? slice_count(min64(tasks, kSliceTasks), B * C * HW, C, K) : min64(tasks, kSliceTasks);
+  const int64_t wanted = min64(tasks, kSliceTasks);
+  const int64_t slices = WithFilm ? slice_count(wanted, B * C * HW, C, K) : wanted;
   Buffer<SegmentSums> segments(WithFilm ? slices * K * C : 0, SegmentSums{0, 0, 0, 0});
 
 #pragma omp parallel for num_threads(threads) schedule(static)

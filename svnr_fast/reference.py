@@ -365,7 +365,7 @@ def _groupnorm_silu_backward(grad_out, h, gn_weight, gn_bias, mean, rstd, groups
     B, C, H, W = h.shape
     x, w = h.to(dtype).contiguous(), gn_weight.to(dtype)
     mean, rstd = mean.to(dtype), rstd.to(dtype)
-    xhat = (x.reshape(B, groups, -1) - mean.reshape(B, groups, 1)) * rstd.reshape(B, groups, 1)
+    xhat = (x.reshape(B, groups, C // groups * H * W) - mean.reshape(B, groups, 1)) * rstd.reshape(B, groups, 1)
     n = xhat.reshape(B, C, H, W) * w.view(1, C, 1, 1) + gn_bias.to(dtype).view(1, C, 1, 1)
     dn = torch.ops.aten.silu_backward(grad_out.to(dtype).contiguous(), n)
     grad_h, grad_weight, grad_bias = torch.ops.aten.native_group_norm_backward(

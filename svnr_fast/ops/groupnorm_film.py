@@ -122,7 +122,7 @@ backends.register_autograd("groupnorm_film", _backward, _setup_context)
 
 
 def _setup_silu_context(ctx, inputs, output):
-    h, gn_weight, gn_bias, groups, eps = inputs
+    h, gn_weight, gn_bias, groups, _ = inputs
     _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.save_for_backward(h, gn_weight, gn_bias, mean, rstd)
