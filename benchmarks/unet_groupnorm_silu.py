@@ -1,10 +1,12 @@
 """The bundled UNet on the CPU with its GroupNorm + SiLU pairs fused (svnr::groupnorm_silu, the model as it is)
 and unfused (each GroupNormSiLU swapped for nn.GroupNorm then nn.SiLU on the same parameters: the model as it
 was), in one process:
-  - the network forward at 1x3xSxS, best of --repeats, the two models alternating (a quiet spell helps both);
+  - the network forward at 1x3xSxS, best of --repeats, the two models alternating (a quiet spell helps both):
+    wall time, and the process's CPU time, which other jobs on a shared machine disturb less (with --threads 1
+    it is the forward's own compute time);
   - the largest difference of their network outputs and of a whole `denoise` of a noisy SxS photo (defaults).
 
-    python benchmarks/unet_groupnorm_silu.py [--size 256] [--repeats 10]
+    python benchmarks/unet_groupnorm_silu.py [--size 256] [--repeats 10] [--threads N]
 """
 from __future__ import annotations
 
@@ -34,17 +36,21 @@ def unfused(model: nn.Module) -> nn.Module:
     return model
 
 
-def seconds(fn) -> float:
-    start = time.perf_counter()
+def seconds(fn) -> tuple[float, float]:
+    """(wall, process CPU) seconds of fn()."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     choice = backends.choose("groupnorm_silu", "cpu")
     fused_model = default_model("cpu")
     models = {"fused": fused_model, "unfused": unfused(fused_model)}
@@ -57,16 +63,19 @@ def main() -> None:
 
     with torch.inference_mode():
         outputs = {name: model.network(y, x_t, tau) for name, model in models.items()}
-        best = {name: float("inf") for name in models}
+        best = {name: (float("inf"), float("inf")) for name in models}
         for _ in range(args.repeats):
             for name, model in models.items():
-                best[name] = min(best[name], seconds(functools.partial(model.network, y, x_t, tau)))
+                wall, cpu = seconds(functools.partial(model.network, y, x_t, tau))
+                best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
         photo = {name: denoise(y[0], (0.1, 0.0), model=model) for name, model in models.items()}
 
     print(f"groupnorm_silu on cpu: {choice.backend} ({choice.reason}); torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
-    print(f"UNet network forward 1x3x{S}x{S}, best of {args.repeats}: fused {best['fused'] * 1e3:.1f} ms, "
-          f"unfused {best['unfused'] * 1e3:.1f} ms ({best['unfused'] / best['fused']:.2f}x)")
+    for i, clock in enumerate(("wall", "CPU")):
+        fused, unfused_ = best["fused"][i] * 1e3, best["unfused"][i] * 1e3
+        print(f"UNet network forward 1x3x{S}x{S}, best of {args.repeats}, {clock} time: fused {fused:.1f} ms, "
+              f"unfused {unfused_:.1f} ms ({unfused_ / fused:.2f}x)")
     print(f"max |fused - unfused|: network output {(outputs['fused'] - outputs['unfused']).abs().max():.2e}, "
           f"denoised photo {(photo['fused'] - photo['unfused']).abs().max():.2e}")
 
