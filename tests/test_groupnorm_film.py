@@ -193,16 +193,22 @@ def test_results_do_not_depend_on_the_thread_count(backend, layout):
     backend("cpp")
     h, u, table, weight, bias, groups = film_inputs((4, 16, 40, 30, 4), layout=layout)
     grad_out = torch.randn(h.shape)
+    single, several = on_one_and_several_threads(lambda: run(ops, h, u, table, weight, bias, groups, "silu",
+                                                             grad_out))
+    for name, a, b in zip(NAMES, single, several):
+        assert torch.equal(a, b), name
+
+
+def on_one_and_several_threads(fn):
+    """(fn() on one torch thread, fn() on at least two)."""
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        single = run(ops, h, u, table, weight, bias, groups, "silu", grad_out)
+        single = fn()
         torch.set_num_threads(max(2, threads))
-        several = run(ops, h, u, table, weight, bias, groups, "silu", grad_out)
+        return single, fn()
     finally:
         torch.set_num_threads(threads)
-    for name, a, b in zip(NAMES, single, several):
-        assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -379,14 +385,7 @@ def test_silu_reference_backward_is_the_autograd_of_group_norm_and_silu():
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_silu_results_do_not_depend_on_the_thread_count(fused_cpu, layout):
     h, weight, bias, groups, grad_out = silu_inputs((4, 16, 40, 30, 4), layout=layout)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        single = run_silu(ops, h, weight, bias, groups, grad_out)
-        torch.set_num_threads(max(2, threads))
-        several = run_silu(ops, h, weight, bias, groups, grad_out)
-    finally:
-        torch.set_num_threads(threads)
+    single, several = on_one_and_several_threads(lambda: run_silu(ops, h, weight, bias, groups, grad_out))
     for name, a, b in zip(SILU_NAMES, single, several):
         assert torch.equal(a, b), name
 
