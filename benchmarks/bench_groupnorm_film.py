@@ -9,9 +9,14 @@ model's per-level maps are). On CPU, float32 and the C++ kernel; gpu_cases() add
 bytes_moved (the fewest bytes each pass must move; roofline in csrc/groupnorm_film_{cpu.cpp,cuda.cu}):
   fwd 2 s n (read h, write out), bwd 3 s n (read grad_out and h, write grad_h), fwd_bwd 5 s n, for n
   elements of s bytes, plus u (4 bytes per pixel) per pass and the table (and its gradient) once.
+
+groupnorm_silu (the same without FiLM, what the UNet's norm_in and norm_out run): the fused op against what it
+replaced, F.silu(F.group_norm(...)), fwd and fwd_bwd, at 8x64x128x128 and a small shape, on the CPU (on CUDA
+tensors the op runs torch's kernels: no fused row).
 """
 import pytest
 import torch
+import torch.nn.functional as F
 from common import Case, dtype_name
 
 from svnr_fast import reference
@@ -90,10 +95,10 @@ def case(pass_: str, shape, dtype, device, compiled=None) -> Case:
                 eager=timed(eager, pass_, *args), compiled=timed(compiled, pass_, *args))
 
 
-def require_fused(device: str) -> None:
+def require_fused(device: str, op_names=("groupnorm_film", "groupnorm_film_backward")) -> None:
     """The fused column must time the C++/CUDA kernel, not a fallback."""
     device_type = torch.device(device).type
-    for op in ("groupnorm_film", "groupnorm_film_backward"):
+    for op in op_names:
         choice = backends.choose(op, device_type)
         if choice.backend not in ("cpp", "cuda"):
             raise RuntimeError(f"{op} on {device_type} dispatches to {choice.backend} ({choice.reason}), not the "
@@ -152,3 +157,41 @@ def test_groupnorm_film(benchmark, compiled_module_wide, shape, pass_, impl):
         benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=20, warmup_rounds=2)
     else:
         benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
+
+
+SILU_SHAPES = [(8, 64, 128, 128), (2, 64, 16, 16)]
+
+
+def fused_silu(h, weight, bias):
+    return torch.ops.svnr.groupnorm_silu(h, weight, bias, GROUPS, EPS)[0]
+
+
+def eager_silu(h, weight, bias):
+    return F.silu(F.group_norm(h, GROUPS, weight, bias, EPS))
+
+
+@pytest.mark.parametrize("impl", ["eager", "fused"])
+@pytest.mark.parametrize("pass_", ("fwd", "fwd_bwd"))
+@pytest.mark.parametrize("shape", SILU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_groupnorm_silu(benchmark, shape, pass_, impl):
+    if impl == "fused":
+        try:
+            require_fused("cpu", ("groupnorm_silu", "groupnorm_silu_backward"))
+        except RuntimeError as err:
+            pytest.skip(str(err))
+    forward = {"eager": eager_silu, "fused": fused_silu}[impl]
+    h, _, _, weight, bias, grad_out = inputs(shape, torch.float32, "cpu")
+    if pass_ == "fwd":
+        def fn():
+            with torch.no_grad():
+                return forward(h, weight, bias)
+    else:
+        leaves = [t.detach().clone().requires_grad_() for t in (h, weight, bias)]
+
+        def fn():
+            return torch.autograd.grad(forward(*leaves), leaves, grad_out)
+    benchmark.group = f"groupnorm_silu_{pass_} {'x'.join(map(str, shape))} float32"
+    elements = h.numel()
+    benchmark.extra_info["bytes_moved"] = {"fwd": 2, "fwd_bwd": 5}[pass_] * 4 * elements   # no u, no table
+    fn()
+    benchmark.pedantic(fn, rounds=5 if elements > 1_000_000 else 50, warmup_rounds=1)

@@ -47,7 +47,7 @@ void* pointer(Address address) { return reinterpret_cast<void*>(address); }
 
 // groupnorm_film's Python arguments: shape = (dtype code, B, C, H*W, groups, K, channels_last) and the
 // addresses of (h, u, table, weight, bias, out, mean, rstd, grad_out, grad_h, grad_table, grad_weight,
-// grad_bias), 0 for those the pass does not use.
+// grad_bias), 0 for those the pass does not use. K = 0: no table, no FiLM (svnr::groupnorm_silu).
 using FilmShape = std::array<std::int64_t, 7>;
 using FilmTensors = std::array<Address, 13>;
 
@@ -75,6 +75,7 @@ svnr::GroupNormFilmArgs film_args(const FilmShape& shape, const FilmTensors& t, 
   args.grad_bias = pointer(t[12]);
   args.eps = eps;
   args.silu = silu;
+  args.film = args.knots != 0;
   return args;
 }
 
@@ -84,7 +85,8 @@ void bind_groupnorm_film(py::module_& m) {
   const char* doc =
       "groupnorm_film_<device>(backward, shape, tensors, eps, silu, ...): shape = (dtype code (0 float32, 1 "
       "float64, 2 bfloat16, 3 float16), B, C, H*W, groups, K, channels_last), tensors = the addresses of (h, u, "
-      "table, weight, bias, out, mean, rstd, grad_out, grad_h, grad_table, grad_weight, grad_bias), 0 where unused";
+      "table, weight, bias, out, mean, rstd, grad_out, grad_h, grad_table, grad_weight, grad_bias), 0 where unused; "
+      "K = 0 (CPU only): GroupNorm + act without FiLM";
   m.def(
       "groupnorm_film_cpu",
       [](bool backward, const FilmShape& shape, const FilmTensors& tensors, double eps, bool silu, int threads) {
@@ -100,6 +102,9 @@ void bind_groupnorm_film(py::module_& m) {
       "groupnorm_film_cuda",
       [](bool backward, const FilmShape& shape, const FilmTensors& tensors, double eps, bool silu,
          Address workspace, int device, Address stream) {
+        if (shape[5] == 0)
+          throw std::invalid_argument("groupnorm_film_cuda: the CUDA kernel needs a table (K >= 2); GroupNorm + "
+                                      "SiLU without FiLM runs on CUDA tensors through torch's own kernels");
         svnr::groupnorm_film_cuda(pass_of(backward), film_args(shape, tensors, eps, silu),
                                   {pointer(workspace), device, pointer(stream)});
       },

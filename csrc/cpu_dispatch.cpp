@@ -118,7 +118,7 @@ void check_groupnorm_film_shape(const GroupNormFilmArgs& args) {
   if (args.groups < 1 || args.channels % args.groups != 0)
     fail("groups (" + std::to_string(args.groups) + ") must divide the channels (" + std::to_string(args.channels) +
          ")");
-  if (args.knots < 2) fail("the table needs at least 2 rows (knots), got " + std::to_string(args.knots));
+  if (args.film && args.knots < 2) fail("the table needs at least 2 rows (knots), got " + std::to_string(args.knots));
   if (args.knots > (std::int64_t(1) << 30)) fail("the table has too many rows");
   if (args.dtype < kFloat32 || args.dtype > kFloat16) fail("unknown dtype code " + std::to_string(args.dtype));
 }

@@ -17,6 +17,11 @@
 // shifted values over pixel blocks, merged per group (Chan); the backward accumulates the table
 // gradient per slice of the pixel blocks, slices summed in order.
 //
+// Without FiLM (GroupNormFilmArgs::film false, svnr::groupnorm_silu), every kernel is instantiated with
+// WithFilm = false: u and the table are never read, no knots, records or table-gradient buffers are built,
+// and the per-element math is that of a zero table (film(n, 0, 0) = n exactly), in the same order of sums.
+// The backward's slices then only spread the work: the table-gradient buffers they bound are not needed.
+//
 // Every sum has a fixed order that depends on the shape and the instruction set only: results are the same
 // for any thread count.
 //
@@ -234,7 +239,7 @@ double squared_deviations(const S* x, int64_t count, Compute<S> mean) {
 template <typename T>
 struct FilmRows {
   Buffer<T> scale, shift;
-  FilmRows() : scale(kTile), shift(kTile) {}
+  explicit FilmRows(int64_t pixels) : scale(pixels), shift(pixels) {}
 };
 
 // One channel plane: out = act(film(xhat * w + b, scale(u), shift(u))).
@@ -258,18 +263,31 @@ void forward_plane(const S* x, S* out, int64_t pixels, const std::int32_t* knot_
   }
 }
 
-template <typename S, bool Silu>
+// Without FiLM: no knots (u is not read) and no records.
+template <bool WithFilm, typename T>
+Knots<T> knots_if(const T* u, int64_t count, int K, int threads) {
+  if constexpr (WithFilm) return knots_of(u, count, K, threads);
+  return {};
+}
+
+template <bool WithFilm, typename T>
+Buffer<T> film_records_if(const T* table, int64_t C, int64_t K) {
+  if constexpr (WithFilm) return film_records(table, C, K);
+  return {};
+}
+
+template <typename S, bool Silu, bool WithFilm>
 void forward_nchw(const Film<S>& f, int threads) {
   using T = Compute<S>;
   const int64_t B = f.B, C = f.C, HW = f.HW, G = f.G;
   const int K = f.K;
   const int64_t per_group = C / G, count = per_group * HW;
-  const Knots<T> knots = knots_of(f.u, B * HW, K, threads);
-  const Buffer<T> records = film_records(f.table, C, K);
+  const Knots<T> knots = knots_if<WithFilm>(f.u, B * HW, K, threads);
+  const Buffer<T> records = film_records_if<WithFilm>(f.table, C, K);
 
 #pragma omp parallel num_threads(threads)
   {
-  FilmRows<T> film;
+  FilmRows<T> film(WithFilm ? kTile : 0);
 #pragma omp for schedule(static)
   for (int64_t task = 0; task < B * G; ++task) {
     const int64_t b = task / G, g = task % G;
@@ -280,9 +298,17 @@ void forward_nchw(const Film<S>& f, int threads) {
     f.rstd[task] = rs;
     for (int64_t i = 0; i < per_group; ++i) {
       const int64_t c = g * per_group + i;
-      forward_plane<S, Silu>(x + i * HW, f.out + (b * C + c) * HW, HW, knots.k.data() + b * HW,
-                             knots.frac.data() + b * HW, records.data() + c * (K - 1) * 4, mu, rs, f.weight[c],
-                             f.bias[c], film);
+      const S* xc = x + i * HW;
+      S* out = f.out + (b * C + c) * HW;
+      if constexpr (WithFilm) {
+        forward_plane<S, Silu>(xc, out, HW, knots.k.data() + b * HW, knots.frac.data() + b * HW,
+                               records.data() + c * (K - 1) * 4, mu, rs, f.weight[c], f.bias[c], film);
+      } else {
+        const T w = f.weight[c], bias = f.bias[c];
+#pragma omp simd
+        for (int64_t p = 0; p < HW; ++p)
+          store(out[p], math::activate<Silu>(math::normalize(load(xc[p]), mu, rs) * w + bias));
+      }
     }
   }
   }
@@ -296,13 +322,14 @@ struct PlaneSums {
   double dn_xhat;
 };
 
-template <typename S, bool Silu>
+// Without FiLM, knot_k, knot_frac, records, dscale and dshift are unused (null).
+template <typename S, bool Silu, bool WithFilm>
 PlaneSums backward_plane(const S* grad_out, const S* x, int64_t pixels, const std::int32_t* knot_k,
                          const Compute<S>* knot_frac, const Compute<S>* records, Compute<S> mean,
                          Compute<S> rstd, Compute<S> w, Compute<S> b, Compute<S>* dn, Compute<S>* dscale,
                          Compute<S>* dshift) {
   using T = Compute<S>;
-  lerp_records(records, knot_k, knot_frac, pixels, dscale, dshift);
+  if constexpr (WithFilm) lerp_records(records, knot_k, knot_frac, pixels, dscale, dshift);
   PlaneSums sums{0, 0};
   for (int64_t start = 0; start < pixels; start += kSumBlock) {
     const int64_t end = min64(pixels, start + kSumBlock);
@@ -310,12 +337,19 @@ PlaneSums backward_plane(const S* grad_out, const S* x, int64_t pixels, const st
 #pragma omp simd reduction(+ : sum_dn, sum_dn_xhat)
     for (int64_t p = start; p < end; ++p) {
       const T xhat = math::normalize(load(x[p]), mean, rstd);
-      const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(grad_out[p])), xhat, w, b, dscale[p], dshift[p]);
-      dn[p] = grad.dn;
-      dscale[p] = grad.dscale;
-      dshift[p] = grad.dpre;
-      sum_dn += grad.dn;
-      sum_dn_xhat += grad.dn * xhat;
+      T grad_n;
+      if constexpr (WithFilm) {
+        const math::FilmGrad<T> grad =
+            math::film_grad<Silu>(T(load(grad_out[p])), xhat, w, b, dscale[p], dshift[p]);
+        grad_n = grad.dn;
+        dscale[p] = grad.dscale;
+        dshift[p] = grad.dpre;
+      } else {
+        grad_n = T(load(grad_out[p])) * math::activate_grad<Silu>(xhat * w + b);
+      }
+      dn[p] = grad_n;
+      sum_dn += grad_n;
+      sum_dn_xhat += grad_n * xhat;
     }
     sums.dn += sum_dn;
     sums.dn_xhat += sum_dn_xhat;
@@ -373,37 +407,40 @@ void accumulate_segments(SegmentSums* segments, int64_t pixels, const std::int32
   }
 }
 
-template <typename S, bool Silu>
+template <typename S, bool Silu, bool WithFilm>
 void backward_nchw(const Film<S>& f, int threads) {
   using T = Compute<S>;
   const int64_t B = f.B, C = f.C, HW = f.HW, G = f.G;
   const int K = f.K;
   const int64_t per_group = C / G, count = per_group * HW;
-  const Knots<T> knots = knots_of(f.u, B * HW, K, threads);
-  const Buffer<T> records = film_records(f.table, C, K);
+  const Knots<T> knots = knots_if<WithFilm>(f.u, B * HW, K, threads);
+  const Buffer<T> records = film_records_if<WithFilm>(f.table, C, K);
 
   // one task per (group, slice of the images); the task owns its group's channels in its slice's buffer
-  const int64_t slices = slice_count(min64(B, (kSliceTasks + G - 1) / G), B * C * HW, C, K);
-  Buffer<SegmentSums> segments(slices * C * K, SegmentSums{0, 0, 0, 0});
+  const int64_t wanted = min64(B, (kSliceTasks + G - 1) / G);
+  const int64_t slices = WithFilm ? slice_count(wanted, B * C * HW, C, K) : wanted;
+  Buffer<SegmentSums> segments(WithFilm ? slices * C * K : 0, SegmentSums{0, 0, 0, 0});
   Buffer<double> plane_dn(B * C), plane_dn_xhat(B * C);
 
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t task = 0; task < G * slices; ++task) {
     const int64_t g = task / slices, slice = task % slices;
-    Buffer<T> dn(count), dscale(HW), dshift(HW);
+    Buffer<T> dn(count), dscale(WithFilm ? HW : 0), dshift(WithFilm ? HW : 0);
     for (int64_t b = slice * B / slices; b < (slice + 1) * B / slices; ++b) {
       const int64_t group_offset = (b * C + g * per_group) * HW;
       const T mu = f.mean[b * G + g], rs = f.rstd[b * G + g];
-      const std::int32_t* knot_k = knots.k.data() + b * HW;
-      const T* knot_frac = knots.frac.data() + b * HW;
+      const std::int32_t* knot_k = WithFilm ? knots.k.data() + b * HW : nullptr;
+      const T* knot_frac = WithFilm ? knots.frac.data() + b * HW : nullptr;
       double sum_dxhat = 0, sum_dxhat_xhat = 0;
       for (int64_t i = 0; i < per_group; ++i) {
         const int64_t c = g * per_group + i, offset = group_offset + i * HW;
-        const PlaneSums sums = backward_plane<S, Silu>(
-            f.grad_out + offset, f.h + offset, HW, knot_k, knot_frac, records.data() + c * (K - 1) * 4, mu, rs,
-            f.weight[c], f.bias[c], dn.data() + i * HW, dscale.data(), dshift.data());
-        accumulate_segments(segments.data() + (slice * C + c) * K, HW, knot_k, knot_frac, dscale.data(),
-                            dshift.data());
+        const PlaneSums sums = backward_plane<S, Silu, WithFilm>(
+            f.grad_out + offset, f.h + offset, HW, knot_k, knot_frac,
+            WithFilm ? records.data() + c * (K - 1) * 4 : nullptr, mu, rs, f.weight[c], f.bias[c],
+            dn.data() + i * HW, dscale.data(), dshift.data());
+        if constexpr (WithFilm)
+          accumulate_segments(segments.data() + (slice * C + c) * K, HW, knot_k, knot_frac, dscale.data(),
+                              dshift.data());
         plane_dn[b * C + c] = sums.dn;
         plane_dn_xhat[b * C + c] = sums.dn_xhat;
         sum_dxhat += f.weight[c] * sums.dn;
@@ -425,10 +462,12 @@ void backward_nchw(const Film<S>& f, int threads) {
     }
   }
 
-  Buffer<double> grad(K * 2 * C, 0.0);
-  for (int64_t slice = 0; slice < slices; ++slice)
-    add_segment_rows(segments.data() + slice * C * K, C, K, grad.data());
-  for (int64_t i = 0; i < K * 2 * C; ++i) f.grad_table[i] = T(grad[i]);
+  if constexpr (WithFilm) {
+    Buffer<double> grad(K * 2 * C, 0.0);
+    for (int64_t slice = 0; slice < slices; ++slice)
+      add_segment_rows(segments.data() + slice * C * K, C, K, grad.data());
+    for (int64_t i = 0; i < K * 2 * C; ++i) f.grad_table[i] = T(grad[i]);
+  }
   for (int64_t c = 0; c < C; ++c) {
     double dw = 0, db = 0;
     for (int64_t b = 0; b < B; ++b) {
@@ -509,7 +548,7 @@ ChannelStats<Compute<S>> statistics_nhwc(const Film<S>& f, int threads) {
   return stats;
 }
 
-template <typename S, bool Silu>
+template <typename S, bool Silu, bool WithFilm>
 void forward_nhwc(const Film<S>& f, int threads) {
   using T = Compute<S>;
   const int64_t B = f.B, C = f.C, HW = f.HW;
@@ -522,20 +561,26 @@ void forward_nhwc(const Film<S>& f, int threads) {
     const T* mu = stats.mean.data() + b * C;
     const T* rs = stats.rstd.data() + b * C;
     for (int64_t p = block * kPixelBlock; p < min64(HW, (block + 1) * kPixelBlock); ++p) {
-      const math::Knot<T> knot = math::knot(f.u[b * HW + p], f.K);
       const S* x = f.h + (b * HW + p) * C;
       S* y = f.out + (b * HW + p) * C;
+      if constexpr (WithFilm) {
+        const math::Knot<T> knot = math::knot(f.u[b * HW + p], f.K);
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const math::ScaleShift<T> film = math::film_at(f.table + c, f.table + C + c, 2 * C, knot);
-        const T n = math::normalize(load(x[c]), mu[c], rs[c]) * f.weight[c] + f.bias[c];
-        store(y[c], math::activate<Silu>(math::film(n, film.scale, film.shift)));
+        for (int64_t c = 0; c < C; ++c) {
+          const math::ScaleShift<T> film = math::film_at(f.table + c, f.table + C + c, 2 * C, knot);
+          const T n = math::normalize(load(x[c]), mu[c], rs[c]) * f.weight[c] + f.bias[c];
+          store(y[c], math::activate<Silu>(math::film(n, film.scale, film.shift)));
+        }
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c)
+          store(y[c], math::activate<Silu>(math::normalize(load(x[c]), mu[c], rs[c]) * f.weight[c] + f.bias[c]));
       }
     }
   }
 }
 
-template <typename S, bool Silu>
+template <typename S, bool Silu, bool WithFilm>
 void backward_nhwc(const Film<S>& f, int threads) {
   using T = Compute<S>;
   const int64_t B = f.B, C = f.C, HW = f.HW, G = f.G;
@@ -552,8 +597,9 @@ void backward_nhwc(const Film<S>& f, int threads) {
   // per slice of the (image, pixel block) tasks: sums of g and g * frac per (channel, segment k) of the
   // table gradient, g = d[scale | shift]
   const int64_t tasks = B * blocks;
-  const int64_t slices = slice_count(min64(tasks, kSliceTasks), B * C * HW, C, K);
-  Buffer<SegmentSums> segments(slices * K * C, SegmentSums{0, 0, 0, 0});
+  const int64_t wanted = min64(tasks, kSliceTasks);
+  const int64_t slices = WithFilm ? slice_count(wanted, B * C * HW, C, K) : wanted;
+  Buffer<SegmentSums> segments(WithFilm ? slices * K * C : 0, SegmentSums{0, 0, 0, 0});
 
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t slice = 0; slice < slices; ++slice) {
@@ -565,23 +611,33 @@ void backward_nhwc(const Film<S>& f, int threads) {
       const T* rs = rstd_c.data() + b * C;
       for (int64_t c = 0; c < C; ++c) sum_dn[c] = sum_dn_xhat[c] = T(0);
       for (int64_t p = block * kPixelBlock; p < min64(HW, (block + 1) * kPixelBlock); ++p) {
-        const math::Knot<T> knot = math::knot(f.u[b * HW + p], K);
-        SegmentSums* seg = slice_segments + knot.k * C;
-        const double frac = knot.frac;
         const S* x = f.h + (b * HW + p) * C;
         const S* dy = f.grad_out + (b * HW + p) * C;
+        if constexpr (WithFilm) {
+          const math::Knot<T> knot = math::knot(f.u[b * HW + p], K);
+          SegmentSums* seg = slice_segments + knot.k * C;
+          const double frac = knot.frac;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const math::ScaleShift<T> film = math::film_at(f.table + c, f.table + C + c, 2 * C, knot);
-          const T xhat = math::normalize(load(x[c]), mu[c], rs[c]);
-          const math::FilmGrad<T> grad =
-              math::film_grad<Silu>(T(load(dy[c])), xhat, f.weight[c], f.bias[c], film.scale, film.shift);
-          sum_dn[c] += grad.dn;
-          sum_dn_xhat[c] += grad.dn * xhat;
-          seg[c].scale += grad.dscale;
-          seg[c].scale_frac += grad.dscale * frac;
-          seg[c].shift += grad.dpre;
-          seg[c].shift_frac += grad.dpre * frac;
+          for (int64_t c = 0; c < C; ++c) {
+            const math::ScaleShift<T> film = math::film_at(f.table + c, f.table + C + c, 2 * C, knot);
+            const T xhat = math::normalize(load(x[c]), mu[c], rs[c]);
+            const math::FilmGrad<T> grad =
+                math::film_grad<Silu>(T(load(dy[c])), xhat, f.weight[c], f.bias[c], film.scale, film.shift);
+            sum_dn[c] += grad.dn;
+            sum_dn_xhat[c] += grad.dn * xhat;
+            seg[c].scale += grad.dscale;
+            seg[c].scale_frac += grad.dscale * frac;
+            seg[c].shift += grad.dpre;
+            seg[c].shift_frac += grad.dpre * frac;
+          }
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const T xhat = math::normalize(load(x[c]), mu[c], rs[c]);
+            const T dn = T(load(dy[c])) * math::activate_grad<Silu>(xhat * f.weight[c] + f.bias[c]);
+            sum_dn[c] += dn;
+            sum_dn_xhat[c] += dn * xhat;
+          }
         }
       }
       double* out = partial.data() + task * C * 2;
@@ -592,15 +648,17 @@ void backward_nhwc(const Film<S>& f, int threads) {
     }
   }
 
-  // (slice, K, C) -> per slice (C, K), the layout add_segment_rows reads
-  Buffer<double> grad(K * 2 * C, 0.0);
-  Buffer<SegmentSums> by_channel(C * K);
-  for (int64_t slice = 0; slice < slices; ++slice) {
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t c = 0; c < C; ++c) by_channel[c * K + k] = segments[(slice * K + k) * C + c];
-    add_segment_rows(by_channel.data(), C, K, grad.data());
+  if constexpr (WithFilm) {
+    // (slice, K, C) -> per slice (C, K), the layout add_segment_rows reads
+    Buffer<double> grad(K * 2 * C, 0.0);
+    Buffer<SegmentSums> by_channel(C * K);
+    for (int64_t slice = 0; slice < slices; ++slice) {
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t c = 0; c < C; ++c) by_channel[c * K + k] = segments[(slice * K + k) * C + c];
+      add_segment_rows(by_channel.data(), C, K, grad.data());
+    }
+    for (int64_t i = 0; i < K * 2 * C; ++i) f.grad_table[i] = T(grad[i]);
   }
-  for (int64_t i = 0; i < K * 2 * C; ++i) f.grad_table[i] = T(grad[i]);
 
   // per (image, channel): the group means of dxhat and dxhat * xhat, broadcast to the group's channels
   Buffer<T> mean_dxhat(B * C), mean_dxhat_xhat(B * C);
@@ -638,17 +696,26 @@ void backward_nhwc(const Film<S>& f, int threads) {
     const T* m1 = mean_dxhat.data() + b * C;
     const T* m2 = mean_dxhat_xhat.data() + b * C;
     for (int64_t p = block * kPixelBlock; p < min64(HW, (block + 1) * kPixelBlock); ++p) {
-      const math::Knot<T> knot = math::knot(f.u[b * HW + p], K);
       const S* x = f.h + (b * HW + p) * C;
       const S* dy = f.grad_out + (b * HW + p) * C;
       S* dx = f.grad_h + (b * HW + p) * C;
+      if constexpr (WithFilm) {
+        const math::Knot<T> knot = math::knot(f.u[b * HW + p], K);
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const math::ScaleShift<T> film = math::film_at(f.table + c, f.table + C + c, 2 * C, knot);
-        const T xhat = math::normalize(load(x[c]), mu[c], rs[c]);
-        const math::FilmGrad<T> grad =
-            math::film_grad<Silu>(T(load(dy[c])), xhat, f.weight[c], f.bias[c], film.scale, film.shift);
-        store(dx[c], math::groupnorm_grad_input(grad.dn, f.weight[c], xhat, rs[c], m1[c], m2[c]));
+        for (int64_t c = 0; c < C; ++c) {
+          const math::ScaleShift<T> film = math::film_at(f.table + c, f.table + C + c, 2 * C, knot);
+          const T xhat = math::normalize(load(x[c]), mu[c], rs[c]);
+          const math::FilmGrad<T> grad =
+              math::film_grad<Silu>(T(load(dy[c])), xhat, f.weight[c], f.bias[c], film.scale, film.shift);
+          store(dx[c], math::groupnorm_grad_input(grad.dn, f.weight[c], xhat, rs[c], m1[c], m2[c]));
+        }
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const T xhat = math::normalize(load(x[c]), mu[c], rs[c]);
+          const T dn = T(load(dy[c])) * math::activate_grad<Silu>(xhat * f.weight[c] + f.bias[c]);
+          store(dx[c], math::groupnorm_grad_input(dn, f.weight[c], xhat, rs[c], m1[c], m2[c]));
+        }
       }
     }
   }
@@ -665,10 +732,13 @@ void groupnorm_film(Pass pass, const GroupNormFilmArgs& args, int threads) {
     const Film<S> film = typed<S>(args);
     dispatch_act(args.silu, [&](auto act) {
       constexpr bool Silu = decltype(act)::value;
-      if (pass == Pass::kForward)
-        (args.channels_last ? forward_nhwc<S, Silu> : forward_nchw<S, Silu>)(film, threads);
-      else
-        (args.channels_last ? backward_nhwc<S, Silu> : backward_nchw<S, Silu>)(film, threads);
+      dispatch_bool(args.film, [&](auto with_film) {
+        constexpr bool WithFilm = decltype(with_film)::value;
+        if (pass == Pass::kForward)
+          (args.channels_last ? forward_nhwc<S, Silu, WithFilm> : forward_nchw<S, Silu, WithFilm>)(film, threads);
+        else
+          (args.channels_last ? backward_nhwc<S, Silu, WithFilm> : backward_nchw<S, Silu, WithFilm>)(film, threads);
+      });
     });
   });
 }

@@ -39,13 +39,19 @@ void dispatch_dtype(int dtype, const char* op, Fn&& fn) {
   }
 }
 
-// Calls fn(std::bool_constant<silu>).
+// Calls fn(std::bool_constant<value>).
 template <typename Fn>
-void dispatch_act(bool silu, Fn&& fn) {
-  if (silu)
+void dispatch_bool(bool value, Fn&& fn) {
+  if (value)
     fn(std::true_type{});
   else
     fn(std::false_type{});
+}
+
+// Calls fn(std::bool_constant<silu>).
+template <typename Fn>
+void dispatch_act(bool silu, Fn&& fn) {
+  dispatch_bool(silu, fn);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -180,6 +186,9 @@ struct GroupNormFilmArgs {
   void* grad_bias = nullptr;
   double eps = 1e-5;
   bool silu = true;
+  // false: GroupNorm + act only (svnr::groupnorm_silu); u, table and grad_table unused, knots 0. The CPU kernel
+  // has this variant; the CUDA binding refuses it.
+  bool film = true;
 };
 
 // Throws std::invalid_argument (a ValueError in Python) when the shape is not one the kernels accept.

@@ -3,7 +3,7 @@
 A UNet conditioned on a per-pixel time map (DESIGN.md §1.6) warps the map to knot units
 (`warp`), builds one (K, E) feature table at the K knot times (`TimeEmbedding`), turns it into a
 (K, 2C) [scale | shift] table per block (a Linear of its own) and modulates each GroupNorm with
-`GroupNormSpatialFiLM(h, u, table)`.
+`GroupNormSpatialFiLM(h, u, table)`; its GroupNorms without FiLM but followed by SiLU are `GroupNormSiLU`.
 """
 from __future__ import annotations
 
@@ -56,6 +56,28 @@ class GroupNormSpatialFiLM(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.channels}, groups={self.groups}, eps={self.eps}, act={self.act!r}"
+
+
+class GroupNormSiLU(nn.Module):
+    """SiLU(GroupNorm(h)): a drop-in for `nn.GroupNorm(groups, channels)` followed by SiLU, with the same
+    parameters (`weight`, `bias`), so state dicts load unchanged. Served by the fused op `svnr::groupnorm_silu`
+    (CPU tensors: the C++ kernel, one pass over h instead of GroupNorm's and SiLU's; CUDA tensors: torch's
+    kernels). Only shapes are checked here, as in GroupNormSpatialFiLM."""
+
+    def __init__(self, groups: int, channels: int, eps: float = 1e-5):
+        super().__init__()
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or channels % groups:
+            raise ValueError(f"groups must be a positive int dividing channels ({channels}), got {groups!r}")
+        self.groups, self.channels, self.eps = groups, channels, eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        _checks.groupnorm_silu_args(h, self.weight, self.bias, self.groups, self.eps, check_values=False)
+        return torch.ops.svnr.groupnorm_silu(h, self.weight, self.bias, self.groups, float(self.eps))[0]
+
+    def extra_repr(self) -> str:
+        return f"{self.groups}, {self.channels}, eps={self.eps}"
 
 
 def sinusoidal(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -337,3 +337,37 @@ def _groupnorm_film_backward(grad_out, h, u, table, gn_weight, gn_bias, mean, rs
     grad_h = rstd * (dxhat - dxhat.mean(dim=2, keepdim=True) - xhat_g * (dxhat * xhat_g).mean(dim=2, keepdim=True))
     return (grad_h.reshape(B, C, H, W).to(h.dtype), grad_table.to(table.dtype), grad_weight.to(gn_weight.dtype),
             grad_bias.to(gn_bias.dtype))
+
+
+def groupnorm_silu(h: torch.Tensor, gn_weight: torch.Tensor, gn_bias: torch.Tensor, groups: int,
+                   eps: float = 1e-5) -> torch.Tensor:
+    """SiLU(GroupNorm(h) * gn_weight + gn_bias): groupnorm_film without its FiLM, as torch computes it.
+
+    h: (B, C, H, W); gn_weight, gn_bias: (C,). Differentiable in h, gn_weight and gn_bias.
+    """
+    _checks.groupnorm_silu_args(h, gn_weight, gn_bias, groups, eps)
+    return _groupnorm_silu(h, gn_weight, gn_bias, groups, eps)[0]
+
+
+def _groupnorm_silu(h, gn_weight, gn_bias, groups, eps):
+    """groupnorm_silu on checked arguments -> (out, mean, rstd), the statistics as _groupnorm_film returns them."""
+    dtype = _checks.compute_dtype(h.dtype)
+    B, C, H, W = h.shape
+    normed, mean, rstd = torch.native_group_norm(h.to(dtype).contiguous(), gn_weight.to(dtype), gn_bias.to(dtype),
+                                                 B, C, H * W, groups, eps)
+    return F.silu(normed).to(h.dtype), mean, rstd
+
+
+def _groupnorm_silu_backward(grad_out, h, gn_weight, gn_bias, mean, rstd, groups):
+    """Gradients of groupnorm_silu with respect to (h, gn_weight, gn_bias), by torch's own backward kernels:
+    SiLU's at n = GroupNorm(h) * w + b (recomputed from the saved statistics), then GroupNorm's."""
+    dtype = _checks.compute_dtype(h.dtype)
+    B, C, H, W = h.shape
+    x, w = h.to(dtype).contiguous(), gn_weight.to(dtype)
+    mean, rstd = mean.to(dtype), rstd.to(dtype)
+    xhat = (x.reshape(B, groups, C // groups * H * W) - mean.reshape(B, groups, 1)) * rstd.reshape(B, groups, 1)
+    n = xhat.reshape(B, C, H, W) * w.view(1, C, 1, 1) + gn_bias.to(dtype).view(1, C, 1, 1)
+    dn = torch.ops.aten.silu_backward(grad_out.to(dtype).contiguous(), n)
+    grad_h, grad_weight, grad_bias = torch.ops.aten.native_group_norm_backward(
+        dn, x, mean, rstd, w, B, C, H * W, groups, [True, True, True])
+    return grad_h.to(h.dtype), grad_weight.to(gn_weight.dtype), grad_bias.to(gn_bias.dtype)

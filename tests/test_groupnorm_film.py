@@ -12,7 +12,7 @@ from conftest import requires_cuda
 from cpp_isas import isa  # noqa: F401 (fixture)
 
 from svnr_fast import ops, reference
-from svnr_fast.nn import GroupNormSpatialFiLM
+from svnr_fast.nn import GroupNormSiLU, GroupNormSpatialFiLM
 from svnr_fast.ops import backends
 
 # (B, C, H, W, groups): odd channel and group counts, 1x1 and odd spatial sizes
@@ -193,16 +193,22 @@ def test_results_do_not_depend_on_the_thread_count(backend, layout):
     backend("cpp")
     h, u, table, weight, bias, groups = film_inputs((4, 16, 40, 30, 4), layout=layout)
     grad_out = torch.randn(h.shape)
+    single, several = on_one_and_several_threads(lambda: run(ops, h, u, table, weight, bias, groups, "silu",
+                                                             grad_out))
+    for name, a, b in zip(NAMES, single, several):
+        assert torch.equal(a, b), name
+
+
+def on_one_and_several_threads(fn):
+    """(fn() on one torch thread, fn() on at least two)."""
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        single = run(ops, h, u, table, weight, bias, groups, "silu", grad_out)
+        single = fn()
         torch.set_num_threads(max(2, threads))
-        several = run(ops, h, u, table, weight, bias, groups, "silu", grad_out)
+        return single, fn()
     finally:
         torch.set_num_threads(threads)
-    for name, a, b in zip(NAMES, single, several):
-        assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -252,6 +258,9 @@ def test_extension_rejects_a_bad_shape_with_a_value_error():
         ext.groupnorm_film_cpu(False, (0, 1, 6, 9, 4, 9, 0), no_tensors, 1e-5, True, 1)
     with pytest.raises(ValueError, match="at least 2 rows"):
         ext.groupnorm_film_cpu(True, (0, 1, 6, 9, 3, 1, 0), no_tensors, 1e-5, True, 1)
+    if hasattr(ext, "groupnorm_film_cuda"):   # K = 0 (no FiLM) is a CPU-only variant
+        with pytest.raises(ValueError, match="the CUDA kernel needs a table"):
+            ext.groupnorm_film_cuda(False, (0, 1, 6, 9, 3, 0, 0), no_tensors, 1e-5, True, 0, 0, 0)
 
 
 def test_empty_inputs(backend):
@@ -285,6 +294,162 @@ def test_module_through_the_fused_op_equals_the_reference(backend, layout):
                          module.bias.grad.clone())
     for name, got, expected in zip(NAMES, results["cpp"], results["reference"]):
         assert relative_error(got, expected) < 1e-5, name
+
+
+# ---------------------------------------------------------------------------------------------------
+# groupnorm_silu: GroupNorm + SiLU without FiLM (the C++ kernel's WithFilm = false instantiations)
+# ---------------------------------------------------------------------------------------------------
+
+SILU_NAMES = ("out", "grad_h", "grad_weight", "grad_bias")
+
+
+def run_silu(impl, h, weight, bias, groups, grad_out):
+    """impl.groupnorm_silu and its gradients with respect to (h, weight, bias) for grad_out."""
+    leaves = [t.detach().clone().requires_grad_() for t in (h, weight, bias)]
+    out = impl.groupnorm_silu(*leaves, groups, 1e-5)
+    return (out.detach(), *torch.autograd.grad(out, leaves, grad_out))
+
+
+def silu_inputs(shape, dtype=torch.float32, layout="nchw"):
+    h, _, _, weight, bias, groups = film_inputs(shape, dtype=dtype, layout=layout)
+    grad_out = torch.randn(h.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    return h, weight, bias, groups, grad_out
+
+
+def check_silu_float32(shape, layout):
+    h, weight, bias, groups, grad_out = silu_inputs(shape, layout=layout)
+    got = run_silu(ops, h, weight, bias, groups, grad_out)
+    expected = run_silu(reference, h.double(), weight.double(), bias.double(), groups, grad_out.double())
+    for name, g, e in zip(SILU_NAMES, got, expected):
+        assert g.dtype == torch.float32 and g.shape == e.shape, name
+        assert relative_error(g, e) < 1e-5, (name, relative_error(g, e))
+    return got
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_silu_cpp_matches_reference_float32(fused_cpu, shape, layout):
+    out = check_silu_float32(shape, layout)[0]
+    assert out.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else
+                             torch.contiguous_format)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_silu_cpp_every_instruction_set(fused_cpu, isa, layout):
+    for shape in ((1, 8, 33, 17, 2), (2, 5, 1, 1, 5), (2, 12, 16, 16, 4)):
+        check_silu_float32(shape, layout)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_silu_cpp_low_precision_within_twice_the_eager_error(fused_cpu, dtype, layout):
+    h, weight, bias, groups, grad_out = silu_inputs((2, 12, 16, 16, 4), dtype=dtype, layout=layout)
+    got = run_silu(ops, h, weight, bias, groups, grad_out)
+    eager = run_silu(reference, h, weight, bias, groups, grad_out)
+    exact = run_silu(reference, h.double(), weight.double(), bias.double(), groups, grad_out.double())
+    for name, g, e, x in zip(SILU_NAMES, got, eager, exact):
+        assert g.dtype == e.dtype, name
+        bound = 2 * relative_error(e, x) if g.dtype == dtype else 1e-5
+        assert relative_error(g, x) <= bound, (name, relative_error(g, x), bound)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_silu_cpp_gradcheck_float64(fused_cpu, layout):
+    h, weight, bias, groups, _ = silu_inputs((2, 6, 3, 5, 3), dtype=torch.float64, layout=layout)
+    inputs = [t.double().requires_grad_() for t in (h, weight, bias)]
+    assert torch.autograd.gradcheck(lambda *args: ops.groupnorm_silu(*args, groups), inputs)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_silu_is_groupnorm_film_with_a_zero_table(fused_cpu, layout):
+    """The kernels without FiLM compute what they compute with a zero table: film(n, 0, 0) = n exactly."""
+    h, u, table, weight, bias, groups = film_inputs((2, 12, 16, 16, 4), layout=layout)
+    grad_out = torch.randn(h.shape)
+    film = run(ops, h, u, torch.zeros_like(table), weight, bias, groups, "silu", grad_out)
+    silu = run_silu(ops, h, weight, bias, groups, grad_out)
+    for name, a, b in zip(SILU_NAMES, silu, film[:2] + film[3:]):
+        assert torch.equal(a, b), name
+
+
+def test_silu_reference_backward_is_the_autograd_of_group_norm_and_silu():
+    h, weight, bias, groups, grad_out = silu_inputs((2, 6, 5, 4, 3), dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (h, weight, bias)]
+    out = torch.nn.functional.silu(torch.nn.functional.group_norm(leaves[0], groups, leaves[1], leaves[2], 1e-5))
+    autograd = torch.autograd.grad(out, leaves, grad_out)
+    _, mean, rstd = reference._groupnorm_silu(h, weight, bias, groups, 1e-5)
+    written_out = reference._groupnorm_silu_backward(grad_out, h, weight, bias, mean, rstd, groups)
+    for g, e in zip(written_out, autograd):
+        assert relative_error(g, e) < 1e-12
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_silu_results_do_not_depend_on_the_thread_count(fused_cpu, layout):
+    h, weight, bias, groups, grad_out = silu_inputs((4, 16, 40, 30, 4), layout=layout)
+    single, several = on_one_and_several_threads(lambda: run_silu(ops, h, weight, bias, groups, grad_out))
+    for name, a, b in zip(SILU_NAMES, single, several):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_silu_opcheck_cpp_backend(fused_cpu, layout):
+    h, weight, bias, groups, grad_out = silu_inputs((2, 6, 5, 7, 3), layout=layout)
+    h, weight, bias = (t.requires_grad_() for t in (h, weight, bias))
+    torch.library.opcheck(torch.ops.svnr.groupnorm_silu, (h, weight, bias, groups, 1e-5))
+    _, mean, rstd = torch.ops.svnr.groupnorm_silu(h, weight, bias, groups, 1e-5)
+    torch.library.opcheck(torch.ops.svnr.groupnorm_silu_backward,
+                          (grad_out, h.detach(), weight.detach(), bias.detach(), mean, rstd, groups))
+
+
+def test_silu_automatic_choice(backend):
+    backend("auto")
+    expected_cpu = "cpp" if backends.extension()[0] is not None else "reference"
+    for op in ("groupnorm_silu", "groupnorm_silu_backward"):
+        assert backends.choose(op, "cpu").backend == expected_cpu
+        # no CUDA kernel without FiLM: CUDA tensors get the reference, torch's own kernels
+        assert backends.choose(op, "cuda").backend == "reference"
+
+
+def test_silu_empty_inputs(fused_cpu):
+    for shape in ((0, 4, 3, 3, 2), (2, 4, 0, 3, 2)):
+        h, weight, bias, groups, _ = silu_inputs(shape)
+        h.requires_grad_()
+        out = ops.groupnorm_silu(h, weight, bias, groups)
+        assert out.shape == h.shape
+        out.sum().backward()
+        assert h.grad.shape == h.shape
+
+
+def test_silu_bad_arguments_say_what_was_wrong():
+    h, weight, bias, _, _ = silu_inputs((1, 6, 3, 3, 3))
+    with pytest.raises(ValueError, match="groups must be a positive int dividing the 6 channels"):
+        ops.groupnorm_silu(h, weight, bias, 4)
+    with pytest.raises(ValueError, match=r"gn_bias must have shape \(6,\)"):
+        ops.groupnorm_silu(h, weight, bias[:5], 3)
+    with pytest.raises(ValueError, match="h must have 4 dimensions"):
+        ops.groupnorm_silu(h[0], weight, bias, 3)
+
+
+def test_silu_module_is_a_drop_in_for_group_norm_then_silu(fused_cpu):
+    """Same parameter names (a state dict of nn.GroupNorm loads), same results, same gradients."""
+    torch.manual_seed(3)
+    norm = torch.nn.GroupNorm(4, 8)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.3, 0.3)
+    module = GroupNormSiLU(4, 8)
+    module.load_state_dict(norm.state_dict())
+    h = torch.randn(2, 8, 6, 5) * 2 + 1
+    grad_out = torch.randn(h.shape)
+    results = []
+    for m in (module, torch.nn.Sequential(norm, torch.nn.SiLU())):
+        h_leaf = h.clone().requires_grad_()
+        out = m(h_leaf)
+        out.backward(grad_out)
+        results.append((out.detach(), h_leaf.grad))
+    for name, got, expected in zip(SILU_NAMES, results[0], results[1]):
+        assert relative_error(got, expected) < 1e-5, name
+    assert relative_error(module.weight.grad, norm.weight.grad) < 1e-5
+    assert relative_error(module.bias.grad, norm.bias.grad) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -375,3 +540,16 @@ def test_cuda_opcheck_and_automatic_choice(backend):
     h, u, table, weight, bias, groups = film_inputs((2, 6, 5, 7, 3), device="cuda")
     h, table, weight, bias = (t.requires_grad_() for t in (h, table, weight, bias))
     torch.library.opcheck(torch.ops.svnr.groupnorm_film, (h, u, table, weight, bias, groups, 1e-5, "silu"))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_silu_matches_reference_float32(backend, layout):
+    """groupnorm_silu on CUDA tensors: torch's kernels through the reference (no fused CUDA variant)."""
+    backend("auto")
+    h, weight, bias, groups, grad_out = silu_inputs((2, 64, 24, 20, 32), layout=layout)
+    got = run_silu(ops, h.cuda(), weight.cuda(), bias.cuda(), groups, grad_out.cuda())
+    expected = run_silu(reference, h.double(), weight.double(), bias.double(), groups, grad_out.double())
+    for name, g, e in zip(SILU_NAMES, got, expected):
+        assert relative_error(g.cpu(), e) < 1e-5, name

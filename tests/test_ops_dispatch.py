@@ -29,6 +29,7 @@ def op_samples():
         "reverse_step": (x, torch.randn_like(x), tau, torch.tensor([1.0, 2.0]), TABLE, 0.5, torch.randn_like(x),
                          0.0, 1.0, 0, 0, True),
         "groupnorm_film": (h, torch.rand(2, 1, 5, 7) * 8, table, weight, bias, 3, 1e-5, "silu"),
+        "groupnorm_silu": (h, weight, bias, 3, 1e-5),
     }
 
 
@@ -123,7 +124,8 @@ def test_extension_was_built_with_cuda_where_nvcc_exists():
 
 def test_public_api():
     assert svnr_fast.Schedule is Schedule
-    for name in ("gamma", "time_from_variance", "time_map", "training_sample", "reverse_step", "groupnorm_film"):
+    for name in ("gamma", "time_from_variance", "time_map", "training_sample", "reverse_step", "groupnorm_film",
+                 "groupnorm_silu"):
         assert callable(getattr(svnr_fast.ops, name)) and callable(getattr(svnr_fast.reference, name))
 
 

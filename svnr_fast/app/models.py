@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn import GroupNormSpatialFiLM, TimeEmbedding, warp
+from ..nn import GroupNormSiLU, GroupNormSpatialFiLM, TimeEmbedding, warp
 from ..schedule import Schedule
 
 PARAMETRISATIONS = ("edm", "epsilon")
@@ -132,11 +132,12 @@ def _zero(module: nn.Module) -> nn.Module:
 
 
 class ResBlock(nn.Module):
-    """GN-SiLU-conv, then GroupNorm + per-pixel FiLM + SiLU (fused), dropout, zero-initialised conv; skip."""
+    """GroupNorm + SiLU (fused), conv, then GroupNorm + per-pixel FiLM + SiLU (fused), dropout, zero-initialised
+    conv; skip."""
 
     def __init__(self, in_channels: int, out_channels: int, embed_channels: int, groups: int, dropout: float):
         super().__init__()
-        self.norm_in = nn.GroupNorm(groups, in_channels)
+        self.norm_in = GroupNormSiLU(groups, in_channels)
         self.conv_in = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_table = nn.Linear(embed_channels, 2 * out_channels)   # -> (K, 2C) = [scale | shift]
         self.norm_film = GroupNormSpatialFiLM(out_channels, groups)
@@ -148,7 +149,7 @@ class ResBlock(nn.Module):
         return self.time_table(F.silu(features))
 
     def forward(self, x: torch.Tensor, u: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(F.silu(self.norm_in(x)))
+        h = self.conv_in(self.norm_in(x))
         h = self.conv_out(self.dropout(self.norm_film(h, u, table)))   # the op computes in float32 whatever h is
         return self.skip(x) + h
 
@@ -235,7 +236,7 @@ class SVNRUNet(nn.Module):
             if level > 0:
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest"),
                                              nn.Conv2d(width, width, 3, padding=1)))
-        self.norm_out = nn.GroupNorm(groups, width)
+        self.norm_out = GroupNormSiLU(groups, width)
         self.conv_out = _zero(nn.Conv2d(width, config.image_channels, 3, padding=1))
         self._cached_tables: tuple | None = None
 
@@ -329,7 +330,7 @@ class SVNRUNet(nn.Module):
                 h = stage(torch.cat([h, skips.pop()], dim=1), u, tables)
             else:
                 h = stage(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(self.norm_out(h))
 
     def _check_inputs(self, y, x_t, tau) -> None:
         C = self.config.image_channels

@@ -6,7 +6,7 @@ chosen once for that device (`backends`). Loops that must not synchronise with t
 training step) validate once and then call `torch.ops.svnr.*` directly.
 
 One module per op: lookup (gamma, time_from_variance, time_map), training_sample, reverse_step,
-groupnorm_film; each holds the op's schema, fake kernel, backends and public function.
+groupnorm_film (groupnorm_film, groupnorm_silu); each holds the op's schema, fake kernel, backends and public function.
 
 The ops are defined with `torch.library.Library` rather than `custom_op` (whose Python dispatch layer costs
 ~18 us a call) or `triton_op` (which breaks opcheck and torch.compile on machines without a GPU driver,
@@ -16,9 +16,9 @@ DESIGN.md §3).
 from .lookup import gamma, time_from_variance, time_map, top_up  # noqa: I001
 from .training_sample import training_sample
 from .reverse_step import reverse_step
-from .groupnorm_film import groupnorm_film
+from .groupnorm_film import groupnorm_film, groupnorm_silu
 from ..reference import TrainingSample
 from .backends import BackendUnavailable, set_backend
 
 __all__ = ["gamma", "time_from_variance", "time_map", "top_up", "training_sample", "reverse_step", "groupnorm_film",
-           "TrainingSample", "BackendUnavailable", "set_backend"]
+           "groupnorm_silu", "TrainingSample", "BackendUnavailable", "set_backend"]

@@ -356,25 +356,40 @@ def reverse_step_args(x, eps_hat, tau, delta, table_, eta, z, clamp, seed, offse
 @one_read()
 def groupnorm_film_args(h, u, table_, gn_weight, gn_bias, groups, eps, act, *, check_values: bool = True) -> None:
     """check_values=False keeps only the metadata checks (for modules called inside training loops)."""
-    tensor("h", h, ndim=4)
+    _groupnorm_args(h, gn_weight, gn_bias, groups, eps)
     C = h.shape[1]
     time_map_shape("u", u, "h", h)
     tensor("table", table_, ndim=2)
     if table_.shape[0] < 2 or table_.shape[1] != 2 * C:
         raise ValueError(f"table must have shape (K >= 2, 2C = {2 * C}) = [scale | shift] rows, "
                          f"got {tuple(table_.shape)}")
-    for name, value in (("gn_weight", gn_weight), ("gn_bias", gn_bias)):
-        tensor(name, value, ndim=1)
-        if value.shape[0] != C:
-            raise ValueError(f"{name} must have shape ({C},) for h with {C} channels, got {tuple(value.shape)}")
     same_device("h", h, u=u, table=table_, gn_weight=gn_weight, gn_bias=gn_bias)
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or C % groups:
-        raise ValueError(f"groups must be a positive int dividing the {C} channels of h, got {groups!r}")
-    scalar("eps", eps, low=0.0)
-    if eps <= 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
     if act not in ("silu", "identity"):
         raise ValueError(f"act must be 'silu' or 'identity', got {act!r}")
     if check_values:
         finite("h", h)
         finite("u", u)
+
+
+@one_read()
+def groupnorm_silu_args(h, gn_weight, gn_bias, groups, eps, *, check_values: bool = True) -> None:
+    """check_values=False keeps only the metadata checks (for modules called inside training loops)."""
+    _groupnorm_args(h, gn_weight, gn_bias, groups, eps)
+    same_device("h", h, gn_weight=gn_weight, gn_bias=gn_bias)
+    if check_values:
+        finite("h", h)
+
+
+def _groupnorm_args(h, gn_weight, gn_bias, groups, eps) -> None:
+    """h (B, C, H, W), GroupNorm weight and bias (C,), groups dividing C, eps > 0: what both ops take."""
+    tensor("h", h, ndim=4)
+    C = h.shape[1]
+    for name, value in (("gn_weight", gn_weight), ("gn_bias", gn_bias)):
+        tensor(name, value, ndim=1)
+        if value.shape[0] != C:
+            raise ValueError(f"{name} must have shape ({C},) for h with {C} channels, got {tuple(value.shape)}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or C % groups:
+        raise ValueError(f"groups must be a positive int dividing the {C} channels of h, got {groups!r}")
+    scalar("eps", eps, low=0.0)
+    if eps <= 0:
+        raise ValueError(f"eps must be > 0, got {eps}")

@@ -1,4 +1,5 @@
-"""GroupNorm + spatial FiLM (+ SiLU) (DESIGN.md §1.6): svnr::groupnorm_film and svnr::groupnorm_film_backward.
+"""GroupNorm + spatial FiLM (+ SiLU) (DESIGN.md §1.6): svnr::groupnorm_film and svnr::groupnorm_film_backward;
+and the same without FiLM, GroupNorm + SiLU: svnr::groupnorm_silu and svnr::groupnorm_silu_backward.
 
 Kernels: csrc/groupnorm_film_cpu.cpp (C++, CPU tensors) and csrc/groupnorm_film_cuda.cu (CUDA), reached
 through the glue at the end of this file. Reference: svnr_fast.reference._groupnorm_film /
@@ -10,6 +11,14 @@ The glue allocates every output with torch and hands the shape, the tensors' add
 out in the same layout. Any other strides cost one copy of h into NCHW (and of grad_out into h's layout in the
 backward). u, the table, weight and bias are converted to the compute dtype (float64 for float64 data, else
 float32): u is 1/C of h, the others are tiny; the kernels take the (K, 2C) table as it is.
+
+groupnorm_silu is its own op rather than groupnorm_film with optional u and table: its schema, fake kernel and
+autograd have no FiLM arguments or table gradient to carry as None, and on devices without a fused kernel the
+automatic choice gives it torch's own kernels. CPU tensors: the groupnorm_film C++ kernel with K = 0, whose
+WithFilm = false instantiation reads neither u nor a table (routing GroupNorm + SiLU through groupnorm_film with
+a zero table gathers and lerps that table for nothing: slower than torch at small shapes). CUDA tensors: the
+reference, i.e. aten's native_group_norm + silu and their backward kernels (csrc/groupnorm_film_cuda.cu has no
+FiLM-free variant).
 """
 from __future__ import annotations
 
@@ -68,6 +77,31 @@ backends.define(
     cuda="svnr_fast.ops.groupnorm_film:fused_backward_cuda")
 
 
+def _reference_silu_forward(h, gn_weight, gn_bias, groups, eps):
+    out, mean, rstd = reference._groupnorm_silu(h, gn_weight, gn_bias, groups, eps)
+    return out.contiguous(memory_format=memory_format(h)), mean, rstd
+
+
+def _reference_silu_backward(grad_out, h, gn_weight, gn_bias, mean, rstd, groups):
+    grad_h, *grads = reference._groupnorm_silu_backward(grad_out, h, gn_weight, gn_bias, mean, rstd, groups)
+    return (grad_h.contiguous(memory_format=memory_format(h)), *grads)
+
+
+backends.define(
+    "groupnorm_silu",
+    "(Tensor h, Tensor gn_weight, Tensor gn_bias, int groups, float eps) -> (Tensor, Tensor, Tensor)",
+    fake=lambda h, gn_weight, gn_bias, groups, eps: (
+        _image_like(h), _statistics_like(h, groups), _statistics_like(h, groups)),
+    reference=_reference_silu_forward, cpp="svnr_fast.ops.groupnorm_film:fused_silu_forward")
+backends.define(
+    "groupnorm_silu_backward",
+    "(Tensor grad_out, Tensor h, Tensor gn_weight, Tensor gn_bias, Tensor mean, Tensor rstd, int groups) "
+    "-> (Tensor, Tensor, Tensor)",
+    fake=lambda grad_out, h, gn_weight, gn_bias, mean, rstd, groups: (
+        _image_like(h), torch.empty_like(gn_weight), torch.empty_like(gn_bias)),
+    reference=_reference_silu_backward, cpp="svnr_fast.ops.groupnorm_film:fused_silu_backward")
+
+
 def _setup_context(ctx, inputs, output):
     h, u, table, gn_weight, gn_bias, groups, eps, act = inputs
     _, mean, rstd = output
@@ -87,6 +121,24 @@ def _backward(ctx, grad_out, grad_mean, grad_rstd):
 backends.register_autograd("groupnorm_film", _backward, _setup_context)
 
 
+def _setup_silu_context(ctx, inputs, output):
+    h, gn_weight, gn_bias, groups, _ = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(h, gn_weight, gn_bias, mean, rstd)
+    ctx.groups = groups
+
+
+def _silu_backward(ctx, grad_out, grad_mean, grad_rstd):
+    h, gn_weight, gn_bias, mean, rstd = ctx.saved_tensors
+    grad_h, grad_weight, grad_bias = torch.ops.svnr.groupnorm_silu_backward(grad_out, h, gn_weight, gn_bias, mean,
+                                                                            rstd, ctx.groups)
+    return grad_h, grad_weight, grad_bias, None, None
+
+
+backends.register_autograd("groupnorm_silu", _silu_backward, _setup_silu_context)
+
+
 def groupnorm_film(h: Tensor, u: Tensor, table: Tensor, gn_weight: Tensor, gn_bias: Tensor, groups: int,
                    eps: float = 1e-5, act: str = "silu") -> Tensor:
     """act((GroupNorm(h) * gn_weight + gn_bias) * (1 + scale(u)) + shift(u)) (DESIGN.md §1.6).
@@ -97,12 +149,22 @@ def groupnorm_film(h: Tensor, u: Tensor, table: Tensor, gn_weight: Tensor, gn_bi
     return torch.ops.svnr.groupnorm_film(h, u, table, gn_weight, gn_bias, groups, float(eps), act)[0]
 
 
+def groupnorm_silu(h: Tensor, gn_weight: Tensor, gn_bias: Tensor, groups: int, eps: float = 1e-5) -> Tensor:
+    """SiLU(GroupNorm(h) * gn_weight + gn_bias): groupnorm_film without its FiLM.
+
+    Gradients flow to h, gn_weight and gn_bias.
+    """
+    _checks.groupnorm_silu_args(h, gn_weight, gn_bias, groups, eps)
+    return torch.ops.svnr.groupnorm_silu(h, gn_weight, gn_bias, groups, float(eps))[0]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Glue of the C++ and CUDA kernels
 # ---------------------------------------------------------------------------------------------------
 
-def _prepare(h: Tensor, u: Tensor, table: Tensor, gn_weight: Tensor, gn_bias: Tensor):
-    """h in the layout the kernels read; u (B, H*W), table, weight and bias contiguous in the compute dtype."""
+def _prepare(h: Tensor, u: Tensor | None, table: Tensor | None, gn_weight: Tensor, gn_bias: Tensor):
+    """h in the layout the kernels read; u (B, H*W), table, weight and bias contiguous in the compute dtype
+    (u and table None without FiLM)."""
     layout = memory_format(h)
     if not h.is_contiguous(memory_format=layout):
         h = h.contiguous(memory_format=layout)
@@ -111,9 +173,9 @@ def _prepare(h: Tensor, u: Tensor, table: Tensor, gn_weight: Tensor, gn_bias: Te
     return h, _in(u, dtype), _in(table, dtype), _in(gn_weight, dtype), _in(gn_bias, dtype)
 
 
-def _in(t: Tensor, dtype: torch.dtype) -> Tensor:
+def _in(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """t contiguous in `dtype`: t itself when it already is (the test costs less than the conversion calls)."""
-    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
+    return t if t is None or t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -143,11 +205,12 @@ def _workspace_bytes(ext, shape: tuple) -> int:
 def _launch(backward: bool, groups: int, tensors: tuple, eps: float, act: str, run=None) -> None:
     """Runs one pass on `tensors` = (h, u, table, weight, bias, out, mean, rstd, grad_out, grad_h, grad_table,
     grad_weight, grad_bias), None where the pass has none (the order of the extension's `tensors`), with the
-    kernel of `run` (the CPU one, `_run`, by default)."""
+    kernel of `run` (the CPU one, `_run`, by default). No table: no FiLM (K = 0)."""
     h, table = tensors[0], tensors[2]
     B, C, H, W = h.shape
     # h is NCHW-contiguous or channels_last (_prepare)
-    shape = (_native.DTYPE_CODES[h.dtype], B, C, H * W, groups, table.shape[0], not h.is_contiguous())
+    knots = 0 if table is None else table.shape[0]
+    shape = (_native.DTYPE_CODES[h.dtype], B, C, H * W, groups, knots, not h.is_contiguous())
     addresses = tuple([0 if t is None else t.data_ptr() for t in tensors])
     (run or _run)(_native.extension(), backward, shape, addresses, float(eps), act == "silu", h)
 
@@ -175,12 +238,28 @@ def fused_backward(grad_out, h, u, table, gn_weight, gn_bias, mean, rstd, groups
     h, u, table_c, weight, bias = _prepare(h, u, table, gn_weight, gn_bias)
     if grad_out.dtype != h.dtype or grad_out.stride() != h.stride():
         grad_out = grad_out.to(h.dtype).contiguous(memory_format=memory_format(h))
-    grad_h, grad_table = torch.empty_like(h), torch.zeros_like(table_c)
+    grad_h, grad_table = torch.empty_like(h), None if table is None else torch.zeros_like(table_c)
     grad_weight, grad_bias = torch.empty_like(weight), torch.empty_like(bias)
     statistics = (_in(mean, dtype), _in(rstd, dtype))
     _launch(True, groups, (h, u, table_c, weight, bias, None, *statistics, grad_out, grad_h, grad_table, grad_weight,
                            grad_bias), 0.0, act, run)
-    return grad_h, _as(grad_table, table.dtype), _as(grad_weight, gn_weight.dtype), _as(grad_bias, gn_bias.dtype)
+    return (grad_h, None if table is None else _as(grad_table, table.dtype), _as(grad_weight, gn_weight.dtype),
+            _as(grad_bias, gn_bias.dtype))
+
+
+def fused_silu_forward(h, gn_weight, gn_bias, groups, eps):
+    """groupnorm_silu on the C++ kernel: groupnorm_film's without the FiLM."""
+    if h.numel() == 0:
+        return _reference_silu_forward(h, gn_weight, gn_bias, groups, eps)
+    return fused_forward(h, None, None, gn_weight, gn_bias, groups, eps, "silu")
+
+
+def fused_silu_backward(grad_out, h, gn_weight, gn_bias, mean, rstd, groups):
+    if h.numel() == 0:
+        return _reference_silu_backward(grad_out, h, gn_weight, gn_bias, mean, rstd, groups)
+    grad_h, _, grad_weight, grad_bias = fused_backward(grad_out, h, None, None, gn_weight, gn_bias, mean, rstd,
+                                                       groups, "silu")
+    return grad_h, grad_weight, grad_bias
 
 
 # CUDA tensors: the kernels registered for the CUDA dispatch key
