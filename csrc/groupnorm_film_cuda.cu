@@ -166,6 +166,16 @@ __device__ __forceinline__ void store_pack(S* dst, const Pack<S, VEC>& values) {
 #endif
 }
 
+// p, opaque to the optimiser: in loops over 32-bit offsets, nvcc otherwise re-derives each address from the
+// 64-bit parts of its base (image, group, plane) instead of one wide multiply-add of the offset onto it.
+template <typename T>
+__device__ __forceinline__ T* opaque(T* p) {
+#if defined(__CUDA_ARCH__)
+  asm("" : "+l"(p));
+#endif
+  return p;
+}
+
 template <typename T>
 struct StatsPartial {   // one (image, channel, chunk): count, mean, M2
   T count, mean, m2;
@@ -438,11 +448,51 @@ __device__ __forceinline__ float activate_fast(float x) {
   return Silu ? __fdividef(x, 1.0f + __expf(-x)) : x;
 }
 
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// The backward's FiLM per (channel, segment), folded with the channel's GroupNorm affine (rstd * weight,
+// bias) and exp2's base: with (x, y, z, w) as in fill_film_segments, (a x, a y, -log2(e) (bias x + z),
+// -log2(e) (bias y + w)) for a = -log2(e) rstd weight, so that for d = h - mean one FMA of the lerped pair
+// gives z2 = -log2(e) * pre, exp2's argument for sigmoid(pre), and (d pre) times the lerped first value is
+// grad_h's first term (scaled_activate_grad). Laid out per slice of kSliceChannels channels, the slice's
+// channels side by side per segment, so that one address serves a pixel's slice: (c / 2, k, c % 2); an odd
+// count's last slice repeats its channel.
+__device__ void fill_backward_segments(float4* segments, const float* __restrict__ table,
+                                       const float* __restrict__ weight, const float* __restrict__ bias, float rs,
+                                       int64_t first, int count, int64_t channels, int knots) {
+  static_assert(kSliceChannels == 2, "two channels per segment slot");
+  const int width = int(2 * channels);
+#pragma unroll 1
+  for (int c = 0; c < count; ++c) {
+    const float a = -kLog2e * rs * weight[first + c], b = -kLog2e * bias[first + c];
+    const float* column = table + first + c;
+    float4* slots = segments + 2 * (c >> 1) * knots;
+    const bool repeat = c == count - 1 && (c & 1) == 0;
+#pragma unroll 1
+    for (int k = threadIdx.x; k < knots; k += blockDim.x) {
+      const float* low = column + k * width;
+      const bool last = k == knots - 1;
+      const float scale = 1.0f + low[0], shift = -kLog2e * low[channels];
+      const float scale_slope = last ? 0.0f : low[width] - low[0];
+      const float shift_slope = last ? 0.0f : -kLog2e * (low[width + channels] - low[channels]);
+      const float4 segment = make_float4(a * scale, a * scale_slope, fmaf(b, scale, shift),
+                                         fmaf(b, scale_slope, shift_slope));
+      slots[2 * k + (c & 1)] = segment;
+      if (repeat) slots[2 * k + 1] = segment;
+    }
+  }
+}
+
+// -ln(2) times the activation's derivative at pre, from z2 = -log2(e) * pre (fill_backward_segments): with
+// e = exp(-pre) and s = ln(2) sigmoid(pre) = 1 / ((1 + e) log2(e)), s (z2 e s - 1) = -ln(2) sigmoid(pre)
+// (1 + pre (1 - sigmoid(pre))); the GPU's exp2 and reciprocal (MUFU ex2, rcp). The factor -ln(2) cancels
+// against the segments' -log2(e) in grad_h's first term and is divided out of the kept sums at the end.
 template <bool Silu>
-__device__ __forceinline__ float activate_grad_fast(float x) {
-  if (!Silu) return 1.0f;
-  const float e = __expf(-x), s = __fdividef(1.0f, 1.0f + e);   // 1 - s = e s
-  return s * fmaf(x, e * s, 1.0f);
+__device__ __forceinline__ float scaled_activate_grad(float z2) {
+  if (!Silu) return -kLn2;
+  const float e = exp2f(z2), s = __fdividef(1.0f, fmaf(e, kLog2e, kLog2e));
+  return s * fmaf(z2, e * s, -1.0f);
 }
 
 // NCHW groups of at most kGroupMaxBytes, with at least as many (image, group) pairs as SMs: one block per
@@ -973,9 +1023,9 @@ __device__ void add_first_runs(float4* hist, int knots, int channels, int key, f
 // Then the group's means of dxhat and dxhat * xhat, the per-image partials of the weight, bias and table
 // gradients (finalize_group_backward sums them over the images), and a pass over the group that adds the
 // rest of grad_h, rstd * (-mean(dxhat) - xhat mean(dxhat xhat)), reading h and grad_h from L2.
-// Dynamic shared memory: the group's FiLM segments (fill_film_segments) and histogram, (K) float4 per
-// channel each; (rstd * weight, bias) and the channel sums per channel; the tile, one float4 per pixel of the
-// chunk (d pre, d scale of the slice's two channels).
+// Dynamic shared memory: the group's FiLM segments (fill_backward_segments, channels rounded up to even) and
+// histogram, (K) float4 per channel each; -log2(e) (rstd * weight, bias) and the channel sums per channel; the
+// tile, one float4 per pixel of the chunk (d pre, d scale of the slice's two channels).
 template <typename S, int VEC, bool Silu>
 __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S> p, KnotRecords knots_of,
                                                                      int chunk_pixels, int per_thread,
@@ -987,9 +1037,10 @@ __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S>
   __shared__ float2 correction;   // grad_h's second term is correction.x + h * correction.y
   const int per_group = int(p.per_group), pixels = int(p.pixels), knots = p.knots;
   float4* film = reinterpret_cast<float4*>(shared_raw);
-  float4* hist = film + per_group * knots;   // per (channel, segment): sums of d pre (h - mean), of that * frac,
-                                             // of d pre and of d pre * frac
-  float2* channel = reinterpret_cast<float2*>(hist + per_group * knots);   // rstd * weight, bias
+  float4* hist = film + (per_group + 1) / 2 * 2 * knots;   // per (channel, segment): sums of d pre (h - mean),
+                                                            // of that * frac, of d pre and of d pre * frac,
+                                                            // times -ln(2) (scaled_activate_grad)
+  float2* channel = reinterpret_cast<float2*>(hist + per_group * knots);   // -log2(e) (rstd * weight, bias)
   float2* channel_sums = channel + per_group;                              // sum dn, sum dn * (h - mean)
   float2* tile = channel_sums + per_group;
   const int64_t b = blockIdx.y, group = b * p.groups + blockIdx.x, first_channel = int64_t(blockIdx.x) * per_group;
@@ -998,26 +1049,24 @@ __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S>
   const S* dy = p.grad_out + group * count;
   S* dx = p.result + group * count;
   const float mu = p.mean[group], rs = p.rstd[group];
-  fill_film_segments(film, p.table, first_channel, per_group, p.channels, knots);
+  fill_backward_segments(film, p.table, p.weight, p.bias, rs, first_channel, per_group, p.channels, knots);
   for (int i = threadIdx.x; i < per_group * knots; i += blockDim.x) hist[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   for (int c = threadIdx.x; c < per_group; c += blockDim.x)
-    channel[c] = make_float2(rs * p.weight[first_channel + c], p.bias[first_channel + c]);
+    channel[c] = make_float2(-kLog2e * rs * p.weight[first_channel + c], -kLog2e * p.bias[first_channel + c]);
   __syncthreads();
-  const int64_t image_offset = b * pixels;
-  const int* image_k = knots_of.k + image_offset;
-  const float* image_frac = knots_of.frac + image_offset;
+  const int64_t image_offset = b * pixels, width = 2 * p.channels;
+  const int* image_k = opaque(knots_of.k + image_offset);
+  const float* image_frac = opaque(knots_of.frac + image_offset);
 
 #pragma unroll 1
   for (int c0 = 0; c0 < per_group; c0 += CS) {
     const int channels = per_group - c0 < CS ? per_group - c0 : CS;
     // the slice's planes (a missing second channel repeats the first: same values, written twice)
     const int64_t plane = int64_t(c0) * pixels, next = channels > 1 ? pixels : 0;
-    const S* slice_x[CS] = {x + plane, x + plane + next};
-    const S* slice_dy[CS] = {dy + plane, dy + plane + next};
-    S* slice_dx[CS] = {dx + plane, dx + plane + next};
-    const char* slice_film[CS] = {reinterpret_cast<const char*>(film + c0 * knots),
-                                  reinterpret_cast<const char*>(film + (c0 + (channels > 1)) * knots)};
-    const float2 coef[CS] = {channel[c0], channel[c0 + (channels > 1)]};
+    const S* slice_x[CS] = {opaque(x + plane), opaque(x + plane + next)};
+    const S* slice_dy[CS] = {opaque(dy + plane), opaque(dy + plane + next)};
+    S* slice_dx[CS] = {opaque(dx + plane), opaque(dx + plane + next)};
+    const char* slice_film = reinterpret_cast<const char*>(film + c0 * knots);   // (K, 2) float4
 #pragma unroll 1
     for (unsigned chunk_begin = 0; chunk_begin < unsigned(pixels); chunk_begin += chunk_pixels) {
       const unsigned chunk_len = min(unsigned(chunk_pixels), unsigned(pixels) - chunk_begin);
@@ -1026,7 +1075,10 @@ __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S>
         const unsigned at = chunk_begin + pixel;
         const Pack<int, VEC> ks = load_pack<VEC>(image_k + at);
         const Pack<float, VEC> fracs = load_pack<VEC>(image_frac + at);
-        float4 kept[VEC];   // per pixel (d pre, d pre * (h - mean)) of the slice's channels
+        float4 kept[VEC];   // per pixel -ln(2) (d pre, d pre * (h - mean)) of the slice's channels
+        const float4* segments[VEC];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) segments[v] = reinterpret_cast<const float4*>(slice_film + 2 * ks.v[v]);
 #pragma unroll
         for (int cc = 0; cc < CS; ++cc) {
           const Pack<float, VEC> xs = load_floats<S, VEC>(slice_x[cc] + at);
@@ -1034,14 +1086,12 @@ __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S>
           Pack<S, VEC> first_term;
 #pragma unroll
           for (int v = 0; v < VEC; ++v) {
-            const float4 s = *reinterpret_cast<const float4*>(slice_film[cc] + ks.v[v]);
+            const float4 s = segments[v][cc];
             const float frac = fracs.v[v];
-            const float scale = fmaf(frac, s.y, s.x), shift = fmaf(frac, s.w, s.z);
+            const float scale = fmaf(frac, s.y, s.x), shift = fmaf(frac, s.w, s.z);   // (fill_backward_segments)
             const float d = xs.v[v] - mu;
-            const float normalized = fmaf(d, coef[cc].x, coef[cc].y);
-            const float dpre = dys.v[v] * activate_grad_fast<Silu>(fmaf(normalized, scale, shift));
-            const float dn = dpre * scale;
-            store(first_term.v[v], dn * coef[cc].x);
+            const float dpre = dys.v[v] * scaled_activate_grad<Silu>(fmaf(d, scale, shift));   // -ln(2) d pre
+            store(first_term.v[v], dpre * scale);   // rstd * weight * dn
             (cc == 0 ? kept[v].x : kept[v].z) = dpre;
             (cc == 0 ? kept[v].y : kept[v].w) = dpre * d;
           }
@@ -1056,8 +1106,8 @@ __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S>
       // sorted order: this thread's positions [begin, end), per_thread (a multiple of 4) from a multiple of 4
       const unsigned begin = min(threadIdx.x * unsigned(per_thread), chunk_len);
       const unsigned end = min(begin + unsigned(per_thread), chunk_len);
-      const unsigned* keys = knots_of.sorted_key + image_offset + chunk_begin;
-      const float* key_fracs = knots_of.sorted_frac + image_offset + chunk_begin;
+      const unsigned* keys = opaque(knots_of.sorted_key + image_offset + chunk_begin);
+      const float* key_fracs = opaque(knots_of.sorted_frac + image_offset + chunk_begin);
       // Running sums over the thread's positions; a run's sums are their difference from the sums at its
       // start (no accumulators reset in the loop, which would cost register moves on every position).
       float total[4 * CS] = {}, start[4 * CS] = {}, first[4 * CS] = {};
@@ -1114,20 +1164,24 @@ __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S>
     }
   }
 
-  // The channel sums from the histogram: dn = d pre (1 + scale) and 1 + scale = x + frac y on segment k, so sum dn
-  // = sum over k of x_k A_k + y_k B_k, A and B the sums of d pre and d pre * frac; likewise sum dn (h - mean)
-  // from the sums of d pre (h - mean).
+  // The channel sums from the histogram: dn = d pre (1 + scale) and 1 + scale = x + frac y on segment k, x and y
+  // from the table, so sum dn = sum over k of x_k A_k + y_k B_k, A and B the sums of d pre and d pre * frac;
+  // likewise sum dn (h - mean) from the sums of d pre (h - mean).
   if (threadIdx.x < 32) {
 #pragma unroll 1
     for (int c = 0; c < per_group; ++c) {
       float dn = 0, dn_d = 0;
+      const float* column = p.table + first_channel + c;
+#pragma unroll 1
       for (int k = threadIdx.x; k < knots; k += 32) {
-        const float4 segment = film[c * knots + k], cell = hist[c * knots + k];
-        dn = fmaf(segment.x, cell.z, fmaf(segment.y, cell.w, dn));
-        dn_d = fmaf(segment.x, cell.x, fmaf(segment.y, cell.y, dn_d));
+        const float* low = column + k * width;
+        const float x = 1.0f + low[0], y = k < knots - 1 ? low[width] - low[0] : 0.0f;
+        const float4 cell = hist[c * knots + k];
+        dn = fmaf(x, cell.z, fmaf(y, cell.w, dn));
+        dn_d = fmaf(x, cell.x, fmaf(y, cell.y, dn_d));
       }
-      dn = warp_sum(dn);
-      dn_d = warp_sum(dn_d);
+      dn = -kLog2e * warp_sum(dn);
+      dn_d = -kLog2e * warp_sum(dn_d);
       if (threadIdx.x == 0) channel_sums[c] = make_float2(dn, dn_d);
     }
   }
@@ -1142,7 +1196,6 @@ __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S>
     correction = make_float2(-rs * mean_dxhat / float(count) - slope * mu, slope);
   }
   // the image's partials: the table gradient (K, 2C), then the bias and weight gradients (C each)
-  const int64_t width = 2 * p.channels;
   float* image_partial = partial + b * (knots + 1) * width;
   // table gradient of segment k's knots: row k gets g (1 - frac) = A_k - B_k, row k + 1 gets g frac = B_k
 #pragma unroll 1
@@ -1154,8 +1207,9 @@ __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S>
       const float4 below = k > 0 ? cells[k - 1] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       float* row = image_partial + k * width + first_channel + c;
       const float2 coef = channel[c];   // d scale = d pre * normalized, normalized = coef.x (h - mean) + coef.y
-      row[0] = fmaf(coef.x, cell.x - cell.y + below.y, coef.y * (cell.z - cell.w + below.w));
-      row[p.channels] = cell.z - cell.w + below.w;
+      const float shift_grad = cell.z - cell.w + below.w;
+      row[0] = fmaf(coef.x, cell.x - cell.y + below.y, coef.y * shift_grad);
+      row[p.channels] = -kLog2e * shift_grad;
     }
   }
   __syncthreads();
@@ -1164,13 +1218,15 @@ __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S>
     image_partial[knots * width + p.channels + first_channel + c] = rs * channel_sums[c].y;
   }
   const float2 rest = correction;
+  const Pack<S, VEC>* h_packs = opaque(reinterpret_cast<const Pack<S, VEC>*>(x));
+  Pack<S, VEC>* grad_packs = opaque(reinterpret_cast<Pack<S, VEC>*>(dx));
 #pragma unroll 1
   for (unsigned pack = threadIdx.x; pack < unsigned(count / VEC); pack += blockDim.x) {
-    const Pack<float, VEC> hs = load_floats<S, VEC>(x + pack * VEC), first_term = load_floats<S, VEC>(dx + pack * VEC);
+    const Pack<float, VEC> hs = load_floats<S, VEC>(h_packs[pack].v), first_term = load_floats<S, VEC>(grad_packs[pack].v);
     Pack<S, VEC> grad;
 #pragma unroll
     for (int v = 0; v < VEC; ++v) store(grad.v[v], first_term.v[v] + fmaf(hs.v[v], rest.y, rest.x));
-    *reinterpret_cast<Pack<S, VEC>*>(dx + pack * VEC) = grad;
+    grad_packs[pack] = grad;
   }
 }
 
@@ -1303,8 +1359,8 @@ int backward_threads(const GroupNormFilmArgs& args) {
 }
 
 int64_t backward_group_shared_bytes(const GroupNormFilmArgs& args) {
-  const int64_t per_group = args.channels / args.groups;
-  return 2 * per_group * args.knots * int64_t(sizeof(float4)) + 2 * per_group * int64_t(sizeof(float2)) +
+  const int64_t per_group = args.channels / args.groups, film_channels = (per_group + 1) / 2 * 2;
+  return (film_channels + per_group) * args.knots * int64_t(sizeof(float4)) + 2 * per_group * int64_t(sizeof(float2)) +
          kSliceChannels * int64_t(backward_chunk(args)) * int64_t(sizeof(float2));
 }
 
