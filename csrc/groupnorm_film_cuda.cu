@@ -463,23 +463,27 @@ __device__ void fill_backward_segments(float4* segments, const float* __restrict
                                        int64_t first, int count, int64_t channels, int knots) {
   static_assert(kSliceChannels == 2, "two channels per segment slot");
   const int width = int(2 * channels);
+  const float* channel_weight = opaque(weight + first);
+  const float* channel_bias = opaque(bias + first);
 #pragma unroll 1
-  for (int c = 0; c < count; ++c) {
-    const float a = -kLog2e * rs * weight[first + c], b = -kLog2e * bias[first + c];
-    const float* column = table + first + c;
-    float4* slots = segments + 2 * (c >> 1) * knots;
-    const bool repeat = c == count - 1 && (c & 1) == 0;
+  for (int k = threadIdx.x; k < knots; k += blockDim.x) {
+    const bool last = k == knots - 1;
+    const float* scales = opaque(table + int64_t(k) * width + first);   // row k's scale columns, then row k + 1's
+    const float* shifts = opaque(scales + channels);
+    const float* next_scales = opaque(scales + (last ? 0 : width));
+    const float* next_shifts = opaque(shifts + (last ? 0 : width));
+    float4* slots = segments + 2 * k;
 #pragma unroll 1
-    for (int k = threadIdx.x; k < knots; k += blockDim.x) {
-      const float* low = column + k * width;
-      const bool last = k == knots - 1;
-      const float scale = 1.0f + low[0], shift = -kLog2e * low[channels];
-      const float scale_slope = last ? 0.0f : low[width] - low[0];
-      const float shift_slope = last ? 0.0f : -kLog2e * (low[width + channels] - low[channels]);
+    for (int c = 0; c < count; ++c) {
+      const float a = -kLog2e * rs * channel_weight[c], b = -kLog2e * channel_bias[c];
+      const float scale = 1.0f + scales[c], shift = -kLog2e * shifts[c];
+      const float scale_slope = next_scales[c] - scales[c];
+      const float shift_slope = -kLog2e * (next_shifts[c] - shifts[c]);
       const float4 segment = make_float4(a * scale, a * scale_slope, fmaf(b, scale, shift),
                                          fmaf(b, scale_slope, shift_slope));
-      slots[2 * k + (c & 1)] = segment;
-      if (repeat) slots[2 * k + 1] = segment;
+      float4* slot = slots + 2 * (c >> 1) * knots;
+      slot[c & 1] = segment;
+      if (c == count - 1 && (c & 1) == 0) slot[1] = segment;
     }
   }
 }
