@@ -401,7 +401,7 @@ def _groupnorm_film_backward(shape, dtype, arch):
                            "k < knots; k += 32": math.ceil(KNOTS / 32),
                            "for (int c = 0; c < per_group; ++c) {": per_group,
                            "pack < unsigned(count / VEC); pack += blockDim.x": _block_strided(per_group * H * W // vec, threads)},
-                    guards={"four.x >> kKeyShift) != run_k": lambda sites, share=_sorted_run_shares(shape)[0]: share,
+                    guards={"four.x & kKnotMask) != run_k": lambda sites, share=_sorted_run_shares(shape)[0]: share,
                             "if (k != run_k) {": lambda sites, share=_sorted_run_shares(shape)[1]: share,
                             **_warp_zero_guards(threads)}),
         cuda_launch("finalize_group_backward", arch, K_THREADS, math.ceil((table_size + 2 * C) / K_THREADS), 0,

@@ -74,8 +74,9 @@ constexpr int64_t kGroupMaxBytes = 128 * 1024;      // a group's bytes of h, rea
 constexpr int64_t kGroupFilmBytes = 40 * 1024;      // forward: its FiLM segments in shared memory
 constexpr int kBackThreads = 256;                   // backward: at most; one block per SM (kBackChunk's tile)
 constexpr int kBackChunk = 8192;                    // backward: pixels sorted together
-constexpr int kKeyShift = 17;                       // sorted keys: the tile byte offset (16 * pixel) below bit 17
-constexpr unsigned kTileByteMask = (1u << kKeyShift) - 1;
+constexpr int kKnotBits = 15;                       // sorted keys: the segment in the low 15 bits, the tile byte
+constexpr unsigned kKnotMask = (1u << kKnotBits) - 1;   // offset (16 * pixel < 2^17) above: one shift-add to address
+static_assert(int64_t(kBackChunk) * 16 <= (int64_t(1) << (32 - kKnotBits)), "a chunk's tile offsets fit a key");
 constexpr int kSliceChannels = 2;                   // backward: channels of a group processed together
 constexpr int kMinRun = 16;                         // backward: sorted positions per thread at least, where possible
 constexpr int kSortThreads = 1024;                  // knot_records, at most
@@ -815,7 +816,7 @@ __global__ void backward_apply_nhwc(Params<S> p, int64_t packs) {
 struct KnotRecords {
   int* k;                    // (B, HW) segment of each pixel, times 16 (its byte offset in a channel's segments)
   float* frac;               // (B, HW)
-  unsigned* sorted_key;      // (B, HW): per chunk, 16 * (pixel in the chunk) | segment << kKeyShift, in segment order
+  unsigned* sorted_key;      // (B, HW): per chunk, 16 * (pixel in the chunk) << kKnotBits | segment, in segment order
   float* sorted_frac;        // (B, HW)
 };
 
@@ -892,7 +893,7 @@ __global__ void knot_records(const float* __restrict__ u, int pixels, int chunk_
     const unsigned peers = __match_any_sync(kFullMask, k);
     if (k < knots) {
       const int position = base[k] + warp_slot[k] + __popc(peers & lower_lanes);
-      out.sorted_key[offset + position] = unsigned(pixel) * unsigned(sizeof(float4)) | unsigned(k) << kKeyShift;
+      out.sorted_key[offset + position] = unsigned(pixel) * unsigned(sizeof(float4)) << kKnotBits | unsigned(k);
       out.sorted_frac[offset + position] = out.frac[offset + pixel];
     }
     __syncwarp();   // every lane has read warp_slot[k] before its lowest lane advances it
@@ -1115,7 +1116,7 @@ __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S>
       // Running sums over the thread's positions; a run's sums are their difference from the sums at its
       // start (no accumulators reset in the loop, which would cost register moves on every position).
       float total[4 * CS] = {}, start[4 * CS] = {}, first[4 * CS] = {};
-      int run_k = begin < end ? int(keys[begin] >> kKeyShift) : knots, first_k = knots;   // knots: no key
+      int run_k = begin < end ? int(keys[begin] & kKnotMask) : knots, first_k = knots;   // knots: no key
       // Ends the current run at the running sums `at`: the thread's first run is deferred (add_first_runs), the
       // others are this thread's alone.
       auto end_run = [&](const float (&at)[4 * CS]) {
@@ -1142,10 +1143,10 @@ __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S>
         float4 kept[4];   // (d pre, d scale) of the slice's two channels at each position
 #pragma unroll
         for (int j = 0; j < 4; ++j)
-          kept[j] = *reinterpret_cast<const float4*>(reinterpret_cast<const char*>(tile) + (key[j] & kTileByteMask));
+          kept[j] = *reinterpret_cast<const float4*>(reinterpret_cast<const char*>(tile) + (key[j] >> kKnotBits));
 #pragma unroll
         for (int j = 0; j < 4; ++j) accumulate_pair(total, kept[j], frac[j]);
-        if (int(four.x >> kKeyShift) != run_k || int(four.w >> kKeyShift) != run_k) {   // a run ends in these four
+        if (int(four.x & kKnotMask) != run_k || int(four.w & kKnotMask) != run_k) {   // a run ends in these four
           float before[4 * CS];   // the sums before this group: total less its four positions
 #pragma unroll
           for (int q = 0; q < 4 * CS; ++q) before[q] = total[q];
@@ -1153,7 +1154,7 @@ __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S>
           for (int j = 0; j < 4; ++j) subtract_pair(before, kept[j], frac[j]);
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
-            const int k = int(key[j] >> kKeyShift);
+            const int k = int(key[j] & kKnotMask);
             if (k != run_k) {
               end_run(before);
               run_k = k;
@@ -1374,7 +1375,7 @@ int sort_warps(const GroupNormFilmArgs& args) {
 }
 
 bool group_backward_shape(const GroupNormFilmArgs& args) {
-  return group_shape(args) && args.knots <= (1 << (32 - kKeyShift)) && sort_warps(args) >= 1;   // segment keys fit
+  return group_shape(args) && args.knots <= (1 << kKnotBits) && sort_warps(args) >= 1;   // segment keys fit
 }
 
 template <typename S>
