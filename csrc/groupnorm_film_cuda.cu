@@ -834,6 +834,11 @@ __global__ void knot_records(const float* __restrict__ u, int pixels, int chunk_
   const int chunk_begin = blockIdx.x * chunk_pixels;
   const int chunk_len = chunk_pixels < pixels - chunk_begin ? chunk_pixels : pixels - chunk_begin;
   const int64_t offset = int64_t(blockIdx.y) * pixels + chunk_begin;
+  const float* chunk_u = opaque(u + offset);
+  int* chunk_k = opaque(out.k + offset);
+  float* chunk_frac = opaque(out.frac + offset);
+  unsigned* chunk_sorted_key = opaque(out.sorted_key + offset);
+  float* chunk_sorted_frac = opaque(out.sorted_frac + offset);
   for (int i = threadIdx.x; i < warps * knots; i += blockDim.x) slot[i] = 0;
   __syncthreads();
   const int part = (chunk_len + warps - 1) / warps;
@@ -848,9 +853,9 @@ __global__ void knot_records(const float* __restrict__ u, int pixels, int chunk_
     int k = knots;
     float frac = 0;
     if (pixel < part_end) {
-      knot_of(u[offset + pixel], knots, k, frac);
-      out.k[offset + pixel] = k * int(sizeof(float4));
-      out.frac[offset + pixel] = frac;
+      knot_of(chunk_u[pixel], knots, k, frac);
+      chunk_k[pixel] = k * int(sizeof(float4));
+      chunk_frac[pixel] = frac;
     }
     const unsigned peers = __match_any_sync(kFullMask, k);
     if (k < knots && (peers & lower_lanes) == 0) warp_slot[k] += __popc(peers);
@@ -889,12 +894,12 @@ __global__ void knot_records(const float* __restrict__ u, int pixels, int chunk_
 #pragma unroll 1
   for (int step = part_begin; step < part_end; step += 32) {
     const int pixel = step + lane;
-    const int k = pixel < part_end ? out.k[offset + pixel] / int(sizeof(float4)) : knots;
+    const int k = pixel < part_end ? chunk_k[pixel] / int(sizeof(float4)) : knots;
     const unsigned peers = __match_any_sync(kFullMask, k);
     if (k < knots) {
       const int position = base[k] + warp_slot[k] + __popc(peers & lower_lanes);
-      out.sorted_key[offset + position] = unsigned(pixel) * unsigned(sizeof(float4)) << kKnotBits | unsigned(k);
-      out.sorted_frac[offset + position] = out.frac[offset + pixel];
+      chunk_sorted_key[position] = unsigned(pixel) * unsigned(sizeof(float4)) << kKnotBits | unsigned(k);
+      chunk_sorted_frac[position] = chunk_frac[pixel];
     }
     __syncwarp();   // every lane has read warp_slot[k] before its lowest lane advances it
     if (k < knots && (peers & lower_lanes) == 0) warp_slot[k] += __popc(peers);
@@ -1206,15 +1211,16 @@ __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S>
 #pragma unroll 1
   for (int c = 0; c < per_group; ++c) {
     const float4* cells = hist + c * knots;
+    float* scale_column = opaque(image_partial + first_channel + c);
+    float* shift_column = opaque(scale_column + p.channels);
+    const float2 coef = channel[c];   // d scale = d pre * normalized, normalized = coef.x (h - mean) + coef.y
 #pragma unroll 1
     for (int k = threadIdx.x; k < knots; k += blockDim.x) {
       const float4 cell = cells[k];
       const float4 below = k > 0 ? cells[k - 1] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      float* row = image_partial + k * width + first_channel + c;
-      const float2 coef = channel[c];   // d scale = d pre * normalized, normalized = coef.x (h - mean) + coef.y
       const float shift_grad = cell.z - cell.w + below.w;
-      row[0] = fmaf(coef.x, cell.x - cell.y + below.y, coef.y * shift_grad);
-      row[p.channels] = -kLog2e * shift_grad;
+      scale_column[k * int(width)] = fmaf(coef.x, cell.x - cell.y + below.y, coef.y * shift_grad);
+      shift_column[k * int(width)] = -kLog2e * shift_grad;
     }
   }
   __syncthreads();
