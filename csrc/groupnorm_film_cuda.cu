@@ -9,7 +9,8 @@
 //             shared memory (fill_film_segments)
 //   backward  3 launches: knot_records sorts each chunk of 8192 pixels by knot (a stable counting sort,
 //             per image, shared by all groups); backward_group_nchw (256 threads, 1 block/SM: a 128 KB
-//             tile) reads h and grad_out once per slice of two channels, writes grad_h's first term, keeps
+//             tile) reads h and grad_out once per slice of two channels (its FiLM segments folded with the
+//             GroupNorm affine and exp2's base, fill_backward_segments), writes grad_h's first term, keeps
 //             (d pre, d pre * (h - mean)) per pixel in the tile, and sums them in knot order along runs of
 //             one knot in registers: the table-gradient histogram without atomics (no two threads ever add
 //             to one knot at once, see add_first_runs); a last pass adds grad_h's group-mean terms, reading
@@ -42,8 +43,8 @@
 // bandwidth), 8x64x128x128 (8.4M elements), SiLU:
 //   forward   float32 31.4 instructions/element, issue 7.9 us vs DRAM 16.0 us (0.49); bfloat16 28.7, 7.2 us vs
 //             8.1 us (0.89); 64 registers at most, 2 blocks/SM
-//   backward  float32 49.7 instructions/element, issue 12.5 us vs DRAM 23.9 us (0.52); bfloat16 51.9, 13.0 us
-//             vs 12.0 us (1.08: over the 1.0 budget); 108 registers at most, 1 block/SM; no spills
+//   backward  float32 41.6 instructions/element, issue 10.4 us vs DRAM 23.9 us (0.44); bfloat16 44.3, 11.1 us
+//             vs 12.0 us (0.92); 128 registers at most, 1 block/SM; no spills
 // H100 (3.0 TB/s assumed): DRAM times x 1.42. 8x128x64x64 has half the elements, 8x256x32x32 a quarter; both
 // have B * G = 256 (image, group) blocks (benchmarks/results/roofline-sm90.md has every shape).
 #include <cuda_bf16.h>
