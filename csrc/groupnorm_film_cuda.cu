@@ -10,11 +10,12 @@
 //   backward  3 launches: knot_records sorts each chunk of 8192 pixels by knot (a stable counting sort,
 //             per image, shared by all groups); backward_group_nchw (256 threads, 1 block/SM: a 128 KB
 //             tile) reads h and grad_out once per slice of two channels (its FiLM segments folded with the
-//             GroupNorm affine and exp2's base, fill_backward_segments), writes grad_h's first term, keeps
+//             GroupNorm affine and exp2's base, fill_backward_segments), writes grad_h's first term in float
+//             (to grad_h for float32, else to the workspace: grad_h is rounded once), keeps
 //             (d pre, d pre * (h - mean)) per pixel in the tile, and sums them in knot order along runs of
 //             one knot in registers: the table-gradient histogram without atomics (no two threads ever add
 //             to one knot at once, see add_first_runs); a last pass adds grad_h's group-mean terms, reading
-//             h and grad_h back from L2; finalize_group_backward sums the per-image partials of grad_table,
+//             h and the first term back from L2; finalize_group_backward sums the per-image partials of grad_table,
 //             grad_weight and grad_bias in a fixed order (the backward is deterministic)
 // Otherwise (channels_last, larger groups, small batches, float64, unaligned tensors), chunked kernels: 3
 // launches (NCHW: 4, after a copy of the table transposed into the workspace, so that a channel's column is
@@ -37,7 +38,7 @@
 // write out), backward 3s (read grad_out and h, write grad_h). The one-block-per-group kernels move these from
 // DRAM when their second reads hit L2 (the forward's 2 blocks per SM keep at most 264 groups, 34 MB in
 // float32, in flight; the backward's 1 block per SM 132 groups of h and grad_h, 34 MB; H100 and H200 have 50
-// MB of L2); they request 3s and 6s. The chunked kernels read h (and grad_out) twice: 3s and 5s from DRAM,
+// MB of L2); they request 3s and 6s (bf16/fp16 backward: 4s + 8, the first term in float). The chunked kernels read h (and grad_out) twice: 3s and 5s from DRAM,
 // less what the apply pass finds in L2 (it visits the planes in reverse).
 // Static roofline (benchmarks/roofline.py, sm_90, H200 model: 132 SMs x 4 issues x 1.98 GHz, 4248 GB/s copy
 // bandwidth), 8x64x128x128 (8.4M elements), SiLU:
@@ -176,6 +177,19 @@ __device__ __forceinline__ T* opaque(T* p) {
   asm("" : "+l"(p));
 #endif
   return p;
+}
+
+// VEC floats stored as 16-byte packs (store_pack).
+template <int VEC>
+__device__ __forceinline__ void store_packs(float* dst, const Pack<float, VEC>& values) {
+  static_assert(VEC % 4 == 0, "whole 16-byte packs");
+#pragma unroll
+  for (int i = 0; i < VEC; i += 4) {
+    Pack<float, 4> part;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) part.v[j] = values.v[i + j];
+    store_pack(dst + i, part);
+  }
 }
 
 template <typename T>
@@ -1040,7 +1054,8 @@ __device__ void add_first_runs(float4* hist, int knots, int channels, int key, f
 template <typename S, int VEC, bool Silu>
 __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S> p, KnotRecords knots_of,
                                                                      int chunk_pixels, int per_thread,
-                                                                     float* __restrict__ partial) {
+                                                                     float* __restrict__ partial,
+                                                                     float* first_terms) {
   constexpr int CS = kSliceChannels;
   static_assert(CS == 2, "the tile holds (d pre, d scale) of two channels per pixel: one float4");
   extern __shared__ __align__(16) unsigned char shared_raw[];
@@ -1059,6 +1074,9 @@ __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S>
   const S* x = p.h + group * count;
   const S* dy = p.grad_out + group * count;
   S* dx = p.result + group * count;
+  // grad_h's first term between the passes, in float: grad_h itself for float32, else the workspace's copy (a
+  // 16-bit first term would round grad_h twice)
+  float* first = std::is_same_v<S, float> ? reinterpret_cast<float*>(dx) : first_terms + group * count;
   const float mu = p.mean[group], rs = p.rstd[group];
   fill_backward_segments(film, p.table, p.weight, p.bias, rs, first_channel, per_group, p.channels, knots);
   for (int i = threadIdx.x; i < per_group * knots; i += blockDim.x) hist[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -1076,7 +1094,7 @@ __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S>
     const int64_t plane = int64_t(c0) * pixels, next = channels > 1 ? pixels : 0;
     const S* slice_x[CS] = {opaque(x + plane), opaque(x + plane + next)};
     const S* slice_dy[CS] = {opaque(dy + plane), opaque(dy + plane + next)};
-    S* slice_dx[CS] = {opaque(dx + plane), opaque(dx + plane + next)};
+    float* slice_first[CS] = {opaque(first + plane), opaque(first + plane + next)};
     const char* slice_film = reinterpret_cast<const char*>(film + c0 * knots);   // (K, 2) float4
 #pragma unroll 1
     for (unsigned chunk_begin = 0; chunk_begin < unsigned(pixels); chunk_begin += chunk_pixels) {
@@ -1094,7 +1112,7 @@ __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S>
         for (int cc = 0; cc < CS; ++cc) {
           const Pack<float, VEC> xs = load_floats<S, VEC>(slice_x[cc] + at);
           const Pack<float, VEC> dys = load_floats<S, VEC>(slice_dy[cc] + at);
-          Pack<S, VEC> first_term;
+          Pack<float, VEC> first_term;
 #pragma unroll
           for (int v = 0; v < VEC; ++v) {
             const float4 s = segments[v][cc];
@@ -1102,11 +1120,11 @@ __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S>
             const float scale = fmaf(frac, s.y, s.x), shift = fmaf(frac, s.w, s.z);   // (fill_backward_segments)
             const float d = xs.v[v] - mu;
             const float dpre = dys.v[v] * scaled_activate_grad<Silu>(fmaf(d, scale, shift));   // -ln(2) d pre
-            store(first_term.v[v], dpre * scale);   // rstd * weight * dn
+            first_term.v[v] = dpre * scale;   // rstd * weight * dn
             (cc == 0 ? kept[v].x : kept[v].z) = dpre;
             (cc == 0 ? kept[v].y : kept[v].w) = dpre * d;
           }
-          store_pack(slice_dx[cc] + at, first_term);   // a missing channel rewrites the first
+          store_packs(slice_first[cc] + at, first_term);   // a missing channel rewrites the first
         }
         float4* tile_at = reinterpret_cast<float4*>(tile) + pixel;
 #pragma unroll
@@ -1231,10 +1249,11 @@ __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S>
   }
   const float2 rest = correction;
   const Pack<S, VEC>* h_packs = opaque(reinterpret_cast<const Pack<S, VEC>*>(x));
+  const Pack<float, VEC>* first_packs = opaque(reinterpret_cast<const Pack<float, VEC>*>(first));
   Pack<S, VEC>* grad_packs = opaque(reinterpret_cast<Pack<S, VEC>*>(dx));
 #pragma unroll 1
   for (unsigned pack = threadIdx.x; pack < unsigned(count / VEC); pack += blockDim.x) {
-    const Pack<float, VEC> hs = load_floats<S, VEC>(h_packs[pack].v), first_term = load_floats<S, VEC>(grad_packs[pack].v);
+    const Pack<float, VEC> hs = load_floats<S, VEC>(h_packs[pack].v), first_term = load_pack<VEC>(first_packs[pack].v);
     Pack<S, VEC> grad;
 #pragma unroll
     for (int v = 0; v < VEC; ++v) store(grad.v[v], first_term.v[v] + fmaf(hs.v[v], rest.y, rest.x));
@@ -1278,7 +1297,7 @@ void with_vec(bool vectorise, Fn&& fn) {
 // partials (forward) or the gradient partials and group coefficients (backward) of the chunked path; then,
 // where the shape can take the one-block-per-group backward, its knot records and per-image partials.
 struct Workspace {
-  int64_t stats, grads, coef, knot_k, knot_frac, sorted_key, sorted_frac, partial, end;
+  int64_t stats, grads, coef, knot_k, knot_frac, sorted_key, sorted_frac, partial, first_term, end;
 };
 
 int64_t round256(int64_t bytes) { return ceil_div(bytes, 256) * 256; }
@@ -1304,6 +1323,10 @@ Workspace workspace_parts(const GroupNormFilmArgs& args) {
     w.sorted_frac = w.sorted_key + per_pixel;
     w.partial = w.sorted_frac + per_pixel;
     end = w.partial + round256(args.batch * (args.knots + 1) * 2 * args.channels * 4);
+    if (args.dtype == kBFloat16 || args.dtype == kFloat16) {   // grad_h's first term in float (float32: in grad_h)
+      w.first_term = end;
+      end += round256(args.batch * args.channels * args.pixels * 4);
+    }
   }
   w.end = end;
   return w;
@@ -1507,7 +1530,7 @@ bool backward_group(const GroupNormFilmArgs& args, const Params<S>& p, unsigned 
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared)), "cudaFuncSetAttribute");
   const int threads = backward_threads(args), per_thread = int(ceil_div(chunk, 4 * threads) * 4);
   kernel<<<dim3(unsigned(args.groups), unsigned(args.batch)), threads, size_t(shared), stream>>>(
-      p, knots, chunk, per_thread, partial);
+      p, knots, chunk, per_thread, partial, reinterpret_cast<float*>(workspace + parts.first_term));
   check_launch("backward_group_nchw");
   const int64_t table_size = args.knots * 2 * args.channels;
   finalize_group_backward<<<unsigned(ceil_div(table_size + 2 * args.channels, kThreads)), kThreads, 0, stream>>>(
