@@ -44,8 +44,8 @@
 // bandwidth), 8x64x128x128 (8.4M elements), SiLU:
 //   forward   float32 31.4 instructions/element, issue 7.9 us vs DRAM 16.0 us (0.49); bfloat16 28.7, 7.2 us vs
 //             8.1 us (0.89); 64 registers at most, 2 blocks/SM
-//   backward  float32 41.6 instructions/element, issue 10.4 us vs DRAM 23.9 us (0.44); bfloat16 44.3, 11.1 us
-//             vs 12.0 us (0.92); 128 registers at most, 1 block/SM; no spills
+//   backward  float32 41.6 instructions/element, issue 10.4 us vs DRAM 23.9 us (0.44); bfloat16 43.2, 10.8 us
+//             vs 12.0 us (0.90); 128 registers at most, 1 block/SM; no spills
 // H100 (3.0 TB/s assumed): DRAM times x 1.42. 8x128x64x64 has half the elements, 8x256x32x32 a quarter; both
 // have B * G = 256 (image, group) blocks (benchmarks/results/roofline-sm90.md has every shape).
 #include <cuda_bf16.h>
