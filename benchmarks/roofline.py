@@ -220,8 +220,9 @@ def _ops() -> list[Op]:
         # groupnorm_film (SiLU, NCHW): forward reads h and u (float32 per pixel), writes out, reads the table;
         # backward reads grad_out, h, u, writes grad_h, reads the table and writes its gradient. Requested
         # (one block per (image, group)): the forward reads h twice (the second time from L2), u once per
-        # group and 4 table values per (channel, knot) per block; the backward writes grad_h's first term, then
-        # reads it and h again (from L2) and writes grad_h, reads each pixel's knot records once per group and
+        # group and 4 table values per (channel, knot) per block; the backward writes grad_h's first term in
+        # float (4 bytes: to grad_h in float32, else to the workspace), then reads it and h again (from L2) and
+        # writes grad_h, reads each pixel's knot records once per group and
         # slice of two channels, writes per-image table partials that finalize_group_backward sums, and
         # knot_records reads u and writes 16 bytes of records per pixel (reading 8 back)
         Op("groupnorm_film_fwd", "cuda", UNET_SHAPES, _groupnorm_film_forward,
@@ -229,7 +230,7 @@ def _ops() -> list[Op]:
            lambda sh, s: 3 * s + 4 * GROUPS / sh[1] + 16 * KNOTS / (sh[2] * sh[3])),
         Op("groupnorm_film_bwd", "cuda", UNET_SHAPES, _groupnorm_film_backward,
            lambda sh, s: 3 * s + 4 / sh[1] + 2 * _table_bytes(sh),
-           lambda sh, s: (6 * s + 28 / sh[1] + 16 * GROUPS / sh[1] * math.ceil(sh[1] // GROUPS / 2)
+           lambda sh, s: (4 * s + 8 + 28 / sh[1] + 16 * GROUPS / sh[1] * math.ceil(sh[1] // GROUPS / 2)
                           + 32 * KNOTS / (sh[2] * sh[3]))),
     ]
 
@@ -401,7 +402,7 @@ def _groupnorm_film_backward(shape, dtype, arch):
                            "k < knots; k += 32": math.ceil(KNOTS / 32),
                            "for (int c = 0; c < per_group; ++c) {": per_group,
                            "pack < unsigned(count / VEC); pack += blockDim.x": _block_strided(per_group * H * W // vec, threads)},
-                    guards={"four.x >> kKeyShift) != run_k": lambda sites, share=_sorted_run_shares(shape)[0]: share,
+                    guards={"four.x & kKnotMask) != run_k": lambda sites, share=_sorted_run_shares(shape)[0]: share,
                             "if (k != run_k) {": lambda sites, share=_sorted_run_shares(shape)[1]: share,
                             **_warp_zero_guards(threads)}),
         cuda_launch("finalize_group_backward", arch, K_THREADS, math.ceil((table_size + 2 * C) / K_THREADS), 0,

@@ -9,11 +9,13 @@
 //             shared memory (fill_film_segments)
 //   backward  3 launches: knot_records sorts each chunk of 8192 pixels by knot (a stable counting sort,
 //             per image, shared by all groups); backward_group_nchw (256 threads, 1 block/SM: a 128 KB
-//             tile) reads h and grad_out once per slice of two channels, writes grad_h's first term, keeps
+//             tile) reads h and grad_out once per slice of two channels (its FiLM segments folded with the
+//             GroupNorm affine and exp2's base, fill_backward_segments), writes grad_h's first term in float
+//             (to grad_h for float32, else to the workspace: grad_h is rounded once), keeps
 //             (d pre, d pre * (h - mean)) per pixel in the tile, and sums them in knot order along runs of
 //             one knot in registers: the table-gradient histogram without atomics (no two threads ever add
 //             to one knot at once, see add_first_runs); a last pass adds grad_h's group-mean terms, reading
-//             h and grad_h back from L2; finalize_group_backward sums the per-image partials of grad_table,
+//             h and the first term back from L2; finalize_group_backward sums the per-image partials of grad_table,
 //             grad_weight and grad_bias in a fixed order (the backward is deterministic)
 // Otherwise (channels_last, larger groups, small batches, float64, unaligned tensors), chunked kernels: 3
 // launches (NCHW: 4, after a copy of the table transposed into the workspace, so that a channel's column is
@@ -36,14 +38,14 @@
 // write out), backward 3s (read grad_out and h, write grad_h). The one-block-per-group kernels move these from
 // DRAM when their second reads hit L2 (the forward's 2 blocks per SM keep at most 264 groups, 34 MB in
 // float32, in flight; the backward's 1 block per SM 132 groups of h and grad_h, 34 MB; H100 and H200 have 50
-// MB of L2); they request 3s and 6s. The chunked kernels read h (and grad_out) twice: 3s and 5s from DRAM,
+// MB of L2); they request 3s and 6s (bf16/fp16 backward: 4s + 8, the first term in float). The chunked kernels read h (and grad_out) twice: 3s and 5s from DRAM,
 // less what the apply pass finds in L2 (it visits the planes in reverse).
 // Static roofline (benchmarks/roofline.py, sm_90, H200 model: 132 SMs x 4 issues x 1.98 GHz, 4248 GB/s copy
 // bandwidth), 8x64x128x128 (8.4M elements), SiLU:
 //   forward   float32 31.4 instructions/element, issue 7.9 us vs DRAM 16.0 us (0.49); bfloat16 28.7, 7.2 us vs
 //             8.1 us (0.89); 64 registers at most, 2 blocks/SM
-//   backward  float32 49.7 instructions/element, issue 12.5 us vs DRAM 23.9 us (0.52); bfloat16 51.9, 13.0 us
-//             vs 12.0 us (1.08: over the 1.0 budget); 108 registers at most, 1 block/SM; no spills
+//   backward  float32 41.6 instructions/element, issue 10.4 us vs DRAM 23.9 us (0.44); bfloat16 43.2, 10.8 us
+//             vs 12.0 us (0.90); 128 registers at most, 1 block/SM; no spills
 // H100 (3.0 TB/s assumed): DRAM times x 1.42. 8x128x64x64 has half the elements, 8x256x32x32 a quarter; both
 // have B * G = 256 (image, group) blocks (benchmarks/results/roofline-sm90.md has every shape).
 #include <cuda_bf16.h>
@@ -74,8 +76,9 @@ constexpr int64_t kGroupMaxBytes = 128 * 1024;      // a group's bytes of h, rea
 constexpr int64_t kGroupFilmBytes = 40 * 1024;      // forward: its FiLM segments in shared memory
 constexpr int kBackThreads = 256;                   // backward: at most; one block per SM (kBackChunk's tile)
 constexpr int kBackChunk = 8192;                    // backward: pixels sorted together
-constexpr int kKeyShift = 17;                       // sorted keys: the tile byte offset (16 * pixel) below bit 17
-constexpr unsigned kTileByteMask = (1u << kKeyShift) - 1;
+constexpr int kKnotBits = 15;                       // sorted keys: the segment in the low 15 bits, the tile byte
+constexpr unsigned kKnotMask = (1u << kKnotBits) - 1;   // offset (16 * pixel < 2^17) above: one shift-add to address
+static_assert(int64_t(kBackChunk) * 16 <= (int64_t(1) << (32 - kKnotBits)), "a chunk's tile offsets fit a key");
 constexpr int kSliceChannels = 2;                   // backward: channels of a group processed together
 constexpr int kMinRun = 16;                         // backward: sorted positions per thread at least, where possible
 constexpr int kSortThreads = 1024;                  // knot_records, at most
@@ -164,6 +167,29 @@ __device__ __forceinline__ void store_pack(S* dst, const Pack<S, VEC>& values) {
 #else
   memcpy(dst, words, 16);
 #endif
+}
+
+// p, opaque to the optimiser: in loops over 32-bit offsets, nvcc otherwise re-derives each address from the
+// 64-bit parts of its base (image, group, plane) instead of one wide multiply-add of the offset onto it.
+template <typename T>
+__device__ __forceinline__ T* opaque(T* p) {
+#if defined(__CUDA_ARCH__)
+  asm("" : "+l"(p));
+#endif
+  return p;
+}
+
+// VEC floats stored as 16-byte packs (store_pack).
+template <int VEC>
+__device__ __forceinline__ void store_packs(float* dst, const Pack<float, VEC>& values) {
+  static_assert(VEC % 4 == 0, "whole 16-byte packs");
+#pragma unroll
+  for (int i = 0; i < VEC; i += 4) {
+    Pack<float, 4> part;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) part.v[j] = values.v[i + j];
+    store_pack(dst + i, part);
+  }
 }
 
 template <typename T>
@@ -438,11 +464,55 @@ __device__ __forceinline__ float activate_fast(float x) {
   return Silu ? __fdividef(x, 1.0f + __expf(-x)) : x;
 }
 
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// The backward's FiLM per (channel, segment), folded with the channel's GroupNorm affine (rstd * weight,
+// bias) and exp2's base: with (x, y, z, w) as in fill_film_segments, (a x, a y, -log2(e) (bias x + z),
+// -log2(e) (bias y + w)) for a = -log2(e) rstd weight, so that for d = h - mean one FMA of the lerped pair
+// gives z2 = -log2(e) * pre, exp2's argument for sigmoid(pre), and (d pre) times the lerped first value is
+// grad_h's first term (scaled_activate_grad). Laid out per slice of kSliceChannels channels, the slice's
+// channels side by side per segment, so that one address serves a pixel's slice: (c / 2, k, c % 2); an odd
+// count's last slice repeats its channel.
+__device__ void fill_backward_segments(float4* segments, const float* __restrict__ table,
+                                       const float* __restrict__ weight, const float* __restrict__ bias, float rs,
+                                       int64_t first, int count, int64_t channels, int knots) {
+  static_assert(kSliceChannels == 2, "two channels per segment slot");
+  const int width = int(2 * channels);
+  const float* channel_weight = opaque(weight + first);
+  const float* channel_bias = opaque(bias + first);
+#pragma unroll 1
+  for (int k = threadIdx.x; k < knots; k += blockDim.x) {
+    const bool last = k == knots - 1;
+    const float* scales = opaque(table + int64_t(k) * width + first);   // row k's scale columns, then row k + 1's
+    const float* shifts = opaque(scales + channels);
+    const float* next_scales = opaque(scales + (last ? 0 : width));
+    const float* next_shifts = opaque(shifts + (last ? 0 : width));
+    float4* slots = segments + 2 * k;
+#pragma unroll 1
+    for (int c = 0; c < count; ++c) {
+      const float a = -kLog2e * rs * channel_weight[c], b = -kLog2e * channel_bias[c];
+      const float scale = 1.0f + scales[c], shift = -kLog2e * shifts[c];
+      const float scale_slope = next_scales[c] - scales[c];
+      const float shift_slope = -kLog2e * (next_shifts[c] - shifts[c]);
+      const float4 segment = make_float4(a * scale, a * scale_slope, fmaf(b, scale, shift),
+                                         fmaf(b, scale_slope, shift_slope));
+      float4* slot = slots + 2 * (c >> 1) * knots;
+      slot[c & 1] = segment;
+      if (c == count - 1 && (c & 1) == 0) slot[1] = segment;
+    }
+  }
+}
+
+// -ln(2) times the activation's derivative at pre, from z2 = -log2(e) * pre (fill_backward_segments): with
+// e = exp(-pre) and s = ln(2) sigmoid(pre) = 1 / ((1 + e) log2(e)), s (z2 e s - 1) = -ln(2) sigmoid(pre)
+// (1 + pre (1 - sigmoid(pre))); the GPU's exp2 and reciprocal (MUFU ex2, rcp). The factor -ln(2) cancels
+// against the segments' -log2(e) in grad_h's first term and is divided out of the kept sums at the end.
 template <bool Silu>
-__device__ __forceinline__ float activate_grad_fast(float x) {
-  if (!Silu) return 1.0f;
-  const float e = __expf(-x), s = __fdividef(1.0f, 1.0f + e);   // 1 - s = e s
-  return s * fmaf(x, e * s, 1.0f);
+__device__ __forceinline__ float scaled_activate_grad(float z2) {
+  if (!Silu) return -kLn2;
+  const float e = exp2f(z2), s = __fdividef(1.0f, fmaf(e, kLog2e, kLog2e));
+  return s * fmaf(z2, e * s, -1.0f);
 }
 
 // NCHW groups of at most kGroupMaxBytes, with at least as many (image, group) pairs as SMs: one block per
@@ -761,7 +831,7 @@ __global__ void backward_apply_nhwc(Params<S> p, int64_t packs) {
 struct KnotRecords {
   int* k;                    // (B, HW) segment of each pixel, times 16 (its byte offset in a channel's segments)
   float* frac;               // (B, HW)
-  unsigned* sorted_key;      // (B, HW): per chunk, 16 * (pixel in the chunk) | segment << kKeyShift, in segment order
+  unsigned* sorted_key;      // (B, HW): per chunk, 16 * (pixel in the chunk) << kKnotBits | segment, in segment order
   float* sorted_frac;        // (B, HW)
 };
 
@@ -779,6 +849,11 @@ __global__ void knot_records(const float* __restrict__ u, int pixels, int chunk_
   const int chunk_begin = blockIdx.x * chunk_pixels;
   const int chunk_len = chunk_pixels < pixels - chunk_begin ? chunk_pixels : pixels - chunk_begin;
   const int64_t offset = int64_t(blockIdx.y) * pixels + chunk_begin;
+  const float* chunk_u = opaque(u + offset);
+  int* chunk_k = opaque(out.k + offset);
+  float* chunk_frac = opaque(out.frac + offset);
+  unsigned* chunk_sorted_key = opaque(out.sorted_key + offset);
+  float* chunk_sorted_frac = opaque(out.sorted_frac + offset);
   for (int i = threadIdx.x; i < warps * knots; i += blockDim.x) slot[i] = 0;
   __syncthreads();
   const int part = (chunk_len + warps - 1) / warps;
@@ -793,9 +868,9 @@ __global__ void knot_records(const float* __restrict__ u, int pixels, int chunk_
     int k = knots;
     float frac = 0;
     if (pixel < part_end) {
-      knot_of(u[offset + pixel], knots, k, frac);
-      out.k[offset + pixel] = k * int(sizeof(float4));
-      out.frac[offset + pixel] = frac;
+      knot_of(chunk_u[pixel], knots, k, frac);
+      chunk_k[pixel] = k * int(sizeof(float4));
+      chunk_frac[pixel] = frac;
     }
     const unsigned peers = __match_any_sync(kFullMask, k);
     if (k < knots && (peers & lower_lanes) == 0) warp_slot[k] += __popc(peers);
@@ -834,12 +909,12 @@ __global__ void knot_records(const float* __restrict__ u, int pixels, int chunk_
 #pragma unroll 1
   for (int step = part_begin; step < part_end; step += 32) {
     const int pixel = step + lane;
-    const int k = pixel < part_end ? out.k[offset + pixel] / int(sizeof(float4)) : knots;
+    const int k = pixel < part_end ? chunk_k[pixel] / int(sizeof(float4)) : knots;
     const unsigned peers = __match_any_sync(kFullMask, k);
     if (k < knots) {
       const int position = base[k] + warp_slot[k] + __popc(peers & lower_lanes);
-      out.sorted_key[offset + position] = unsigned(pixel) * unsigned(sizeof(float4)) | unsigned(k) << kKeyShift;
-      out.sorted_frac[offset + position] = out.frac[offset + pixel];
+      chunk_sorted_key[position] = unsigned(pixel) * unsigned(sizeof(float4)) << kKnotBits | unsigned(k);
+      chunk_sorted_frac[position] = chunk_frac[pixel];
     }
     __syncwarp();   // every lane has read warp_slot[k] before its lowest lane advances it
     if (k < knots && (peers & lower_lanes) == 0) warp_slot[k] += __popc(peers);
@@ -973,13 +1048,14 @@ __device__ void add_first_runs(float4* hist, int knots, int channels, int key, f
 // Then the group's means of dxhat and dxhat * xhat, the per-image partials of the weight, bias and table
 // gradients (finalize_group_backward sums them over the images), and a pass over the group that adds the
 // rest of grad_h, rstd * (-mean(dxhat) - xhat mean(dxhat xhat)), reading h and grad_h from L2.
-// Dynamic shared memory: the group's FiLM segments (fill_film_segments) and histogram, (K) float4 per
-// channel each; (rstd * weight, bias) and the channel sums per channel; the tile, one float4 per pixel of the
-// chunk (d pre, d scale of the slice's two channels).
+// Dynamic shared memory: the group's FiLM segments (fill_backward_segments, channels rounded up to even) and
+// histogram, (K) float4 per channel each; -log2(e) (rstd * weight, bias) and the channel sums per channel; the
+// tile, one float4 per pixel of the chunk (d pre, d scale of the slice's two channels).
 template <typename S, int VEC, bool Silu>
 __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S> p, KnotRecords knots_of,
                                                                      int chunk_pixels, int per_thread,
-                                                                     float* __restrict__ partial) {
+                                                                     float* __restrict__ partial,
+                                                                     float* first_terms) {
   constexpr int CS = kSliceChannels;
   static_assert(CS == 2, "the tile holds (d pre, d scale) of two channels per pixel: one float4");
   extern __shared__ __align__(16) unsigned char shared_raw[];
@@ -987,9 +1063,10 @@ __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S>
   __shared__ float2 correction;   // grad_h's second term is correction.x + h * correction.y
   const int per_group = int(p.per_group), pixels = int(p.pixels), knots = p.knots;
   float4* film = reinterpret_cast<float4*>(shared_raw);
-  float4* hist = film + per_group * knots;   // per (channel, segment): sums of d pre (h - mean), of that * frac,
-                                             // of d pre and of d pre * frac
-  float2* channel = reinterpret_cast<float2*>(hist + per_group * knots);   // rstd * weight, bias
+  float4* hist = film + (per_group + 1) / 2 * 2 * knots;   // per (channel, segment): sums of d pre (h - mean),
+                                                            // of that * frac, of d pre and of d pre * frac,
+                                                            // times -ln(2) (scaled_activate_grad)
+  float2* channel = reinterpret_cast<float2*>(hist + per_group * knots);   // -log2(e) (rstd * weight, bias)
   float2* channel_sums = channel + per_group;                              // sum dn, sum dn * (h - mean)
   float2* tile = channel_sums + per_group;
   const int64_t b = blockIdx.y, group = b * p.groups + blockIdx.x, first_channel = int64_t(blockIdx.x) * per_group;
@@ -997,27 +1074,28 @@ __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S>
   const S* x = p.h + group * count;
   const S* dy = p.grad_out + group * count;
   S* dx = p.result + group * count;
+  // grad_h's first term between the passes, in float: grad_h itself for float32, else the workspace's copy (a
+  // 16-bit first term would round grad_h twice)
+  float* first = std::is_same_v<S, float> ? reinterpret_cast<float*>(dx) : first_terms + group * count;
   const float mu = p.mean[group], rs = p.rstd[group];
-  fill_film_segments(film, p.table, first_channel, per_group, p.channels, knots);
+  fill_backward_segments(film, p.table, p.weight, p.bias, rs, first_channel, per_group, p.channels, knots);
   for (int i = threadIdx.x; i < per_group * knots; i += blockDim.x) hist[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   for (int c = threadIdx.x; c < per_group; c += blockDim.x)
-    channel[c] = make_float2(rs * p.weight[first_channel + c], p.bias[first_channel + c]);
+    channel[c] = make_float2(-kLog2e * rs * p.weight[first_channel + c], -kLog2e * p.bias[first_channel + c]);
   __syncthreads();
-  const int64_t image_offset = b * pixels;
-  const int* image_k = knots_of.k + image_offset;
-  const float* image_frac = knots_of.frac + image_offset;
+  const int64_t image_offset = b * pixels, width = 2 * p.channels;
+  const int* image_k = opaque(knots_of.k + image_offset);
+  const float* image_frac = opaque(knots_of.frac + image_offset);
 
 #pragma unroll 1
   for (int c0 = 0; c0 < per_group; c0 += CS) {
     const int channels = per_group - c0 < CS ? per_group - c0 : CS;
     // the slice's planes (a missing second channel repeats the first: same values, written twice)
     const int64_t plane = int64_t(c0) * pixels, next = channels > 1 ? pixels : 0;
-    const S* slice_x[CS] = {x + plane, x + plane + next};
-    const S* slice_dy[CS] = {dy + plane, dy + plane + next};
-    S* slice_dx[CS] = {dx + plane, dx + plane + next};
-    const char* slice_film[CS] = {reinterpret_cast<const char*>(film + c0 * knots),
-                                  reinterpret_cast<const char*>(film + (c0 + (channels > 1)) * knots)};
-    const float2 coef[CS] = {channel[c0], channel[c0 + (channels > 1)]};
+    const S* slice_x[CS] = {opaque(x + plane), opaque(x + plane + next)};
+    const S* slice_dy[CS] = {opaque(dy + plane), opaque(dy + plane + next)};
+    float* slice_first[CS] = {opaque(first + plane), opaque(first + plane + next)};
+    const char* slice_film = reinterpret_cast<const char*>(film + c0 * knots);   // (K, 2) float4
 #pragma unroll 1
     for (unsigned chunk_begin = 0; chunk_begin < unsigned(pixels); chunk_begin += chunk_pixels) {
       const unsigned chunk_len = min(unsigned(chunk_pixels), unsigned(pixels) - chunk_begin);
@@ -1026,26 +1104,27 @@ __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S>
         const unsigned at = chunk_begin + pixel;
         const Pack<int, VEC> ks = load_pack<VEC>(image_k + at);
         const Pack<float, VEC> fracs = load_pack<VEC>(image_frac + at);
-        float4 kept[VEC];   // per pixel (d pre, d pre * (h - mean)) of the slice's channels
+        float4 kept[VEC];   // per pixel -ln(2) (d pre, d pre * (h - mean)) of the slice's channels
+        const float4* segments[VEC];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) segments[v] = reinterpret_cast<const float4*>(slice_film + 2 * ks.v[v]);
 #pragma unroll
         for (int cc = 0; cc < CS; ++cc) {
           const Pack<float, VEC> xs = load_floats<S, VEC>(slice_x[cc] + at);
           const Pack<float, VEC> dys = load_floats<S, VEC>(slice_dy[cc] + at);
-          Pack<S, VEC> first_term;
+          Pack<float, VEC> first_term;
 #pragma unroll
           for (int v = 0; v < VEC; ++v) {
-            const float4 s = *reinterpret_cast<const float4*>(slice_film[cc] + ks.v[v]);
+            const float4 s = segments[v][cc];
             const float frac = fracs.v[v];
-            const float scale = fmaf(frac, s.y, s.x), shift = fmaf(frac, s.w, s.z);
+            const float scale = fmaf(frac, s.y, s.x), shift = fmaf(frac, s.w, s.z);   // (fill_backward_segments)
             const float d = xs.v[v] - mu;
-            const float normalized = fmaf(d, coef[cc].x, coef[cc].y);
-            const float dpre = dys.v[v] * activate_grad_fast<Silu>(fmaf(normalized, scale, shift));
-            const float dn = dpre * scale;
-            store(first_term.v[v], dn * coef[cc].x);
+            const float dpre = dys.v[v] * scaled_activate_grad<Silu>(fmaf(d, scale, shift));   // -ln(2) d pre
+            first_term.v[v] = dpre * scale;   // rstd * weight * dn
             (cc == 0 ? kept[v].x : kept[v].z) = dpre;
             (cc == 0 ? kept[v].y : kept[v].w) = dpre * d;
           }
-          store_pack(slice_dx[cc] + at, first_term);   // a missing channel rewrites the first
+          store_packs(slice_first[cc] + at, first_term);   // a missing channel rewrites the first
         }
         float4* tile_at = reinterpret_cast<float4*>(tile) + pixel;
 #pragma unroll
@@ -1056,12 +1135,12 @@ __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S>
       // sorted order: this thread's positions [begin, end), per_thread (a multiple of 4) from a multiple of 4
       const unsigned begin = min(threadIdx.x * unsigned(per_thread), chunk_len);
       const unsigned end = min(begin + unsigned(per_thread), chunk_len);
-      const unsigned* keys = knots_of.sorted_key + image_offset + chunk_begin;
-      const float* key_fracs = knots_of.sorted_frac + image_offset + chunk_begin;
+      const unsigned* keys = opaque(knots_of.sorted_key + image_offset + chunk_begin);
+      const float* key_fracs = opaque(knots_of.sorted_frac + image_offset + chunk_begin);
       // Running sums over the thread's positions; a run's sums are their difference from the sums at its
       // start (no accumulators reset in the loop, which would cost register moves on every position).
       float total[4 * CS] = {}, start[4 * CS] = {}, first[4 * CS] = {};
-      int run_k = begin < end ? int(keys[begin] >> kKeyShift) : knots, first_k = knots;   // knots: no key
+      int run_k = begin < end ? int(keys[begin] & kKnotMask) : knots, first_k = knots;   // knots: no key
       // Ends the current run at the running sums `at`: the thread's first run is deferred (add_first_runs), the
       // others are this thread's alone.
       auto end_run = [&](const float (&at)[4 * CS]) {
@@ -1088,10 +1167,10 @@ __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S>
         float4 kept[4];   // (d pre, d scale) of the slice's two channels at each position
 #pragma unroll
         for (int j = 0; j < 4; ++j)
-          kept[j] = *reinterpret_cast<const float4*>(reinterpret_cast<const char*>(tile) + (key[j] & kTileByteMask));
+          kept[j] = *reinterpret_cast<const float4*>(reinterpret_cast<const char*>(tile) + (key[j] >> kKnotBits));
 #pragma unroll
         for (int j = 0; j < 4; ++j) accumulate_pair(total, kept[j], frac[j]);
-        if (int(four.x >> kKeyShift) != run_k || int(four.w >> kKeyShift) != run_k) {   // a run ends in these four
+        if (int(four.x & kKnotMask) != run_k || int(four.w & kKnotMask) != run_k) {   // a run ends in these four
           float before[4 * CS];   // the sums before this group: total less its four positions
 #pragma unroll
           for (int q = 0; q < 4 * CS; ++q) before[q] = total[q];
@@ -1099,7 +1178,7 @@ __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S>
           for (int j = 0; j < 4; ++j) subtract_pair(before, kept[j], frac[j]);
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
-            const int k = int(key[j] >> kKeyShift);
+            const int k = int(key[j] & kKnotMask);
             if (k != run_k) {
               end_run(before);
               run_k = k;
@@ -1114,20 +1193,24 @@ __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S>
     }
   }
 
-  // The channel sums from the histogram: dn = d pre (1 + scale) and 1 + scale = x + frac y on segment k, so sum dn
-  // = sum over k of x_k A_k + y_k B_k, A and B the sums of d pre and d pre * frac; likewise sum dn (h - mean)
-  // from the sums of d pre (h - mean).
+  // The channel sums from the histogram: dn = d pre (1 + scale) and 1 + scale = x + frac y on segment k, x and y
+  // from the table, so sum dn = sum over k of x_k A_k + y_k B_k, A and B the sums of d pre and d pre * frac;
+  // likewise sum dn (h - mean) from the sums of d pre (h - mean).
   if (threadIdx.x < 32) {
 #pragma unroll 1
     for (int c = 0; c < per_group; ++c) {
       float dn = 0, dn_d = 0;
+      const float* column = p.table + first_channel + c;
+#pragma unroll 1
       for (int k = threadIdx.x; k < knots; k += 32) {
-        const float4 segment = film[c * knots + k], cell = hist[c * knots + k];
-        dn = fmaf(segment.x, cell.z, fmaf(segment.y, cell.w, dn));
-        dn_d = fmaf(segment.x, cell.x, fmaf(segment.y, cell.y, dn_d));
+        const float* low = column + k * width;
+        const float x = 1.0f + low[0], y = k < knots - 1 ? low[width] - low[0] : 0.0f;
+        const float4 cell = hist[c * knots + k];
+        dn = fmaf(x, cell.z, fmaf(y, cell.w, dn));
+        dn_d = fmaf(x, cell.x, fmaf(y, cell.y, dn_d));
       }
-      dn = warp_sum(dn);
-      dn_d = warp_sum(dn_d);
+      dn = -kLog2e * warp_sum(dn);
+      dn_d = -kLog2e * warp_sum(dn_d);
       if (threadIdx.x == 0) channel_sums[c] = make_float2(dn, dn_d);
     }
   }
@@ -1142,20 +1225,21 @@ __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S>
     correction = make_float2(-rs * mean_dxhat / float(count) - slope * mu, slope);
   }
   // the image's partials: the table gradient (K, 2C), then the bias and weight gradients (C each)
-  const int64_t width = 2 * p.channels;
   float* image_partial = partial + b * (knots + 1) * width;
   // table gradient of segment k's knots: row k gets g (1 - frac) = A_k - B_k, row k + 1 gets g frac = B_k
 #pragma unroll 1
   for (int c = 0; c < per_group; ++c) {
     const float4* cells = hist + c * knots;
+    float* scale_column = opaque(image_partial + first_channel + c);
+    float* shift_column = opaque(scale_column + p.channels);
+    const float2 coef = channel[c];   // d scale = d pre * normalized, normalized = coef.x (h - mean) + coef.y
 #pragma unroll 1
     for (int k = threadIdx.x; k < knots; k += blockDim.x) {
       const float4 cell = cells[k];
       const float4 below = k > 0 ? cells[k - 1] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      float* row = image_partial + k * width + first_channel + c;
-      const float2 coef = channel[c];   // d scale = d pre * normalized, normalized = coef.x (h - mean) + coef.y
-      row[0] = fmaf(coef.x, cell.x - cell.y + below.y, coef.y * (cell.z - cell.w + below.w));
-      row[p.channels] = cell.z - cell.w + below.w;
+      const float shift_grad = cell.z - cell.w + below.w;
+      scale_column[k * int(width)] = fmaf(coef.x, cell.x - cell.y + below.y, coef.y * shift_grad);
+      shift_column[k * int(width)] = -kLog2e * shift_grad;
     }
   }
   __syncthreads();
@@ -1164,13 +1248,16 @@ __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S>
     image_partial[knots * width + p.channels + first_channel + c] = rs * channel_sums[c].y;
   }
   const float2 rest = correction;
+  const Pack<S, VEC>* h_packs = opaque(reinterpret_cast<const Pack<S, VEC>*>(x));
+  const Pack<float, VEC>* first_packs = opaque(reinterpret_cast<const Pack<float, VEC>*>(first));
+  Pack<S, VEC>* grad_packs = opaque(reinterpret_cast<Pack<S, VEC>*>(dx));
 #pragma unroll 1
   for (unsigned pack = threadIdx.x; pack < unsigned(count / VEC); pack += blockDim.x) {
-    const Pack<float, VEC> hs = load_floats<S, VEC>(x + pack * VEC), first_term = load_floats<S, VEC>(dx + pack * VEC);
+    const Pack<float, VEC> hs = load_floats<S, VEC>(h_packs[pack].v), first_term = load_pack<VEC>(first_packs[pack].v);
     Pack<S, VEC> grad;
 #pragma unroll
     for (int v = 0; v < VEC; ++v) store(grad.v[v], first_term.v[v] + fmaf(hs.v[v], rest.y, rest.x));
-    *reinterpret_cast<Pack<S, VEC>*>(dx + pack * VEC) = grad;
+    grad_packs[pack] = grad;
   }
 }
 
@@ -1210,7 +1297,7 @@ void with_vec(bool vectorise, Fn&& fn) {
 // partials (forward) or the gradient partials and group coefficients (backward) of the chunked path; then,
 // where the shape can take the one-block-per-group backward, its knot records and per-image partials.
 struct Workspace {
-  int64_t stats, grads, coef, knot_k, knot_frac, sorted_key, sorted_frac, partial, end;
+  int64_t stats, grads, coef, knot_k, knot_frac, sorted_key, sorted_frac, partial, first_term, end;
 };
 
 int64_t round256(int64_t bytes) { return ceil_div(bytes, 256) * 256; }
@@ -1236,6 +1323,10 @@ Workspace workspace_parts(const GroupNormFilmArgs& args) {
     w.sorted_frac = w.sorted_key + per_pixel;
     w.partial = w.sorted_frac + per_pixel;
     end = w.partial + round256(args.batch * (args.knots + 1) * 2 * args.channels * 4);
+    if (args.dtype == kBFloat16 || args.dtype == kFloat16) {   // grad_h's first term in float (float32: in grad_h)
+      w.first_term = end;
+      end += round256(args.batch * args.channels * args.pixels * 4);
+    }
   }
   w.end = end;
   return w;
@@ -1303,8 +1394,8 @@ int backward_threads(const GroupNormFilmArgs& args) {
 }
 
 int64_t backward_group_shared_bytes(const GroupNormFilmArgs& args) {
-  const int64_t per_group = args.channels / args.groups;
-  return 2 * per_group * args.knots * int64_t(sizeof(float4)) + 2 * per_group * int64_t(sizeof(float2)) +
+  const int64_t per_group = args.channels / args.groups, film_channels = (per_group + 1) / 2 * 2;
+  return (film_channels + per_group) * args.knots * int64_t(sizeof(float4)) + 2 * per_group * int64_t(sizeof(float2)) +
          kSliceChannels * int64_t(backward_chunk(args)) * int64_t(sizeof(float2));
 }
 
@@ -1314,7 +1405,7 @@ int sort_warps(const GroupNormFilmArgs& args) {
 }
 
 bool group_backward_shape(const GroupNormFilmArgs& args) {
-  return group_shape(args) && args.knots <= (1 << (32 - kKeyShift)) && sort_warps(args) >= 1;   // segment keys fit
+  return group_shape(args) && args.knots <= (1 << kKnotBits) && sort_warps(args) >= 1;   // segment keys fit
 }
 
 template <typename S>
@@ -1439,7 +1530,7 @@ bool backward_group(const GroupNormFilmArgs& args, const Params<S>& p, unsigned 
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared)), "cudaFuncSetAttribute");
   const int threads = backward_threads(args), per_thread = int(ceil_div(chunk, 4 * threads) * 4);
   kernel<<<dim3(unsigned(args.groups), unsigned(args.batch)), threads, size_t(shared), stream>>>(
-      p, knots, chunk, per_thread, partial);
+      p, knots, chunk, per_thread, partial, reinterpret_cast<float*>(workspace + parts.first_term));
   check_launch("backward_group_nchw");
   const int64_t table_size = args.knots * 2 * args.channels;
   finalize_group_backward<<<unsigned(ceil_div(table_size + 2 * args.channels, kThreads)), kThreads, 0, stream>>>(

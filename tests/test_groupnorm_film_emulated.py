@@ -79,6 +79,7 @@ CASES = [
     ((3, 16, 8, 8, 4), torch.float16, "nchw", 9, False, 1, 1),
     ((4, 8, 2, 2, 8), torch.float32, "nchw", 9, False, 1, 1),           # one channel per group
     ((2, 4, 64, 128, 2), torch.bfloat16, "nchw", 9, False, 1, 1),       # 16384 elements per group
+    ((8, 64, 32, 32, 32), torch.bfloat16, "nchw", 257, False, 1, 1),   # a UNet level: grad_h rounded once
     ((2, 16, 4, 4, 8), torch.float32, "nchw", 1279, False, 1, 1),       # FiLM segments fill the 40 KB
     ((2, 16, 4, 4, 8), torch.float32, "nchw", 1280, False, 1, 4),       # they do not fit
     ((2, 32, 8, 8, 4), torch.float32, "nchw", 9, True, 1, 4),           # u misaligned: scalar loads

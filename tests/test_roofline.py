@@ -34,12 +34,10 @@ CI_OPS = ("reverse_step", "reverse_step[given z]", "training_sample", "groupnorm
 CUDA_OPS = ("groupnorm_film_fwd", "groupnorm_film_bwd")
 DTYPES = ("float32", "bfloat16")
 
-# Kernels over their budget today (ratio issue/DRAM on the H200 model, benchmarks/results/roofline-sm90.md);
-# the redesigns of issue 12 take them out: a kernel that meets its budget fails here (strict xfail) until its
-# entry is removed.
-KNOWN_OVER_BUDGET = {
-    ("groupnorm_film_bwd", "bfloat16"): "1.08 > 1.0: the float32 instructions (52 per element) for half the bytes",
-}
+# Kernels over their budget (ratio issue/DRAM on the H200 model, benchmarks/results/roofline-sm90.md), none
+# today: an entry, (op, dtype) -> why, makes that case a strict xfail, which fails once the kernel meets its
+# budget, until the entry is removed.
+KNOWN_OVER_BUDGET: dict[tuple[str, str], str] = {}
 
 
 def _environment() -> dict:
