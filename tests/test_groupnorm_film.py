@@ -159,6 +159,28 @@ def test_cpp_float64_matches_reference(backend):
         assert relative_error(g, e) < 1e-12, name
 
 
+def test_an_undefined_gradient_of_the_result_gives_zero_gradients(backend):
+    """A graph that sends groupnorm_film's result no gradient (None) gets zero gradients of its inputs, as
+    when autograd materialized that gradient as zeros."""
+    backend("cpp")
+
+    class NoGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return None
+
+    h, u, table, weight, bias, groups = film_inputs((2, 6, 5, 4, 3))
+    inputs = [t.requires_grad_() for t in (h, table, weight, bias)]
+    out = ops.groupnorm_film(inputs[0], u, *inputs[1:], groups)
+    grads = torch.autograd.grad(NoGradient.apply(out).sum(), inputs)
+    for g, t in zip(grads, inputs):
+        assert g.shape == t.shape and not g.any()
+
+
 def test_reference_backward_is_the_autograd_of_the_reference():
     h, u, table, weight, bias, groups = film_inputs((2, 6, 5, 4, 3), dtype=torch.float64)
     grad_out = torch.randn(h.shape, dtype=torch.float64)

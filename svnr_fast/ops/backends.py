@@ -226,6 +226,8 @@ def register_autograd(op: str, backward: Callable, setup_context: Callable) -> N
 
     function = type(f"{op}_autograd", (torch.autograd.Function,),
                     {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    # the engine calls the graph node's apply, whose generic version looks the backward up again each time
+    function._backward_cls.apply = backward
     # autograd.Function.apply is Python around the C apply of torch._C._FunctionBase: with no functorch
     # transform active it unwraps tensors left over from finished transforms, then calls the C apply
     c_apply = super(torch.autograd.Function, function).apply

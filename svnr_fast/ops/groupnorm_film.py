@@ -106,13 +106,18 @@ def _setup_context(ctx, inputs, output):
     h, u, table, gn_weight, gn_bias, groups, eps, act = inputs
     _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(h, u, table, gn_weight, gn_bias, mean, rstd)
     ctx.groups, ctx.act = groups, act
 
 
 def _backward(ctx, grad_out, grad_mean, grad_rstd):
-    # mean and rstd are saved statistics, not results: they carry no gradient
+    # mean and rstd are saved statistics, not results: they carry no gradient, and autograd materializes no
+    # zeros for them (set_materialize_grads(False)); an undefined gradient of the result counts as zero, as a
+    # materialized one did
     h, u, table, gn_weight, gn_bias, mean, rstd = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(h)
     grad_h, grad_table, grad_weight, grad_bias = torch.ops.svnr.groupnorm_film_backward(
         grad_out, h, u, table, gn_weight, gn_bias, mean, rstd, ctx.groups, ctx.act)
     return grad_h, None, grad_table, grad_weight, grad_bias, None, None, None
@@ -163,11 +168,11 @@ def groupnorm_silu(h: Tensor, gn_weight: Tensor, gn_bias: Tensor, groups: int, e
 # ---------------------------------------------------------------------------------------------------
 
 def _prepare(h: Tensor, u: Tensor | None, table: Tensor | None, gn_weight: Tensor, gn_bias: Tensor):
-    """h in the layout the kernels read; u (B, H*W), table, weight and bias contiguous in the compute dtype
-    (u and table None without FiLM)."""
-    layout = memory_format(h)
-    if not h.is_contiguous(memory_format=layout):
-        h = h.contiguous(memory_format=layout)
+    """h in the layout the kernels read (memory_format(h): NCHW or channels_last h as it is, any other strides
+    copied into NCHW); u (B, H*W), table, weight and bias contiguous in the compute dtype (u and table None
+    without FiLM)."""
+    if not h.is_contiguous() and not h.is_contiguous(memory_format=torch.channels_last):
+        h = h.contiguous()
     dtype = _checks.compute_dtype(h.dtype)
     # a contiguous (B, 1, H, W) u is laid out as (B, H*W)
     return h, _in(u, dtype), _in(table, dtype), _in(gn_weight, dtype), _in(gn_bias, dtype)
@@ -190,9 +195,11 @@ def _run(ext, backward: bool, shape: tuple, addresses: tuple, eps: float, silu: 
 def _run_cuda(ext, backward: bool, shape: tuple, addresses: tuple, eps: float, silu: bool, h: Tensor) -> None:
     """The CUDA kernel, on torch's current stream of h's device, with a workspace; temporaries freed after the
     launch (the workspace, converted inputs) are safe, since the caching allocator hands their memory only to
-    work queued later on the same stream."""
+    work queued later on the same stream. The workspace is not kept between calls: the extension releases the
+    GIL, so two threads may queue passes on one stream at once."""
     device = h.get_device()
-    workspace = torch.empty(_workspace_bytes(ext, shape), dtype=torch.uint8, device=h.device)
+    # new_empty with the size as an argument, not a tuple: fewer argument conversions than torch.empty
+    workspace = h.new_empty(_workspace_bytes(ext, shape), dtype=torch.uint8)
     ext.groupnorm_film_cuda(backward, shape, addresses, eps, silu, workspace.data_ptr(), device,
                             backends.cuda_stream(device))
 
@@ -202,21 +209,17 @@ def _workspace_bytes(ext, shape: tuple) -> int:
     return ext.groupnorm_film_cuda_workspace_bytes(shape)
 
 
-def _launch(backward: bool, groups: int, tensors: tuple, eps: float, act: str, run=None) -> None:
+def _launch(backward: bool, groups: int, tensors: tuple, eps: float, act: str, run) -> None:
     """Runs one pass on `tensors` = (h, u, table, weight, bias, out, mean, rstd, grad_out, grad_h, grad_table,
     grad_weight, grad_bias), None where the pass has none (the order of the extension's `tensors`), with the
-    kernel of `run` (the CPU one, `_run`, by default). No table: no FiLM (K = 0)."""
+    kernel of `run` (the CPU one, `_run`, when None). No table: no FiLM (K = 0)."""
     h, table = tensors[0], tensors[2]
     B, C, H, W = h.shape
     # h is NCHW-contiguous or channels_last (_prepare)
-    knots = 0 if table is None else table.shape[0]
-    shape = (_native.DTYPE_CODES[h.dtype], B, C, H * W, groups, knots, not h.is_contiguous())
+    shape = (_native.DTYPE_CODES[h.dtype], B, C, H * W, groups, 0 if table is None else table.shape[0],
+             not h.is_contiguous())
     addresses = tuple([0 if t is None else t.data_ptr() for t in tensors])
-    (run or _run)(_native.extension(), backward, shape, addresses, float(eps), act == "silu", h)
-
-
-def _statistics(h: Tensor, groups: int) -> Tensor:
-    return h.new_empty((h.shape[0], groups), dtype=_checks.compute_dtype(h.dtype))
+    (run or _run)(_native.extension(), backward, shape, addresses, eps, act == "silu", h)
 
 
 def fused_forward(h, u, table, gn_weight, gn_bias, groups, eps, act, run=None):
@@ -224,9 +227,10 @@ def fused_forward(h, u, table, gn_weight, gn_bias, groups, eps, act, run=None):
     if h.numel() == 0:   # nothing to compute; the reference gives the empty results their exact form
         return _reference_forward(h, u, table, gn_weight, gn_bias, groups, eps, act)
     h, u, table, weight, bias = _prepare(h, u, table, gn_weight, gn_bias)
-    out, mean = torch.empty_like(h), _statistics(h, groups)
+    out, mean = torch.empty_like(h), h.new_empty(h.shape[0], groups, dtype=weight.dtype)
     rstd = torch.empty_like(mean)
-    _launch(False, groups, (h, u, table, weight, bias, out, mean, rstd) + (None,) * 5, eps, act, run)
+    _launch(False, groups, (h, u, table, weight, bias, out, mean, rstd, None, None, None, None, None), float(eps),
+            act, run)
     return out, mean, rstd
 
 
@@ -234,15 +238,14 @@ def fused_backward(grad_out, h, u, table, gn_weight, gn_bias, mean, rstd, groups
     """The fused backward, from the statistics the forward saved (devices as fused_forward)."""
     if h.numel() == 0:
         return _reference_backward(grad_out, h, u, table, gn_weight, gn_bias, mean, rstd, groups, act)
-    dtype = _checks.compute_dtype(h.dtype)
     h, u, table_c, weight, bias = _prepare(h, u, table, gn_weight, gn_bias)
     if grad_out.dtype != h.dtype or grad_out.stride() != h.stride():
         grad_out = grad_out.to(h.dtype).contiguous(memory_format=memory_format(h))
     grad_h, grad_table = torch.empty_like(h), None if table is None else torch.zeros_like(table_c)
     grad_weight, grad_bias = torch.empty_like(weight), torch.empty_like(bias)
-    statistics = (_in(mean, dtype), _in(rstd, dtype))
-    _launch(True, groups, (h, u, table_c, weight, bias, None, *statistics, grad_out, grad_h, grad_table, grad_weight,
-                           grad_bias), 0.0, act, run)
+    # weight is in the compute dtype (_prepare)
+    _launch(True, groups, (h, u, table_c, weight, bias, None, _in(mean, weight.dtype), _in(rstd, weight.dtype),
+                           grad_out, grad_h, grad_table, grad_weight, grad_bias), 0.0, act, run)
     return (grad_h, None if table is None else _as(grad_table, table.dtype), _as(grad_weight, gn_weight.dtype),
             _as(grad_bias, gn_bias.dtype))
 
@@ -262,6 +265,11 @@ def fused_silu_backward(grad_out, h, gn_weight, gn_bias, mean, rstd, groups):
     return grad_h, grad_weight, grad_bias
 
 
-# CUDA tensors: the kernels registered for the CUDA dispatch key
-fused_forward_cuda = functools.partial(fused_forward, run=_run_cuda)
-fused_backward_cuda = functools.partial(fused_backward, run=_run_cuda)
+def fused_forward_cuda(h, u, table, gn_weight, gn_bias, groups, eps, act):
+    """fused_forward on CUDA tensors (the kernel registered for the CUDA dispatch key)."""
+    return fused_forward(h, u, table, gn_weight, gn_bias, groups, eps, act, _run_cuda)
+
+
+def fused_backward_cuda(grad_out, h, u, table, gn_weight, gn_bias, mean, rstd, groups, act):
+    """fused_backward on CUDA tensors."""
+    return fused_backward(grad_out, h, u, table, gn_weight, gn_bias, mean, rstd, groups, act, _run_cuda)
