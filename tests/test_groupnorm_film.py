@@ -159,9 +159,10 @@ def test_cpp_float64_matches_reference(backend):
         assert relative_error(g, e) < 1e-12, name
 
 
-def test_an_undefined_gradient_of_the_result_gives_zero_gradients(backend):
-    """A graph that sends groupnorm_film's result no gradient (None) gets zero gradients of its inputs, as
-    when autograd materialized that gradient as zeros."""
+@pytest.mark.parametrize("film", [True, False], ids=["groupnorm_film", "groupnorm_silu"])
+def test_an_undefined_gradient_of_the_result_gives_zero_gradients(backend, film):
+    """A graph that sends the op's result no gradient (None) gets zero gradients of its inputs, as when
+    autograd materialized that gradient as zeros."""
     backend("cpp")
 
     class NoGradient(torch.autograd.Function):
@@ -174,8 +175,12 @@ def test_an_undefined_gradient_of_the_result_gives_zero_gradients(backend):
             return None
 
     h, u, table, weight, bias, groups = film_inputs((2, 6, 5, 4, 3))
-    inputs = [t.requires_grad_() for t in (h, table, weight, bias)]
-    out = ops.groupnorm_film(inputs[0], u, *inputs[1:], groups)
+    if film:
+        inputs = [t.requires_grad_() for t in (h, table, weight, bias)]
+        out = ops.groupnorm_film(inputs[0], u, *inputs[1:], groups)
+    else:
+        inputs = [t.requires_grad_() for t in (h, weight, bias)]
+        out = ops.groupnorm_silu(*inputs, groups)
     grads = torch.autograd.grad(NoGradient.apply(out).sum(), inputs)
     for g, t in zip(grads, inputs):
         assert g.shape == t.shape and not g.any()

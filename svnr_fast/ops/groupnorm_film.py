@@ -130,12 +130,16 @@ def _setup_silu_context(ctx, inputs, output):
     h, gn_weight, gn_bias, groups, _ = inputs
     _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(h, gn_weight, gn_bias, mean, rstd)
     ctx.groups = groups
 
 
 def _silu_backward(ctx, grad_out, grad_mean, grad_rstd):
+    # as _backward: no zeros materialized for mean and rstd, an undefined gradient of the result is zero
     h, gn_weight, gn_bias, mean, rstd = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(h)
     grad_h, grad_weight, grad_bias = torch.ops.svnr.groupnorm_silu_backward(grad_out, h, gn_weight, gn_bias, mean,
                                                                             rstd, ctx.groups)
     return grad_h, grad_weight, grad_bias, None, None
