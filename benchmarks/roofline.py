@@ -232,6 +232,15 @@ def _ops() -> list[Op]:
            lambda sh, s: 3 * s + 4 / sh[1] + 2 * _table_bytes(sh),
            lambda sh, s: (4 * s + 8 + 28 / sh[1] + 16 * GROUPS / sh[1] * math.ceil(sh[1] // GROUPS / 2)
                           + 32 * KNOTS / (sh[2] * sh[3]))),
+        # groupnorm_silu (NCHW): groupnorm_film's kernels without FiLM (no u, table, knot records or table
+        # gradient); requested: the forward reads h twice, the backward writes grad_h's first term in float and
+        # reads it and h back, as groupnorm_film's
+        Op("groupnorm_silu_fwd", "cuda", UNET_SHAPES, _groupnorm_silu_forward,
+           lambda sh, s: 2 * s, lambda sh, s: 3 * s, budgeted=False,
+           note="groupnorm_film's forward without FiLM (not budgeted)"),
+        Op("groupnorm_silu_bwd", "cuda", UNET_SHAPES, _groupnorm_silu_backward,
+           lambda sh, s: 3 * s, lambda sh, s: 4 * s + 8, budgeted=False,
+           note="groupnorm_film's backward without FiLM (not budgeted)"),
     ]
 
 
@@ -318,15 +327,16 @@ def _block_strided(n: int, threads: int) -> float:
     return math.ceil(n / 32) / (threads / 32)
 
 
-def _groupnorm_film_forward(shape, dtype, arch):
-    """forward_group_nchw: one block per (image, group), two passes over the group (group_forward_shape)."""
+def _groupnorm_film_forward(shape, dtype, arch, film=True):
+    """forward_group_nchw: one block per (image, group), two passes over the group (group_forward_shape);
+    film=False: its groupnorm_silu instance (no FiLM segments, no u)."""
     B, C, H, W = shape
-    vec, per_group = 16 // dtype.itemsize, C // GROUPS
+    vec, per_group, knots = 16 // dtype.itemsize, C // GROUPS, KNOTS if film else 0
     assert per_group * H * W * dtype.itemsize <= 128 * 1024 and B * GROUPS >= 132, "not the one-launch forward"
     threads = min(K_GROUP_THREADS, _round32(H * W // vec))
     storage = CUDA_STORAGE[_dtype_name(dtype)]
-    return [cuda_launch(f"forward_group_nchw<{storage}, {vec}, true>", arch, threads, B * GROUPS,
-                        per_group * KNOTS * 16 + per_group * 8,
+    return [cuda_launch(f"forward_group_nchw<{storage}, {vec}, true, {str(film).lower()}>", arch, threads, B * GROUPS,
+                        per_group * knots * 16 + per_group * 8,
                         loops={"for (int c = 0; c < count; ++c) {": per_group,
                                "k < knots; k += blockDim.x": _block_strided(KNOTS, threads),
                                "pack < packs; pack += blockDim.x, in_pack += blockDim.x * VEC":
@@ -371,6 +381,35 @@ def _sorted_run_shares(shape) -> tuple[float, float]:
     return boundary_groups / groups, changes / (4 * boundary_groups)
 
 
+def _groupnorm_silu_forward(shape, dtype, arch):
+    return _groupnorm_film_forward(shape, dtype, arch, film=False)
+
+
+def _groupnorm_silu_backward(shape, dtype, arch):
+    """backward_group_nchw's groupnorm_silu instance (no knot records, tile or sorted pass: the channel sums per
+    thread and over the block), finalize_group_backward."""
+    B, C, H, W = shape
+    vec, per_group = 16 // dtype.itemsize, C // GROUPS
+    assert per_group * H * W * dtype.itemsize <= 128 * 1024 and B * GROUPS >= 132, "not the group backward"
+    chunk, threads, _ = _backward_geometry(shape)
+    storage = CUDA_STORAGE[_dtype_name(dtype)]
+    return [
+        cuda_launch(f"backward_group_nchw<{storage}, {vec}, true, false>", arch, threads, B * GROUPS, 2 * per_group * 8,
+                    loops={"i < per_group * knots; i += blockDim.x": 0,   # K = 0
+                           "c < per_group; c += blockDim.x": _block_strided(per_group, threads),
+                           "c0 < per_group; c0 += CS": math.ceil(per_group / 2),
+                           "chunk_begin < unsigned(pixels); chunk_begin += chunk_pixels": math.ceil(H * W / chunk),
+                           "pixel < chunk_len; pixel += blockDim.x * VEC": _block_strided(chunk // vec, threads),
+                           "k < knots; k += blockDim.x": 0,
+                           "for (int c = 0; c < per_group; ++c) {": per_group,
+                           "pack < unsigned(count / VEC); pack += blockDim.x":
+                               _block_strided(per_group * H * W // vec, threads)},
+                    guards=_warp_zero_guards(threads)),
+        cuda_launch("finalize_group_backward", arch, K_THREADS, math.ceil(2 * C / K_THREADS), 0,
+                    loops={"b < batch; ++b, value += row": B}),
+    ]
+
+
 def _groupnorm_film_backward(shape, dtype, arch):
     """knot_records, backward_group_nchw, finalize_group_backward (the one-block-per-group backward)."""
     B, C, H, W = shape
@@ -389,7 +428,7 @@ def _groupnorm_film_backward(shape, dtype, arch):
                            "w < warps; ++w": sort_warps,
                            "k0 < knots; k0 += 32": math.ceil(KNOTS / 32)},
                     guards=_warp_zero_guards(32 * sort_warps)),
-        cuda_launch(f"backward_group_nchw<{storage}, {vec}, true>", arch, threads, B * GROUPS,
+        cuda_launch(f"backward_group_nchw<{storage}, {vec}, true, true>", arch, threads, B * GROUPS,
                     2 * per_group * KNOTS * 16 + 2 * per_group * 8 + 2 * chunk * 8,
                     loops={"for (int c = 0; c < count; ++c) {": per_group,
                            "k < knots; k += blockDim.x": _block_strided(KNOTS, threads),

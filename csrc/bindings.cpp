@@ -102,9 +102,6 @@ void bind_groupnorm_film(py::module_& m) {
       "groupnorm_film_cuda",
       [](bool backward, const FilmShape& shape, const FilmTensors& tensors, double eps, bool silu,
          Address workspace, int device, Address stream) {
-        if (shape[5] == 0)
-          throw std::invalid_argument("groupnorm_film_cuda: the CUDA kernel needs a table (K >= 2); GroupNorm + "
-                                      "SiLU without FiLM runs on CUDA tensors through torch's own kernels");
         svnr::groupnorm_film_cuda(pass_of(backward), film_args(shape, tensors, eps, silu),
                                   {pointer(workspace), device, pointer(stream)});
       },

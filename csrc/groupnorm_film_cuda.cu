@@ -33,6 +33,11 @@
 //   apply     per element: grad_h = rstd * (dn * w - mean(dxhat) - xhat * mean(dxhat * xhat))
 // NCHW blocks cover a chunk of one (image, channel) plane, so per-channel values are block constants;
 // NHWC kernels run channels innermost (coalesced rows of the table, weight and bias).
+// Without FiLM (svnr::groupnorm_silu: K = 0, GroupNormFilmArgs.film false) every kernel is the same template
+// with WithFilm = false: no u, no table (nothing transposed), no knot records (knot_records is not launched),
+// no table gradient; the forward launches 1 (one block per group) or 3 kernels, the backward 2 or 3.
+// backward_group_nchw then sums dn and dn * (h - mean) per thread and over the block (no tile, no sorted
+// pass: its shared memory is the per-channel values only).
 //
 // Bytes moved per element, s = bytes per stored element (4 float32, 2 bf16/fp16): forward minimal 2s (read h,
 // write out), backward 3s (read grad_out and h, write grad_h). The one-block-per-group kernels move these from
@@ -370,7 +375,7 @@ struct Params {   // what the apply and reduce kernels share
   int knots;
 };
 
-template <typename S, int VEC, bool Silu>
+template <typename S, int VEC, bool Silu, bool WithFilm>
 __global__ void forward_apply_nchw(Params<S> p, int64_t chunks, int64_t chunk_elems) {
   using T = Compute<S>;
   const int64_t block = reversed_block();
@@ -385,36 +390,39 @@ __global__ void forward_apply_nchw(Params<S> p, int64_t chunks, int64_t chunk_el
   S* y = p.result + plane * p.pixels;
   for (int64_t i = begin + threadIdx.x * VEC; i < end; i += int64_t(blockDim.x) * VEC) {
     const Pack<S, VEC> in = *reinterpret_cast<const Pack<S, VEC>*>(x + i);
-    const Pack<T, VEC> us = load_pack<VEC>(u + i);
+    Pack<T, VEC> us{};
+    if constexpr (WithFilm) us = load_pack<VEC>(u + i);
     Pack<S, VEC> out;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const math::Knot<T> knot = math::knot(us.v[j], p.knots);
-      const math::ScaleShift<T> scale_shift = math::film_at(scale_column, shift_column, 1, knot);
+      math::ScaleShift<T> scale_shift{T(0), T(0)};
+      if constexpr (WithFilm) scale_shift = math::film_at(scale_column, shift_column, 1, math::knot(us.v[j], p.knots));
       const T n = math::normalize(load(in.v[j]), mu, rs) * w + bias;
-      store(out.v[j], math::activate<Silu>(math::film(n, scale_shift.scale, scale_shift.shift)));
+      store(out.v[j], math::activate<Silu>(WithFilm ? math::film(n, scale_shift.scale, scale_shift.shift) : n));
     }
     *reinterpret_cast<Pack<S, VEC>*>(y + i) = out;
   }
 }
 
 // Flat over NHWC elements, VEC channels of one pixel per step (C % VEC == 0).
-template <typename S, int VEC, bool Silu>
+template <typename S, int VEC, bool Silu, bool WithFilm>
 __global__ void forward_apply_nhwc(Params<S> p, int64_t packs) {
   using T = Compute<S>;
   const int64_t C = p.channels;
   for (int64_t pack = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; pack < packs;
        pack += int64_t(gridDim.x) * blockDim.x) {
     const int64_t e = pack * VEC, c0 = e % C, pixel = e / C, b = pixel / p.pixels;
-    const math::Knot<T> knot = math::knot(p.u[pixel], p.knots);
+    math::Knot<T> knot{};
+    if constexpr (WithFilm) knot = math::knot(p.u[pixel], p.knots);
     const Pack<S, VEC> in = *reinterpret_cast<const Pack<S, VEC>*>(p.h + e);
     Pack<S, VEC> out;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const int64_t c = c0 + j, stat = b * p.groups + c / p.per_group;
-      const math::ScaleShift<T> scale_shift = math::film_at(p.table + c, p.table + C + c, 2 * C, knot);
+      math::ScaleShift<T> scale_shift{T(0), T(0)};
+      if constexpr (WithFilm) scale_shift = math::film_at(p.table + c, p.table + C + c, 2 * C, knot);
       const T n = math::normalize(load(in.v[j]), p.mean[stat], p.rstd[stat]) * p.weight[c] + p.bias[c];
-      store(out.v[j], math::activate<Silu>(math::film(n, scale_shift.scale, scale_shift.shift)));
+      store(out.v[j], math::activate<Silu>(WithFilm ? math::film(n, scale_shift.scale, scale_shift.shift) : n));
     }
     *reinterpret_cast<Pack<S, VEC>*>(p.result + e) = out;
   }
@@ -522,7 +530,7 @@ __device__ __forceinline__ float scaled_activate_grad(float z2) {
 // and, per pixel, the group's channels, so that a knot is found once per pixel, not per element.
 // Grid (groups, images). Dynamic shared memory: the group's FiLM segments (fill_film_segments), then
 // (rstd * weight, bias) per channel.
-template <typename S, int VEC, bool Silu>
+template <typename S, int VEC, bool Silu, bool WithFilm>
 __global__ void __launch_bounds__(kGroupThreads, 2) forward_group_nchw(Params<S> p, double eps) {
   extern __shared__ __align__(16) unsigned char shared_raw[];
   __shared__ float2 shared_stat;   // mean, rstd
@@ -533,7 +541,8 @@ __global__ void __launch_bounds__(kGroupThreads, 2) forward_group_nchw(Params<S>
   const int count = per_group * pixels, packs = count / VEC;
   const S* x = p.h + group * count;
   S* y = p.result + group * count;
-  fill_film_segments(film, p.table, first_channel, per_group, p.channels, p.knots);   // published by the barriers below
+  if constexpr (WithFilm)   // published by the barriers below
+    fill_film_segments(film, p.table, first_channel, per_group, p.channels, p.knots);
 
   // Statistics without cancellation: each thread sums d = x - (its first element) and d^2; the block merges
   // the threads' means and M2 (M2 = sum of the threads' M2 + n (thread mean - mean)^2, all terms >= 0).
@@ -576,11 +585,13 @@ __global__ void __launch_bounds__(kGroupThreads, 2) forward_group_nchw(Params<S>
   const float* u = p.u + b * pixels;
 #pragma unroll 1
   for (int pixel = threadIdx.x * VEC; pixel < pixels; pixel += blockDim.x * VEC) {
-    const Pack<float, VEC> us = load_pack<VEC>(u + pixel);
     int k[VEC];
     float frac[VEC];
+    if constexpr (WithFilm) {
+      const Pack<float, VEC> us = load_pack<VEC>(u + pixel);
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) knot_of(us.v[v], p.knots, k[v], frac[v]);
+      for (int v = 0; v < VEC; ++v) knot_of(us.v[v], p.knots, k[v], frac[v]);
+    }
     const Pack<S, VEC>* in = reinterpret_cast<const Pack<S, VEC>*>(x + pixel);
     Pack<S, VEC>* out = reinterpret_cast<Pack<S, VEC>*>(y + pixel);
     const float4* segment = film;
@@ -592,7 +603,7 @@ __global__ void __launch_bounds__(kGroupThreads, 2) forward_group_nchw(Params<S>
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
         const float normalized = fmaf(h_pack.v[v] - mu, coef.x, coef.y);
-        store(result.v[v], activate_fast<Silu>(film_pre(normalized, segment[k[v]], frac[v])));
+        store(result.v[v], activate_fast<Silu>(WithFilm ? film_pre(normalized, segment[k[v]], frac[v]) : normalized));
       }
       *out = result;
     }
@@ -625,7 +636,7 @@ struct SegmentRun {
 };
 
 // Dynamic shared memory: the block's histogram of its channel's table gradient, 2K values.
-template <typename S, int VEC, bool Silu>
+template <typename S, int VEC, bool Silu, bool WithFilm>
 __global__ void backward_reduce_nchw(Params<S> p, int64_t chunks, int64_t chunk_elems,
                                      GradPartial<Compute<S>>* __restrict__ partial,
                                      Compute<S>* __restrict__ grad_table) {
@@ -656,16 +667,18 @@ __global__ void backward_reduce_nchw(Params<S> p, int64_t chunks, int64_t chunk_
   for (int64_t i = begin + threadIdx.x * VEC; i < end; i += int64_t(blockDim.x) * VEC) {
     const Pack<S, VEC> xs = *reinterpret_cast<const Pack<S, VEC>*>(x + i);
     const Pack<S, VEC> dys = *reinterpret_cast<const Pack<S, VEC>*>(dy + i);
-    const Pack<T, VEC> us = load_pack<VEC>(u + i);
+    Pack<T, VEC> us{};
+    if constexpr (WithFilm) us = load_pack<VEC>(u + i);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const math::Knot<T> knot = math::knot(us.v[j], p.knots);
-      const math::ScaleShift<T> scale_shift = math::film_at(scale_column, shift_column, 1, knot);
+      const math::Knot<T> knot = WithFilm ? math::knot(us.v[j], p.knots) : math::Knot<T>{0, T(0)};
+      math::ScaleShift<T> scale_shift{T(0), T(0)};
+      if constexpr (WithFilm) scale_shift = math::film_at(scale_column, shift_column, 1, knot);
       const T xhat = math::normalize(load(xs.v[j]), mu, rs);
       const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(dys.v[j])), xhat, w, bias, scale_shift.scale, scale_shift.shift);
       sum_dn += grad.dn;
       sum_dn_xhat += grad.dn * xhat;
-      run.add(knot, grad.dscale, grad.dpre, flush);
+      if constexpr (WithFilm) run.add(knot, grad.dscale, grad.dpre, flush);
     }
   }
   if (run.k >= 0) flush(run);
@@ -678,7 +691,7 @@ __global__ void backward_reduce_nchw(Params<S> p, int64_t chunks, int64_t chunk_
 }
 
 // Block (32, kRows), grid (chunks, ceil(C / 32), B): each thread walks one channel over pixel rows.
-template <typename S, bool Silu>
+template <typename S, bool Silu, bool WithFilm>
 __global__ void backward_reduce_nhwc(Params<S> p, int64_t chunks, GradPartial<Compute<S>>* __restrict__ partial,
                                      Compute<S>* __restrict__ grad_table) {
   using T = Compute<S>;
@@ -699,13 +712,17 @@ __global__ void backward_reduce_nhwc(Params<S> p, int64_t chunks, GradPartial<Co
     SegmentRun<T> run;
     for (int64_t pixel = begin + threadIdx.y; pixel < end; pixel += kRows) {
       const int64_t e = (b * p.pixels + pixel) * C + c;
-      const math::Knot<T> knot = math::knot(p.u[b * p.pixels + pixel], p.knots);
-      const math::ScaleShift<T> scale_shift = math::film_at(p.table + c, p.table + C + c, 2 * C, knot);
+      math::Knot<T> knot{};
+      math::ScaleShift<T> scale_shift{T(0), T(0)};
+      if constexpr (WithFilm) {
+        knot = math::knot(p.u[b * p.pixels + pixel], p.knots);
+        scale_shift = math::film_at(p.table + c, p.table + C + c, 2 * C, knot);
+      }
       const T xhat = math::normalize(load(p.h[e]), mu, rs);
       const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(p.grad_out[e])), xhat, w, bias, scale_shift.scale, scale_shift.shift);
       sum_dn += grad.dn;
       sum_dn_xhat += grad.dn * xhat;
-      run.add(knot, grad.dscale, grad.dpre, flush);
+      if constexpr (WithFilm) run.add(knot, grad.dscale, grad.dpre, flush);
     }
     if (run.k >= 0) flush(run);
   }
@@ -766,7 +783,7 @@ __global__ void finalize_backward(const GradPartial<T>* __restrict__ partial, co
 // Backward apply
 // ---------------------------------------------------------------------------------------------------
 
-template <typename S, int VEC, bool Silu>
+template <typename S, int VEC, bool Silu, bool WithFilm>
 __global__ void backward_apply_nchw(Params<S> p, int64_t chunks, int64_t chunk_elems) {
   using T = Compute<S>;
   const int64_t block = reversed_block();
@@ -784,12 +801,14 @@ __global__ void backward_apply_nchw(Params<S> p, int64_t chunks, int64_t chunk_e
   for (int64_t i = begin + threadIdx.x * VEC; i < end; i += int64_t(blockDim.x) * VEC) {
     const Pack<S, VEC> xs = *reinterpret_cast<const Pack<S, VEC>*>(x + i);
     const Pack<S, VEC> dys = *reinterpret_cast<const Pack<S, VEC>*>(dy + i);
-    const Pack<T, VEC> us = load_pack<VEC>(u + i);
+    Pack<T, VEC> us{};
+    if constexpr (WithFilm) us = load_pack<VEC>(u + i);
     Pack<S, VEC> out;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const math::Knot<T> knot = math::knot(us.v[j], p.knots);
-      const math::ScaleShift<T> scale_shift = math::film_at(scale_column, shift_column, 1, knot);
+      math::ScaleShift<T> scale_shift{T(0), T(0)};
+      if constexpr (WithFilm)
+        scale_shift = math::film_at(scale_column, shift_column, 1, math::knot(us.v[j], p.knots));
       const T xhat = math::normalize(load(xs.v[j]), mu, rs);
       const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(dys.v[j])), xhat, w, bias, scale_shift.scale, scale_shift.shift);
       store(out.v[j], math::groupnorm_grad_input(grad.dn, w, xhat, rs, mean_dxhat, mean_dxhat_xhat));
@@ -798,21 +817,23 @@ __global__ void backward_apply_nchw(Params<S> p, int64_t chunks, int64_t chunk_e
   }
 }
 
-template <typename S, int VEC, bool Silu>
+template <typename S, int VEC, bool Silu, bool WithFilm>
 __global__ void backward_apply_nhwc(Params<S> p, int64_t packs) {
   using T = Compute<S>;
   const int64_t C = p.channels;
   for (int64_t pack = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; pack < packs;
        pack += int64_t(gridDim.x) * blockDim.x) {
     const int64_t e = pack * VEC, c0 = e % C, pixel = e / C, b = pixel / p.pixels;
-    const math::Knot<T> knot = math::knot(p.u[pixel], p.knots);
+    math::Knot<T> knot{};
+    if constexpr (WithFilm) knot = math::knot(p.u[pixel], p.knots);
     const Pack<S, VEC> xs = *reinterpret_cast<const Pack<S, VEC>*>(p.h + e);
     const Pack<S, VEC> dys = *reinterpret_cast<const Pack<S, VEC>*>(p.grad_out + e);
     Pack<S, VEC> out;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const int64_t c = c0 + j, stat = b * p.groups + c / p.per_group;
-      const math::ScaleShift<T> scale_shift = math::film_at(p.table + c, p.table + C + c, 2 * C, knot);
+      math::ScaleShift<T> scale_shift{T(0), T(0)};
+      if constexpr (WithFilm) scale_shift = math::film_at(p.table + c, p.table + C + c, 2 * C, knot);
       const T rs = p.rstd[stat], w = p.weight[c];
       const T xhat = math::normalize(load(xs.v[j]), p.mean[stat], rs);
       const math::FilmGrad<T> grad = math::film_grad<Silu>(T(load(dys.v[j])), xhat, w, p.bias[c], scale_shift.scale, scale_shift.shift);
@@ -1051,7 +1072,7 @@ __device__ void add_first_runs(float4* hist, int knots, int channels, int key, f
 // Dynamic shared memory: the group's FiLM segments (fill_backward_segments, channels rounded up to even) and
 // histogram, (K) float4 per channel each; -log2(e) (rstd * weight, bias) and the channel sums per channel; the
 // tile, one float4 per pixel of the chunk (d pre, d scale of the slice's two channels).
-template <typename S, int VEC, bool Silu>
+template <typename S, int VEC, bool Silu, bool WithFilm>
 __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S> p, KnotRecords knots_of,
                                                                      int chunk_pixels, int per_thread,
                                                                      float* __restrict__ partial,
@@ -1078,7 +1099,8 @@ __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S>
   // 16-bit first term would round grad_h twice)
   float* first = std::is_same_v<S, float> ? reinterpret_cast<float*>(dx) : first_terms + group * count;
   const float mu = p.mean[group], rs = p.rstd[group];
-  fill_backward_segments(film, p.table, p.weight, p.bias, rs, first_channel, per_group, p.channels, knots);
+  if constexpr (WithFilm)
+    fill_backward_segments(film, p.table, p.weight, p.bias, rs, first_channel, per_group, p.channels, knots);
   for (int i = threadIdx.x; i < per_group * knots; i += blockDim.x) hist[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   for (int c = threadIdx.x; c < per_group; c += blockDim.x)
     channel[c] = make_float2(-kLog2e * rs * p.weight[first_channel + c], -kLog2e * p.bias[first_channel + c]);
@@ -1096,18 +1118,26 @@ __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S>
     const S* slice_dy[CS] = {opaque(dy + plane), opaque(dy + plane + next)};
     float* slice_first[CS] = {opaque(first + plane), opaque(first + plane + next)};
     const char* slice_film = reinterpret_cast<const char*>(film + c0 * knots);   // (K, 2) float4
+    // without FiLM, the slice's channels' own (scale, shift): (channel[c], 0, ...) as fill_backward_segments
+    // would fold a zero table, and the thread's sums of d pre and d pre * (h - mean) per channel (there is no
+    // table gradient, so no tile and no sorted order)
+    const float2 slice_coef[CS] = {channel[c0], channel[c0 + (channels > 1 ? 1 : 0)]};
+    float sums[2 * CS] = {};
 #pragma unroll 1
     for (unsigned chunk_begin = 0; chunk_begin < unsigned(pixels); chunk_begin += chunk_pixels) {
       const unsigned chunk_len = min(unsigned(chunk_pixels), unsigned(pixels) - chunk_begin);
 #pragma unroll 1
       for (unsigned pixel = threadIdx.x * VEC; pixel < chunk_len; pixel += blockDim.x * VEC) {
         const unsigned at = chunk_begin + pixel;
-        const Pack<int, VEC> ks = load_pack<VEC>(image_k + at);
-        const Pack<float, VEC> fracs = load_pack<VEC>(image_frac + at);
+        Pack<float, VEC> fracs{};
         float4 kept[VEC];   // per pixel -ln(2) (d pre, d pre * (h - mean)) of the slice's channels
         const float4* segments[VEC];
+        if constexpr (WithFilm) {
+          const Pack<int, VEC> ks = load_pack<VEC>(image_k + at);
+          fracs = load_pack<VEC>(image_frac + at);
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) segments[v] = reinterpret_cast<const float4*>(slice_film + 2 * ks.v[v]);
+          for (int v = 0; v < VEC; ++v) segments[v] = reinterpret_cast<const float4*>(slice_film + 2 * ks.v[v]);
+        }
 #pragma unroll
         for (int cc = 0; cc < CS; ++cc) {
           const Pack<float, VEC> xs = load_floats<S, VEC>(slice_x[cc] + at);
@@ -1115,21 +1145,33 @@ __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S>
           Pack<float, VEC> first_term;
 #pragma unroll
           for (int v = 0; v < VEC; ++v) {
-            const float4 s = segments[v][cc];
-            const float frac = fracs.v[v];
-            const float scale = fmaf(frac, s.y, s.x), shift = fmaf(frac, s.w, s.z);   // (fill_backward_segments)
+            float scale = slice_coef[cc].x, shift = slice_coef[cc].y;
+            if constexpr (WithFilm) {
+              const float4 s = segments[v][cc];
+              const float frac = fracs.v[v];
+              scale = fmaf(frac, s.y, s.x);   // (fill_backward_segments)
+              shift = fmaf(frac, s.w, s.z);
+            }
             const float d = xs.v[v] - mu;
             const float dpre = dys.v[v] * scaled_activate_grad<Silu>(fmaf(d, scale, shift));   // -ln(2) d pre
             first_term.v[v] = dpre * scale;   // rstd * weight * dn
-            (cc == 0 ? kept[v].x : kept[v].z) = dpre;
-            (cc == 0 ? kept[v].y : kept[v].w) = dpre * d;
+            if constexpr (WithFilm) {
+              (cc == 0 ? kept[v].x : kept[v].z) = dpre;
+              (cc == 0 ? kept[v].y : kept[v].w) = dpre * d;
+            } else {
+              sums[2 * cc] += dpre;
+              sums[2 * cc + 1] = fmaf(dpre, d, sums[2 * cc + 1]);
+            }
           }
           store_packs(slice_first[cc] + at, first_term);   // a missing channel rewrites the first
         }
-        float4* tile_at = reinterpret_cast<float4*>(tile) + pixel;
+        if constexpr (WithFilm) {
+          float4* tile_at = reinterpret_cast<float4*>(tile) + pixel;
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) tile_at[v] = kept[v];
+          for (int v = 0; v < VEC; ++v) tile_at[v] = kept[v];
+        }
       }
+      if constexpr (!WithFilm) continue;   // no table gradient: nothing to sum in sorted order
       __syncthreads();
 
       // sorted order: this thread's positions [begin, end), per_thread (a multiple of 4) from a multiple of 4
@@ -1191,27 +1233,37 @@ __global__ void __launch_bounds__(kBackThreads, 1) backward_group_nchw(Params<S>
       add_first_runs<CS>(hist + c0 * knots, knots, channels, first_k, first, slots, knots);
       __syncthreads();   // the histogram's cells are added before the next chunk's; the tile is free again
     }
+    if constexpr (!WithFilm) {
+      block_sums(sums);   // the totals in thread 0
+      if (threadIdx.x == 0) {
+        for (int cc = 0; cc < channels; ++cc)
+          channel_sums[c0 + cc] = make_float2(-kLog2e * sums[2 * cc], -kLog2e * sums[2 * cc + 1]);
+      }
+      __syncthreads();   // block_sums' shared partials are free for the next slice
+    }
   }
 
   // The channel sums from the histogram: dn = d pre (1 + scale) and 1 + scale = x + frac y on segment k, x and y
   // from the table, so sum dn = sum over k of x_k A_k + y_k B_k, A and B the sums of d pre and d pre * frac;
   // likewise sum dn (h - mean) from the sums of d pre (h - mean).
-  if (threadIdx.x < 32) {
+  if constexpr (WithFilm) {   // (without FiLM, the slices' block sums gave them)
+    if (threadIdx.x < 32) {
 #pragma unroll 1
-    for (int c = 0; c < per_group; ++c) {
-      float dn = 0, dn_d = 0;
-      const float* column = p.table + first_channel + c;
+      for (int c = 0; c < per_group; ++c) {
+        float dn = 0, dn_d = 0;
+        const float* column = p.table + first_channel + c;
 #pragma unroll 1
-      for (int k = threadIdx.x; k < knots; k += 32) {
-        const float* low = column + k * width;
-        const float x = 1.0f + low[0], y = k < knots - 1 ? low[width] - low[0] : 0.0f;
-        const float4 cell = hist[c * knots + k];
-        dn = fmaf(x, cell.z, fmaf(y, cell.w, dn));
-        dn_d = fmaf(x, cell.x, fmaf(y, cell.y, dn_d));
+        for (int k = threadIdx.x; k < knots; k += 32) {
+          const float* low = column + k * width;
+          const float x = 1.0f + low[0], y = k < knots - 1 ? low[width] - low[0] : 0.0f;
+          const float4 cell = hist[c * knots + k];
+          dn = fmaf(x, cell.z, fmaf(y, cell.w, dn));
+          dn_d = fmaf(x, cell.x, fmaf(y, cell.y, dn_d));
+        }
+        dn = -kLog2e * warp_sum(dn);
+        dn_d = -kLog2e * warp_sum(dn_d);
+        if (threadIdx.x == 0) channel_sums[c] = make_float2(dn, dn_d);
       }
-      dn = -kLog2e * warp_sum(dn);
-      dn_d = -kLog2e * warp_sum(dn_d);
-      if (threadIdx.x == 0) channel_sums[c] = make_float2(dn, dn_d);
     }
   }
   if (threadIdx.x == 0) {   // means over the group of dxhat = dn * weight and dxhat * xhat
@@ -1316,7 +1368,7 @@ Workspace workspace_parts(const GroupNormFilmArgs& args) {
   w.coef = columns + grads;
   int64_t end = columns + std::max(stats, grads + coef);
   if (group_backward_shape(args)) {
-    const int64_t per_pixel = round256(args.batch * args.pixels * 4);
+    const int64_t per_pixel = args.film ? round256(args.batch * args.pixels * 4) : 0;   // the knot records
     w.knot_k = end;
     w.knot_frac = w.knot_k + per_pixel;
     w.sorted_key = w.knot_frac + per_pixel;
@@ -1395,8 +1447,9 @@ int backward_threads(const GroupNormFilmArgs& args) {
 
 int64_t backward_group_shared_bytes(const GroupNormFilmArgs& args) {
   const int64_t per_group = args.channels / args.groups, film_channels = (per_group + 1) / 2 * 2;
+  const int64_t tile = args.film ? kSliceChannels * int64_t(backward_chunk(args)) * int64_t(sizeof(float2)) : 0;
   return (film_channels + per_group) * args.knots * int64_t(sizeof(float4)) + 2 * per_group * int64_t(sizeof(float2)) +
-         kSliceChannels * int64_t(backward_chunk(args)) * int64_t(sizeof(float2));
+         tile;
 }
 
 // knot_records: as many warps (up to 32) as leave (warps + 1) * K counts within 48 KB.
@@ -1405,7 +1458,8 @@ int sort_warps(const GroupNormFilmArgs& args) {
 }
 
 bool group_backward_shape(const GroupNormFilmArgs& args) {
-  return group_shape(args) && args.knots <= (1 << kKnotBits) && sort_warps(args) >= 1;   // segment keys fit
+  return group_shape(args) &&
+         (!args.film || (args.knots <= (1 << kKnotBits) && sort_warps(args) >= 1));   // segment keys fit
 }
 
 template <typename S>
@@ -1444,7 +1498,7 @@ void transpose_into_workspace(const GroupNormFilmArgs& args, const T* table, uns
   check_launch("transpose_table");
 }
 
-template <typename S, bool Silu>
+template <typename S, bool Silu, bool WithFilm>
 void forward(const GroupNormFilmArgs& args, const Params<S>& p, unsigned char* workspace, int device,
              cudaStream_t stream) {
   using T = Compute<S>;
@@ -1457,7 +1511,7 @@ void forward(const GroupNormFilmArgs& args, const Params<S>& p, unsigned char* w
 
   if constexpr (!std::is_same_v<S, double>) {
     if (group_forward_shape(args) && group_launch(args, vectorise_nchw, device)) {
-      forward_group_nchw<S, kVec, Silu><<<dim3(unsigned(args.groups), unsigned(B)),
+      forward_group_nchw<S, kVec, Silu, WithFilm><<<dim3(unsigned(args.groups), unsigned(B)),
                                           std::min(kGroupThreads, round32(args.pixels / kVec)),
                                           size_t(forward_group_shared_bytes(args)), stream>>>(p, args.eps);
       check_launch("forward_group_nchw");
@@ -1469,7 +1523,7 @@ void forward(const GroupNormFilmArgs& args, const Params<S>& p, unsigned char* w
                     stream>>>(p.h, C, args.pixels, geo.chunks, partial);
     check_launch("stats_nhwc");
   } else {
-    transpose_into_workspace(args, p.table, workspace, stream);
+    if constexpr (WithFilm) transpose_into_workspace(args, p.table, workspace, stream);
     with_vec<S>(vectorise_nchw, [&](auto vec) {
       constexpr int VEC = decltype(vec)::value;
       stats_nchw<S, VEC><<<unsigned(B * C * geo.chunks), nchw_threads(geo.chunk_elems, VEC), 0, stream>>>(
@@ -1486,13 +1540,13 @@ void forward(const GroupNormFilmArgs& args, const Params<S>& p, unsigned char* w
     with_vec<S>(aligned && C % kVec == 0, [&](auto vec) {
       constexpr int VEC = decltype(vec)::value;
       const int64_t packs = B * args.pixels * C / VEC;
-      forward_apply_nhwc<S, VEC, Silu><<<flat_blocks(packs), kThreads, 0, stream>>>(p, packs);
+      forward_apply_nhwc<S, VEC, Silu, WithFilm><<<flat_blocks(packs), kThreads, 0, stream>>>(p, packs);
       check_launch("forward_apply_nhwc");
     });
   } else {
     with_vec<S>(vectorise_nchw, [&](auto vec) {
       constexpr int VEC = decltype(vec)::value;
-      forward_apply_nchw<S, VEC, Silu><<<unsigned(B * C * geo.chunks), nchw_threads(geo.chunk_elems, VEC), 0,
+      forward_apply_nchw<S, VEC, Silu, WithFilm><<<unsigned(B * C * geo.chunks), nchw_threads(geo.chunk_elems, VEC), 0,
                                          stream>>>(p, geo.chunks, geo.chunk_elems);
       check_launch("forward_apply_nchw");
     });
@@ -1508,7 +1562,7 @@ int shared_optin_limit(int device) {
 
 // The one-block-per-group backward (knot_records, backward_group_nchw, finalize_group_backward); false, with
 // nothing launched, when its shared memory exceeds what the GPU grants a block.
-template <typename S, bool Silu>
+template <typename S, bool Silu, bool WithFilm>
 bool backward_group(const GroupNormFilmArgs& args, const Params<S>& p, unsigned char* workspace, int device,
                     cudaStream_t stream) {
   constexpr int kVec = int(16 / sizeof(S));
@@ -1521,12 +1575,15 @@ bool backward_group(const GroupNormFilmArgs& args, const Params<S>& p, unsigned 
                           reinterpret_cast<unsigned*>(workspace + parts.sorted_key),
                           reinterpret_cast<float*>(workspace + parts.sorted_frac)};
   auto* partial = reinterpret_cast<float*>(workspace + parts.partial);
-  const int chunk = backward_chunk(args), warps = sort_warps(args);
-  knot_records<<<dim3(unsigned(ceil_div(args.pixels, chunk)), unsigned(args.batch)), 32 * warps,
-                 size_t((warps + 1) * args.knots * 4), stream>>>(static_cast<const float*>(args.u), int(args.pixels),
-                                                                  chunk, int(args.knots), knots);
-  check_launch("knot_records");
-  auto kernel = backward_group_nchw<S, kVec, Silu>;
+  const int chunk = backward_chunk(args);
+  if constexpr (WithFilm) {
+    const int warps = sort_warps(args);
+    knot_records<<<dim3(unsigned(ceil_div(args.pixels, chunk)), unsigned(args.batch)), 32 * warps,
+                   size_t((warps + 1) * args.knots * 4), stream>>>(static_cast<const float*>(args.u),
+                                                                    int(args.pixels), chunk, int(args.knots), knots);
+    check_launch("knot_records");
+  }
+  auto kernel = backward_group_nchw<S, kVec, Silu, WithFilm>;
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared)), "cudaFuncSetAttribute");
   const int threads = backward_threads(args), per_thread = int(ceil_div(chunk, 4 * threads) * 4);
   kernel<<<dim3(unsigned(args.groups), unsigned(args.batch)), threads, size_t(shared), stream>>>(
@@ -1540,7 +1597,7 @@ bool backward_group(const GroupNormFilmArgs& args, const Params<S>& p, unsigned 
   return true;
 }
 
-template <typename S, bool Silu>
+template <typename S, bool Silu, bool WithFilm>
 void backward(const GroupNormFilmArgs& args, const Params<S>& p, unsigned char* workspace, int device,
               cudaStream_t stream) {
   using T = Compute<S>;
@@ -1554,19 +1611,19 @@ void backward(const GroupNormFilmArgs& args, const Params<S>& p, unsigned char* 
 
   if constexpr (!std::is_same_v<S, double>) {
     if (group_backward_shape(args) && group_launch(args, vectorise_nchw, device) &&
-        backward_group<S, Silu>(args, p, workspace, device, stream))
+        backward_group<S, Silu, WithFilm>(args, p, workspace, device, stream))
       return;
   }
   if (args.channels_last) {
-    backward_reduce_nhwc<S, Silu><<<dim3(unsigned(geo.chunks), unsigned(ceil_div(C, 32)), unsigned(B)),
-                                    dim3(32, kRows), 0, stream>>>(p, geo.chunks, partial, grad_table);
+    backward_reduce_nhwc<S, Silu, WithFilm><<<dim3(unsigned(geo.chunks), unsigned(ceil_div(C, 32)), unsigned(B)),
+                                              dim3(32, kRows), 0, stream>>>(p, geo.chunks, partial, grad_table);
     check_launch("backward_reduce_nhwc");
   } else {
-    transpose_into_workspace(args, p.table, workspace, stream);
+    if constexpr (WithFilm) transpose_into_workspace(args, p.table, workspace, stream);
     const int64_t shared_bytes = 2 * args.knots * int64_t(sizeof(T));
     with_vec<S>(vectorise_nchw, [&](auto vec) {
       constexpr int VEC = decltype(vec)::value;
-      auto kernel = backward_reduce_nchw<S, VEC, Silu>;
+      auto kernel = backward_reduce_nchw<S, VEC, Silu, WithFilm>;
       if (shared_bytes > 48 * 1024) {
         const int limit = shared_optin_limit(device);
         if (shared_bytes > limit)
@@ -1592,13 +1649,13 @@ void backward(const GroupNormFilmArgs& args, const Params<S>& p, unsigned char* 
     with_vec<S>(aligned && C % kVec == 0, [&](auto vec) {
       constexpr int VEC = decltype(vec)::value;
       const int64_t packs = B * args.pixels * C / VEC;
-      backward_apply_nhwc<S, VEC, Silu><<<flat_blocks(packs), kThreads, 0, stream>>>(p, packs);
+      backward_apply_nhwc<S, VEC, Silu, WithFilm><<<flat_blocks(packs), kThreads, 0, stream>>>(p, packs);
       check_launch("backward_apply_nhwc");
     });
   } else {
     with_vec<S>(vectorise_nchw, [&](auto vec) {
       constexpr int VEC = decltype(vec)::value;
-      backward_apply_nchw<S, VEC, Silu><<<unsigned(B * C * geo.chunks), nchw_threads(geo.chunk_elems, VEC), 0,
+      backward_apply_nchw<S, VEC, Silu, WithFilm><<<unsigned(B * C * geo.chunks), nchw_threads(geo.chunk_elems, VEC), 0,
                                           stream>>>(p, geo.chunks, geo.chunk_elems);
       check_launch("backward_apply_nchw");
     });
@@ -1622,10 +1679,13 @@ void groupnorm_film_cuda(Pass pass, const GroupNormFilmArgs& args, const CudaLau
     const Params<S> p = params<S>(pass, args, workspace);
     dispatch_act(args.silu, [&](auto act) {
       constexpr bool Silu = decltype(act)::value;
-      if (pass == Pass::kForward)
-        forward<S, Silu>(args, p, workspace, launch.device, stream);
-      else
-        backward<S, Silu>(args, p, workspace, launch.device, stream);
+      dispatch_bool(args.film, [&](auto film) {
+        constexpr bool WithFilm = decltype(film)::value;
+        if (pass == Pass::kForward)
+          forward<S, Silu, WithFilm>(args, p, workspace, launch.device, stream);
+        else
+          backward<S, Silu, WithFilm>(args, p, workspace, launch.device, stream);
+      });
     });
   });
 }

@@ -186,8 +186,8 @@ struct GroupNormFilmArgs {
   void* grad_bias = nullptr;
   double eps = 1e-5;
   bool silu = true;
-  // false: GroupNorm + act only (svnr::groupnorm_silu); u, table and grad_table unused, knots 0. The CPU kernel
-  // has this variant; the CUDA binding refuses it.
+  // false: GroupNorm + act only (svnr::groupnorm_silu); u, table and grad_table unused, knots 0. Both kernels
+  // compile this variant separately (WithFilm = false), with no FiLM code in it.
   bool film = true;
 };
 

@@ -61,8 +61,8 @@ class GroupNormSpatialFiLM(nn.Module):
 class GroupNormSiLU(nn.Module):
     """SiLU(GroupNorm(h)): a drop-in for `nn.GroupNorm(groups, channels)` followed by SiLU, with the same
     parameters (`weight`, `bias`), so state dicts load unchanged. Served by the fused op `svnr::groupnorm_silu`
-    (CPU tensors: the C++ kernel, one pass over h instead of GroupNorm's and SiLU's; CUDA tensors: torch's
-    kernels). Only shapes are checked here, as in GroupNormSpatialFiLM."""
+    (groupnorm_film's C++ and CUDA kernels without FiLM, instead of GroupNorm's and SiLU's own passes over h).
+    Only shapes are checked here, as in GroupNormSpatialFiLM."""
 
     def __init__(self, groups: int, channels: int, eps: float = 1e-5):
         super().__init__()

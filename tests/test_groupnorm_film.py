@@ -285,9 +285,10 @@ def test_extension_rejects_a_bad_shape_with_a_value_error():
         ext.groupnorm_film_cpu(False, (0, 1, 6, 9, 4, 9, 0), no_tensors, 1e-5, True, 1)
     with pytest.raises(ValueError, match="at least 2 rows"):
         ext.groupnorm_film_cpu(True, (0, 1, 6, 9, 3, 1, 0), no_tensors, 1e-5, True, 1)
-    if hasattr(ext, "groupnorm_film_cuda"):   # K = 0 (no FiLM) is a CPU-only variant
-        with pytest.raises(ValueError, match="the CUDA kernel needs a table"):
-            ext.groupnorm_film_cuda(False, (0, 1, 6, 9, 3, 0, 0), no_tensors, 1e-5, True, 0, 0, 0)
+    if hasattr(ext, "groupnorm_film_cuda"):   # checked before any CUDA call; K = 0 is the variant without FiLM
+        with pytest.raises(ValueError, match="at least 2 rows"):
+            ext.groupnorm_film_cuda(False, (0, 1, 6, 9, 3, 1, 0), no_tensors, 1e-5, True, 0, 0, 0)
+        assert ext.groupnorm_film_cuda_workspace_bytes((0, 1, 6, 9, 3, 0, 0)) >= 0
 
 
 def test_empty_inputs(backend):
@@ -370,14 +371,19 @@ def test_silu_cpp_every_instruction_set(fused_cpu, isa, layout):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_silu_cpp_low_precision_within_twice_the_eager_error(fused_cpu, dtype, layout):
-    h, weight, bias, groups, grad_out = silu_inputs((2, 12, 16, 16, 4), dtype=dtype, layout=layout)
-    got = run_silu(ops, h, weight, bias, groups, grad_out)
+    check_silu_low_precision("cpu", (2, 12, 16, 16, 4), dtype, layout)
+
+
+def check_silu_low_precision(device, shape, dtype, layout):
+    """The fused op on `device` within twice the error of the eager reference on the CPU (same dtype)."""
+    h, weight, bias, groups, grad_out = silu_inputs(shape, dtype=dtype, layout=layout)
+    got = run_silu(ops, h.to(device), weight.to(device), bias.to(device), groups, grad_out.to(device))
     eager = run_silu(reference, h, weight, bias, groups, grad_out)
     exact = run_silu(reference, h.double(), weight.double(), bias.double(), groups, grad_out.double())
     for name, g, e, x in zip(SILU_NAMES, got, eager, exact):
         assert g.dtype == e.dtype, name
         bound = 2 * relative_error(e, x) if g.dtype == dtype else 1e-5
-        assert relative_error(g, x) <= bound, (name, relative_error(g, x), bound)
+        assert relative_error(g.cpu(), x) <= bound, (name, relative_error(g.cpu(), x), bound)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -432,8 +438,11 @@ def test_silu_automatic_choice(backend):
     expected_cpu = "cpp" if backends.extension()[0] is not None else "reference"
     for op in ("groupnorm_silu", "groupnorm_silu_backward"):
         assert backends.choose(op, "cpu").backend == expected_cpu
-        # no CUDA kernel without FiLM: CUDA tensors get the reference, torch's own kernels
-        assert backends.choose(op, "cuda").backend == "reference"
+        # CUDA tensors: groupnorm_film's CUDA kernel without FiLM where the extension has it, else torch's own
+        # kernels through the reference
+        assert "cuda" in backends.IMPLEMENTATIONS[op]
+        expected_cuda = "cuda" if backends.unavailable_reason("cuda", op, "cuda") is None else "reference"
+        assert backends.choose(op, "cuda").backend == expected_cuda
 
 
 def test_silu_empty_inputs(fused_cpu):
@@ -569,14 +578,30 @@ def test_cuda_opcheck_and_automatic_choice(backend):
     torch.library.opcheck(torch.ops.svnr.groupnorm_film, (h, u, table, weight, bias, groups, 1e-5, "silu"))
 
 
+# (2, 64, 24, 20, 32) takes the chunked kernels, (8, 64, 32, 32, 32) and (5, 64, 128, 128, 32) the
+# one-block-per-group ones on an H100 (NCHW)
+CUDA_SILU_SHAPES = [(2, 64, 24, 20, 32), (2, 6, 5, 7, 3), (8, 64, 32, 32, 32), (5, 64, 128, 128, 32)]
+
+
+@pytest.mark.parametrize("shape", CUDA_SILU_SHAPES)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @requires_cuda
 @pytest.mark.cuda
-def test_cuda_silu_matches_reference_float32(backend, layout):
-    """groupnorm_silu on CUDA tensors: torch's kernels through the reference (no fused CUDA variant)."""
-    backend("auto")
-    h, weight, bias, groups, grad_out = silu_inputs((2, 64, 24, 20, 32), layout=layout)
+def test_cuda_silu_matches_reference_float32(backend, shape, layout):
+    """groupnorm_silu on CUDA tensors: groupnorm_film's CUDA kernels without FiLM."""
+    backend("cuda")
+    h, weight, bias, groups, grad_out = silu_inputs(shape, layout=layout)
     got = run_silu(ops, h.cuda(), weight.cuda(), bias.cuda(), groups, grad_out.cuda())
     expected = run_silu(reference, h.double(), weight.double(), bias.double(), groups, grad_out.double())
     for name, g, e in zip(SILU_NAMES, got, expected):
         assert relative_error(g.cpu(), e) < 1e-5, name
+
+
+@pytest.mark.parametrize("shape", [(2, 12, 16, 16, 4), (8, 64, 32, 32, 32)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_silu_low_precision_within_twice_the_eager_error(backend, shape, dtype, layout):
+    backend("cuda")
+    check_silu_low_precision("cuda", shape, dtype, layout)

@@ -7,7 +7,8 @@ README.md says what it cannot see). The emulated module replaces svnr_fast._C in
 test_groupnorm_film.py: float32 < 1e-5, float64 < 1e-12 relative to the float64 reference, bfloat16 and
 float16 results at most 2x the eager reference's error. EMU_SMS is the multiprocessor count the emulated device reports: 1
 makes every eligible NCHW shape take the one-block-per-group kernels (the one-launch forward, the knot-sorted
-backward), 132 (an H100) the chunked ones.
+backward), 132 (an H100) the chunked ones. groupnorm_silu runs the same kernels without FiLM (K = 0: their
+WithFilm = false instantiations).
 """
 import ctypes
 import importlib
@@ -19,10 +20,13 @@ import pytest
 import torch
 from test_groupnorm_film import (
     NAMES,
+    SILU_NAMES,
     film_inputs,
     float64_reference,
     relative_error,
     run,
+    run_silu,
+    silu_inputs,
 )
 
 from svnr_fast import reference
@@ -134,13 +138,109 @@ def test_emulated_cuda_matches_reference(cuda_glue, monkeypatch, case, act):
     assert out.stride() == h.contiguous(memory_format=glue.memory_format(h)).stride()
     exact = float64_reference(h, u, table, weight, bias, groups, act, grad_out)
     eager = run(reference, h, u, table, weight, bias, groups, act, grad_out)
-    for name, got, x, e in zip(NAMES, (out, *grads), exact, eager):
+    assert_accurate(NAMES, (out, *grads), exact, eager, bound)
+
+
+def assert_accurate(names, results, exact, eager, bound):
+    """float32 and float64 results within `bound` of the float64 reference, bfloat16 and float16 ones at most
+    twice the eager reference's error."""
+    for name, got, x, e in zip(names, results, exact, eager):
         assert got.dtype == e.dtype and got.shape == x.shape, name
         if got.dtype in (torch.bfloat16, torch.float16):
             assert relative_error(got, x) <= 2 * relative_error(e, x), (name, relative_error(got, x),
                                                                         relative_error(e, x))
         else:
             assert relative_error(got, x) < bound, (name, relative_error(got, x))
+
+
+# groupnorm_silu: (shape, dtype, layout, EMU_SMS, forward launches, backward launches). Without FiLM nothing
+# transposes the table and nothing sorts knots: the one-block-per-group paths launch 1 (forward) and 2
+# (backward_group_nchw, finalize_group_backward) kernels, the chunked ones 3 and 3.
+SILU_CASES = [
+    ((2, 16, 8, 8, 4), torch.float32, "nchw", 1, 1, 2),
+    ((2, 16, 8, 8, 4), torch.bfloat16, "nchw", 1, 1, 2),
+    ((3, 16, 8, 8, 4), torch.float16, "nchw", 1, 1, 2),
+    ((2, 12, 8, 8, 4), torch.float32, "nchw", 1, 1, 2),             # three channels a group: slices of two and one
+    ((4, 8, 2, 2, 8), torch.float32, "nchw", 1, 1, 2),              # one channel per group
+    ((1, 3, 64, 160, 1), torch.float32, "nchw", 1, 1, 2),           # planes of two backward chunks
+    ((2, 32, 8, 8, 4), torch.bfloat16, "nchw", 1, 1, 2),
+    ((2, 10, 6, 4, 5), torch.float64, "nchw", 1, 3, 3),             # float64 never takes it
+    ((2, 16, 8, 8, 4), torch.float32, "nchw", 132, 3, 3),
+    ((2, 6, 5, 7, 3), torch.float32, "nchw", 132, 3, 3),            # odd plane: scalar loads
+    ((2, 6, 5, 7, 3), torch.float32, "channels_last", 132, 3, 3),
+    ((2, 6, 5, 7, 3), torch.bfloat16, "strided", 132, 3, 3),        # copied to NCHW by the glue
+    ((2, 5, 1, 1, 5), torch.float32, "nchw", 132, 3, 3),            # one-element groups
+    ((2, 10, 6, 4, 5), torch.float64, "channels_last", 132, 3, 3),
+    ((2, 16, 8, 8, 4), torch.bfloat16, "channels_last", 132, 3, 3),
+    ((2, 16, 8, 8, 4), torch.float16, "channels_last", 132, 3, 3),
+    ((1, 40, 20, 20, 8), torch.float32, "channels_last", 132, 3, 3),
+]
+
+
+def silu_case_id(case):
+    shape, dtype, layout, sms, _, _ = case
+    return "-".join([str(shape), str(dtype).removeprefix("torch."), layout, f"sms{sms}"])
+
+
+@pytest.mark.parametrize("case", SILU_CASES, ids=silu_case_id)
+def test_emulated_cuda_silu_matches_reference(cuda_glue, monkeypatch, case):
+    shape, dtype, layout, sms, forward_launches, backward_launches = case
+    monkeypatch.setenv("EMU_SMS", str(sms))
+    h, weight, bias, groups, grad_out = silu_inputs(shape, dtype=dtype, layout=layout)
+
+    before = cuda_glue()
+    out, mean, rstd = glue.fused_silu_forward(h, weight, bias, groups, 1e-5)
+    assert cuda_glue() - before == forward_launches
+    before = cuda_glue()
+    grads = glue.fused_silu_backward(grad_out, h, weight, bias, mean, rstd, groups)
+    assert cuda_glue() - before == backward_launches
+
+    bound = 1e-12 if dtype == torch.float64 else 1e-5
+    _, exact_mean, exact_rstd = reference._groupnorm_silu(h.double(), weight.double(), bias.double(), groups, 1e-5)
+    assert relative_error(mean, exact_mean) < bound and relative_error(rstd, exact_rstd) < bound
+    assert out.stride() == h.contiguous(memory_format=glue.memory_format(h)).stride()
+    exact = run_silu(reference, h.double(), weight.double(), bias.double(), groups, grad_out.double())
+    eager = run_silu(reference, h, weight, bias, groups, grad_out)
+    assert_accurate(SILU_NAMES, (out, *grads), exact, eager, bound)
+
+
+# (shape, dtype, layout, EMU_SMS, whether the backward is bitwise the FiLM path's): per element the kernels
+# without FiLM compute what they compute with a zero table (film(n, 0, 0) = n exactly, and the one-block
+# backward's folded segments reduce to the channel's own coefficients), and so do the forward statistics and the
+# chunked backward's sums; the one-block-per-group backward sums the channels' dn and dn * (h - mean) in
+# another order (per thread and over the block, not per knot in sorted order), so there only to rounding.
+ZERO_TABLE_CASES = [
+    ((2, 12, 8, 8, 4), torch.float32, "nchw", 1, False),
+    ((2, 16, 8, 8, 4), torch.bfloat16, "nchw", 1, False),
+    ((2, 16, 8, 8, 4), torch.float32, "nchw", 132, True),
+    ((2, 6, 5, 7, 3), torch.float16, "nchw", 132, True),
+    ((2, 6, 5, 7, 3), torch.float32, "channels_last", 132, True),
+    ((2, 16, 8, 8, 4), torch.bfloat16, "channels_last", 132, True),
+    ((2, 10, 6, 4, 5), torch.float64, "nchw", 1, True),
+]
+
+
+@pytest.mark.parametrize("shape, dtype, layout, sms, bitwise_backward", ZERO_TABLE_CASES,
+                         ids=[f"{c[0]}-{str(c[1]).removeprefix('torch.')}-{c[2]}-sms{c[3]}" for c in ZERO_TABLE_CASES])
+def test_emulated_cuda_silu_is_groupnorm_film_with_a_zero_table(cuda_glue, monkeypatch, shape, dtype, layout, sms,
+                                                                 bitwise_backward):
+    monkeypatch.setenv("EMU_SMS", str(sms))
+    h, u, table, weight, bias, groups = film_inputs(shape, dtype=dtype, layout=layout)
+    table = torch.zeros_like(table)
+    grad_out = torch.randn(h.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    film = glue.fused_forward(h, u, table, weight, bias, groups, 1e-5, "silu")
+    silu = glue.fused_silu_forward(h, weight, bias, groups, 1e-5)
+    for name, a, b in zip(("out", "mean", "rstd"), silu, film):
+        assert torch.equal(a, b), name
+    mean, rstd = silu[1:]
+    grad_h, _, grad_weight, grad_bias = glue.fused_backward(grad_out, h, u, table, weight, bias, mean, rstd, groups,
+                                                            "silu")
+    silu_grads = glue.fused_silu_backward(grad_out, h, weight, bias, mean, rstd, groups)
+    for name, a, b in zip(SILU_NAMES[1:], silu_grads, (grad_h, grad_weight, grad_bias)):
+        if bitwise_backward:
+            assert torch.equal(a, b), name
+        else:
+            assert relative_error(a, b) < (1e-6 if dtype == torch.float32 else 1e-2), (name, relative_error(a, b))
 
 
 PAD = 4096
@@ -159,19 +259,26 @@ def assert_untouched(whole, name):
     assert untouched, f"a kernel wrote outside {name}"
 
 
-@pytest.mark.parametrize("shape, dtype, layout, sms", [((2, 6, 5, 7, 3), torch.float32, "channels_last", 132),
-                                                      ((2, 16, 8, 8, 4), torch.bfloat16, "nchw", 1)],
-                         ids=["float32-channels_last-three_launch", "bfloat16-nchw-one_launch"])
-def test_emulated_cuda_writes_only_its_outputs(emulated, monkeypatch, shape, dtype, layout, sms):
-    """Every output and the workspace inside NaN padding: the forward and backward leave the padding alone."""
+@pytest.mark.parametrize("shape, dtype, layout, sms, film", [
+    ((2, 6, 5, 7, 3), torch.float32, "channels_last", 132, True),
+    ((2, 16, 8, 8, 4), torch.bfloat16, "nchw", 1, True),
+    ((2, 6, 5, 7, 3), torch.float32, "nchw", 132, False),
+    ((2, 16, 8, 8, 4), torch.bfloat16, "nchw", 1, False),
+], ids=["float32-channels_last-three_launch", "bfloat16-nchw-one_launch", "float32-nchw-three_launch-no_film",
+        "bfloat16-nchw-one_launch-no_film"])
+def test_emulated_cuda_writes_only_its_outputs(emulated, monkeypatch, shape, dtype, layout, sms, film):
+    """Every output and the workspace inside NaN padding: the forward and backward leave the padding alone
+    (without FiLM: no u, table or table gradient, K = 0)."""
     module, _ = emulated
     monkeypatch.setenv("EMU_SMS", str(sms))
     h, u, table, weight, bias, groups = film_inputs(shape, dtype=dtype, layout=layout)
+    if not film:
+        u = table = None
     h, u, table, weight, bias = glue._prepare(h, u, table, weight, bias)
     B, C, H, W = h.shape
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     channels_last = glue.memory_format(h) == torch.channels_last
-    film_shape = (_native.DTYPE_CODES[dtype], B, C, H * W, groups, table.shape[0], channels_last)
+    film_shape = (_native.DTYPE_CODES[dtype], B, C, H * W, groups, table.shape[0] if film else 0, channels_last)
 
     def image():
         view, whole = guarded(h.numel(), dtype)
@@ -194,13 +301,13 @@ def test_emulated_cuda_writes_only_its_outputs(emulated, monkeypatch, shape, dty
 
     grad_out = torch.randn(h.shape).to(dtype).contiguous(memory_format=glue.memory_format(h))
     grad_h, grad_h_whole = image()
-    grad_table, grad_table_whole = guarded(table.numel(), compute)
+    grad_table, grad_table_whole = guarded(table.numel() if film else 0, compute)
     grad_table.zero_()   # the kernels accumulate into it
     grad_weight, grad_weight_whole = guarded(C, compute)
     grad_bias, grad_bias_whole = guarded(C, compute)
     workspace, workspace_whole = guarded(workspace_bytes, torch.uint8)
-    launch(True, (h, u, table, weight, bias, None, mean, rstd, grad_out, grad_h, grad_table, grad_weight, grad_bias),
-           workspace)
+    launch(True, (h, u, table, weight, bias, None, mean, rstd, grad_out, grad_h, grad_table if film else None,
+                  grad_weight, grad_bias), workspace)
     for whole, name in ((grad_h_whole, "grad_h"), (grad_table_whole, "grad_table"),
                         (grad_weight_whole, "grad_weight"), (grad_bias_whole, "grad_bias"),
                         (workspace_whole, "the workspace")):

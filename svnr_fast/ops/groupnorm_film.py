@@ -14,11 +14,10 @@ float32): u is 1/C of h, the others are tiny; the kernels take the (K, 2C) table
 
 groupnorm_silu is its own op rather than groupnorm_film with optional u and table: its schema, fake kernel and
 autograd have no FiLM arguments or table gradient to carry as None, and on devices without a fused kernel the
-automatic choice gives it torch's own kernels. CPU tensors: the groupnorm_film C++ kernel with K = 0, whose
-WithFilm = false instantiation reads neither u nor a table (routing GroupNorm + SiLU through groupnorm_film with
-a zero table gathers and lerps that table for nothing: slower than torch at small shapes). CUDA tensors: the
-reference, i.e. aten's native_group_norm + silu and their backward kernels (csrc/groupnorm_film_cuda.cu has no
-FiLM-free variant).
+automatic choice gives it torch's own kernels. Its kernels are groupnorm_film's C++ and CUDA kernels with
+K = 0, whose WithFilm = false instantiations read neither u nor a table and build no knot records or table
+gradient (routing GroupNorm + SiLU through groupnorm_film with a zero table gathers and lerps that table for
+nothing: slower than torch at small shapes).
 """
 from __future__ import annotations
 
@@ -92,14 +91,16 @@ backends.define(
     "(Tensor h, Tensor gn_weight, Tensor gn_bias, int groups, float eps) -> (Tensor, Tensor, Tensor)",
     fake=lambda h, gn_weight, gn_bias, groups, eps: (
         _image_like(h), _statistics_like(h, groups), _statistics_like(h, groups)),
-    reference=_reference_silu_forward, cpp="svnr_fast.ops.groupnorm_film:fused_silu_forward")
+    reference=_reference_silu_forward, cpp="svnr_fast.ops.groupnorm_film:fused_silu_forward",
+    cuda="svnr_fast.ops.groupnorm_film:fused_silu_forward_cuda")
 backends.define(
     "groupnorm_silu_backward",
     "(Tensor grad_out, Tensor h, Tensor gn_weight, Tensor gn_bias, Tensor mean, Tensor rstd, int groups) "
     "-> (Tensor, Tensor, Tensor)",
     fake=lambda grad_out, h, gn_weight, gn_bias, mean, rstd, groups: (
         _image_like(h), torch.empty_like(gn_weight), torch.empty_like(gn_bias)),
-    reference=_reference_silu_backward, cpp="svnr_fast.ops.groupnorm_film:fused_silu_backward")
+    reference=_reference_silu_backward, cpp="svnr_fast.ops.groupnorm_film:fused_silu_backward",
+    cuda="svnr_fast.ops.groupnorm_film:fused_silu_backward_cuda")
 
 
 def _setup_context(ctx, inputs, output):
@@ -254,18 +255,18 @@ def fused_backward(grad_out, h, u, table, gn_weight, gn_bias, mean, rstd, groups
             _as(grad_bias, gn_bias.dtype))
 
 
-def fused_silu_forward(h, gn_weight, gn_bias, groups, eps):
-    """groupnorm_silu on the C++ kernel: groupnorm_film's without the FiLM."""
+def fused_silu_forward(h, gn_weight, gn_bias, groups, eps, run=None):
+    """groupnorm_silu on groupnorm_film's kernels without the FiLM (devices as fused_forward)."""
     if h.numel() == 0:
         return _reference_silu_forward(h, gn_weight, gn_bias, groups, eps)
-    return fused_forward(h, None, None, gn_weight, gn_bias, groups, eps, "silu")
+    return fused_forward(h, None, None, gn_weight, gn_bias, groups, eps, "silu", run)
 
 
-def fused_silu_backward(grad_out, h, gn_weight, gn_bias, mean, rstd, groups):
+def fused_silu_backward(grad_out, h, gn_weight, gn_bias, mean, rstd, groups, run=None):
     if h.numel() == 0:
         return _reference_silu_backward(grad_out, h, gn_weight, gn_bias, mean, rstd, groups)
     grad_h, _, grad_weight, grad_bias = fused_backward(grad_out, h, None, None, gn_weight, gn_bias, mean, rstd,
-                                                       groups, "silu")
+                                                       groups, "silu", run)
     return grad_h, grad_weight, grad_bias
 
 
@@ -277,3 +278,13 @@ def fused_forward_cuda(h, u, table, gn_weight, gn_bias, groups, eps, act):
 def fused_backward_cuda(grad_out, h, u, table, gn_weight, gn_bias, mean, rstd, groups, act):
     """fused_backward on CUDA tensors."""
     return fused_backward(grad_out, h, u, table, gn_weight, gn_bias, mean, rstd, groups, act, _run_cuda)
+
+
+def fused_silu_forward_cuda(h, gn_weight, gn_bias, groups, eps):
+    """fused_silu_forward on CUDA tensors."""
+    return fused_silu_forward(h, gn_weight, gn_bias, groups, eps, _run_cuda)
+
+
+def fused_silu_backward_cuda(grad_out, h, gn_weight, gn_bias, mean, rstd, groups):
+    """fused_silu_backward on CUDA tensors."""
+    return fused_silu_backward(grad_out, h, gn_weight, gn_bias, mean, rstd, groups, _run_cuda)
