@@ -40,9 +40,9 @@ HISTORY_HEADER = "## Training history (the ratchet)"
 
 def state_record(path: Path) -> tuple[dict, int]:
     """(the state's training config, the steps behind its weights)."""
-    from svnr_fast.app.checkpoint import CHECKPOINT_FORMAT, read_safetensors
+    from svnr_fast.app.checkpoint import CHECKPOINT_FORMAT, read_safetensors, steps_behind
     _, metadata = read_safetensors(path, CHECKPOINT_FORMAT)
-    return json.loads(metadata["train_config"]), int(metadata["step"]) + int(metadata.get("prior_steps", 0))
+    return json.loads(metadata["train_config"]), steps_behind(metadata, path)
 
 
 def train_arguments(config: dict) -> list[str]:

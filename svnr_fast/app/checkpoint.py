@@ -35,17 +35,17 @@ CHECKSUM_KEY = "svnr_sha256"
 _CHECKSUM = re.compile(rb'"svnr_sha256":"([0-9a-f]{64})"')
 
 
-def _header(data: bytes) -> tuple[int, bytes]:
-    """(end of the header, the header's JSON bytes) of safetensors bytes."""
+def _header(data: bytes) -> bytes:
+    """The header's JSON bytes of safetensors bytes."""
     size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
     if not 0 < size <= len(data) - 8:
         raise ValueError(f"the header length {size} does not fit a file of {len(data)} bytes")
-    return 8 + size, data[8:8 + size]
+    return data[8:8 + size]
 
 
 def _checksum_span(data: bytes) -> tuple[int, int] | None:
     """Where the hex SHA-256 stored in the header sits, or None when there is not exactly one."""
-    _, header = _header(data)
+    header = _header(data)
     found = list(_CHECKSUM.finditer(header))
     return (8 + found[0].start(1), 8 + found[0].end(1)) if len(found) == 1 else None
 
@@ -97,8 +97,7 @@ def read_safetensors(path, expected_format: str | tuple[str, ...]) -> tuple[dict
         raise FileNotFoundError(f"no file at {path}")
     try:
         data = path.read_bytes()
-        end, header = _header(data)
-        metadata = json.loads(header).get("__metadata__") or {}
+        metadata = json.loads(_header(data)).get("__metadata__") or {}
         if not isinstance(metadata, dict):
             raise ValueError("the metadata is not a table")
         tensors = load(data)
@@ -303,12 +302,16 @@ def initial_weights(path, config: UNetConfig) -> tuple[dict[str, torch.Tensor], 
     def part(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
+    return part("model."), part("ema."), steps_behind(metadata, path)
+
+
+def steps_behind(metadata: dict[str, str], path) -> int:
+    """The training steps behind a checkpoint's weights: its own run's and those of the runs it continued."""
     try:
-        prior = int(metadata["step"]) + int(metadata.get("prior_steps", 0))
+        return int(metadata["step"]) + int(metadata.get("prior_steps", 0))
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"{path}: the step count stored in the checkpoint is missing or invalid ({err})") \
             from None
-    return part("model."), part("ema."), prior
 
 
 def compact_checkpoint(source, target, extra_metadata: dict[str, str] | None = None) -> None:
